@@ -1,0 +1,131 @@
+"""Run Megatron-Core on a machine without CUDA (tests, CPU quickstart) over gloo.
+
+Megatron-Core hard-codes CUDA devices, CUDA RNG states and CUDA type strings in many places.
+`apply_cpu_runtime()` adjusts those, only when CUDA is absent, and only when an entry point or
+a test calls it: importing this module changes nothing. On a GPU machine it returns False and
+leaves torch and Megatron untouched, so production keeps NCCL, CUDA RNG and fused kernels.
+"""
+
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+_applied = False
+
+_CPU = torch.device("cpu")
+
+
+def _is_cuda_device(device):
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):  # a bare index means a CUDA device in torch factories
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+def _cuda_type_name(cpu_type_name):
+    """'torch.FloatTensor' -> 'torch.cuda.FloatTensor', as a tensor on a GPU would report."""
+    return cpu_type_name.replace("torch.", "torch.cuda.", 1)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU in every torch call made while it is active."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:  # .cuda() of a CPU tensor: stay on the CPU
+            return args[0]
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU) + tuple(args[2:])
+        result = func(*args, **kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Optimizer and grad-clipping code compare type strings with 'torch.cuda.FloatTensor'.
+            return _cuda_type_name(result)
+        return result
+
+
+class _NoOpStream:
+    """Stands in for torch.cuda.Stream / Event: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+class _RngWarningFilter(logging.Filter):
+    # With CUDA RNG redirected to the CPU generator, Megatron's fork() sees that generator move.
+    def filter(self, record):
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _patch_torch_cuda():
+    cuda = torch.cuda
+    # The "current device" is index 0, which the device mode maps to the CPU.
+    cuda.current_device = lambda: 0
+    cuda.set_device = lambda device: None
+    # megatron.training skips model-parallel init and RNG seeding when no device is counted.
+    cuda.device_count = lambda: 1
+    # No streams or events on the CPU; ordering is program order.
+    cuda.synchronize = lambda device=None: None
+    cuda.Stream = _NoOpStream
+    cuda.Event = _NoOpStream
+    cuda.current_stream = lambda device=None: _NoOpStream()
+    cuda.default_stream = lambda device=None: _NoOpStream()
+    cuda.stream = lambda stream=None: _NoOpStream()
+    cuda.empty_cache = lambda: None
+    # CUDA RNG state -> the CPU generator, so Megatron's RNG tracker keeps per-rank streams.
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+    cuda.manual_seed = torch.manual_seed
+    cuda.manual_seed_all = torch.manual_seed
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.random.set_rng_state = cuda.set_rng_state
+    # Memory statistics used in logging: report zero instead of raising.
+    cuda.memory_allocated = lambda device=None: 0
+    cuda.max_memory_allocated = lambda device=None: 0
+    cuda.memory_reserved = lambda device=None: 0
+    cuda.max_memory_reserved = lambda device=None: 0
+
+
+def _patch_megatron_rng():
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    # These bypass torch.cuda's public RNG functions through the CUDA default generators.
+    mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    logging.getLogger(mcore_random.__name__).addFilter(_RngWarningFilter())
+
+
+def apply_cpu_runtime():
+    """Make Megatron-Core run on CPU if CUDA is absent; idempotent. Returns whether it applied."""
+    global _applied
+    if _applied:
+        return True
+    if torch.cuda.is_available():
+        return False
+    _patch_torch_cuda()
+    _patch_megatron_rng()
+    # Entered for the life of the process: Megatron allocates on "cuda" at import, init and step.
+    _CudaToCpuMode().__enter__()
+    _applied = True
+    logger.info("CUDA is absent: Megatron-Core runs on the CPU runtime layer")
+    return True
+
+
+def cpu_runtime_applied():
+    return _applied

@@ -1,0 +1,51 @@
+"""Configuration of the per-token SFT loss family (CE, DFT, SED, GEM)."""
+
+import math
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
+"""Target id of positions that carry no loss (prompt tokens, padding)."""
+
+LOSS_KINDS = ("ce", "dft", "sed", "gem")
+SED_MASKS = ("topk_mass", "none")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Which token loss to compute and its hyper-parameters.
+
+    The SED fields (top_k, tau, lam, mask) are read only when kind == "sed", except top_k,
+    which also sets the top-k mass reported in the stats of every kind.
+    """
+
+    kind: str = "ce"
+    """ce: -log p; dft: -sg(p) log p; sed: -log p + lam * M * (p - 0.5)^2; gem: GEM (linear h)."""
+    top_k: int = 2
+    """k of the top-k probability mass P_topk that decides the SED mask (paper: 2)."""
+    tau: float | None = None
+    """SED threshold: the penalty applies where P_topk < tau. Calibrate with tools/calibrate_tau.py."""
+    lam: float = 1.0
+    """Weight of the SED penalty (paper: 1)."""
+    mask: str = "topk_mass"
+    """topk_mass: penalty where P_topk < tau; none: penalty on every token."""
+    gem_beta: float = 0.7
+    """GEM temperature beta of q = softmax(z / beta) (published code: 0.7)."""
+
+    def __post_init__(self):
+        if self.kind not in LOSS_KINDS:
+            raise ValueError(f"LossConfig.kind: unknown loss kind {self.kind!r}; expected one of {LOSS_KINDS}")
+        if self.mask not in SED_MASKS:
+            raise ValueError(f"LossConfig.mask: unknown SED mask {self.mask!r}; expected one of {SED_MASKS}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"LossConfig.top_k: must be an integer >= 1, got {self.top_k!r}")
+        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"LossConfig.lam: must be a finite number >= 0, got {self.lam!r}")
+        if self.tau is not None and not (isinstance(self.tau, (int, float)) and 0.0 < self.tau <= 1.0):
+            raise ValueError(f"LossConfig.tau: must lie in (0, 1], got {self.tau!r}")
+        if self.kind == "sed" and self.mask == "topk_mass" and self.tau is None:
+            raise ValueError(
+                "LossConfig.tau: SED with mask='topk_mass' needs tau "
+                "(calibrate it with tools/calibrate_tau.py, or use mask='none')"
+            )
+        if not (isinstance(self.gem_beta, (int, float)) and math.isfinite(self.gem_beta) and self.gem_beta > 0):
+            raise ValueError(f"LossConfig.gem_beta: must be a finite number > 0, got {self.gem_beta!r}")
