@@ -91,8 +91,8 @@ def _patch_torch_cuda():
     # CUDA RNG state -> the CPU generator, so Megatron's RNG tracker keeps per-rank streams.
     cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
-    cuda.manual_seed = torch.manual_seed
-    cuda.manual_seed_all = torch.manual_seed
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: None  # torch.manual_seed calls it after seeding the CPU
     cuda.random.get_rng_state = cuda.get_rng_state
     cuda.random.set_rng_state = cuda.set_rng_state
     # Memory statistics used in logging: report zero instead of raising.

@@ -1,0 +1,111 @@
+"""The CPU runtime layer: Megatron's GPTModel trains at TP=2 over gloo, and it is inert with CUDA."""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from sed_megatron.testing.distributed import run_distributed
+
+VOCAB, SEQ, BATCH = 96, 16, 2
+
+
+def tiny_gpt(tp):
+    from megatron.core import tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+        normalization="RMSNorm", gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=tp, use_cpu_initialization=True, params_dtype=torch.float32,
+        gradient_accumulation_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False, masked_softmax_fusion=False,
+    )
+    torch.manual_seed(1234)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    return GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=VOCAB,
+                    max_sequence_length=SEQ, position_embedding_type="rope")
+
+
+def gpt_loss_and_grad_norm(tp):
+    """Loss of a fixed batch and the global L2 norm of the gradient, reduced over TP."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    model = tiny_gpt(tp)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    position_ids = torch.arange(SEQ).expand(BATCH, SEQ)
+    causal = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1).expand(BATCH, 1, SEQ, SEQ)
+    loss = model(tokens, position_ids, causal, labels=labels).mean()
+    loss.backward()
+    squares = torch.zeros(1)
+    for param in model.parameters():
+        duplicated = not getattr(param, "tensor_model_parallel", False)
+        if duplicated and parallel_state.get_tensor_model_parallel_rank() > 0:
+            continue  # replicated across TP: count it once
+        squares += param.grad.float().pow(2).sum()
+    if tp > 1:
+        dist.all_reduce(squares, group=parallel_state.get_tensor_model_parallel_group())
+    return float(loss), float(squares.sqrt())
+
+
+def check_gpt_tp_matches(tp, expected_path):
+    import torch.distributed as dist
+
+    loss, grad_norm = gpt_loss_and_grad_norm(tp)
+    if dist.get_rank() == 0:
+        torch.save((loss, grad_norm), expected_path)
+
+
+def test_gpt_model_tp2_matches_tp1():
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for tp in (1, 2):
+            path = os.path.join(tmp, f"tp{tp}.pt")
+            run_distributed(check_gpt_tp_matches, world_size=tp, tp=tp, args=(tp, path))
+            results.append(torch.load(path))
+    (loss1, norm1), (loss2, norm2) = results
+    # CPU initialization builds the full master weight from one seed and splits it, so TP=1
+    # and TP=2 hold the same model; fp32 sums in another order differ by ~1e-6 relative.
+    assert abs(loss1 - loss2) <= 1e-5 * abs(loss1), (loss1, loss2)
+    assert abs(norm1 - norm2) <= 1e-4 * norm1, (norm1, norm2)
+    assert loss1 > 0 and norm1 > 0
+
+
+def test_inert_when_cuda_is_available():
+    """With CUDA reported available, apply_cpu_runtime() changes nothing (run in a fresh process)."""
+    code = (
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "before = (torch.cuda.current_device, torch.cuda.get_rng_state, torch.cuda.synchronize)\n"
+        "from sed_megatron.compat import apply_cpu_runtime, cpu_runtime_applied\n"
+        "assert apply_cpu_runtime() is False and not cpu_runtime_applied()\n"
+        "assert before == (torch.cuda.current_device, torch.cuda.get_rng_state, torch.cuda.synchronize)\n"
+        "assert torch.overrides._get_current_function_mode_stack() == []\n"
+        "import sed_megatron.loss\n"
+        "print('inert')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "inert"
+
+
+def test_import_changes_nothing_until_applied():
+    code = (
+        "import torch\n"
+        "import sed_megatron.compat, sed_megatron.loss\n"
+        "assert torch.overrides._get_current_function_mode_stack() == []\n"
+        "assert not sed_megatron.compat.cpu_runtime_applied()\n"
+        "from sed_megatron.compat import apply_cpu_runtime\n"
+        "assert apply_cpu_runtime() is True\n"
+        "assert torch.zeros(2, device='cuda').device.type == 'cpu'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
