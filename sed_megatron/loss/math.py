@@ -18,11 +18,11 @@ import torch
 
 from .config import IGNORE_INDEX, LossConfig
 
-STAT_NAMES = ("ce", "p_target", "topk_mass", "mask", "entropy", "correct")
-"""Per-token stats every loss kind reports, in this order."""
+STAT_NAMES = ("ce", "p_target", "topk_mass", "mask", "correct")
+"""Per-token stats every loss kind reports, in this order ("entropy" follows when asked for)."""
 
-_CHUNK_ELEMENTS = 1 << 24
-"""Elements per chunk of the reductions that need a temporary of the shard's size (64 MiB fp32)."""
+_CHUNK_ELEMENTS = 1 << 22
+"""Elements per chunk of the passes that need temporaries of the shard's size (16 MiB fp32)."""
 
 
 def shard_target_index(target, vocab_start, vocab_end):
@@ -33,48 +33,57 @@ def shard_target_index(target, vocab_start, vocab_end):
 
 
 def local_topk_candidates(logits, top_k):
-    """The k largest logits of this shard, `[s, b, min(k, V/tp)]`: the candidates of the global top-k."""
-    return logits.topk(min(top_k, logits.size(-1)), dim=-1, sorted=False).values
+    """The k largest logits of this shard as fp32, `[s, b, min(k, V/tp)]`: candidates of the global top-k."""
+    if top_k == 1:  # amax is several times faster than topk
+        return logits.amax(dim=-1, keepdim=True).float()
+    return logits.topk(min(top_k, logits.size(-1)), dim=-1, sorted=False).values.float()
 
 
 def global_topk(candidates, top_k):
     """The k largest of all ranks' candidates `[s, b, tp * k']` -> `[s, b, k]`."""
+    if candidates.size(-1) == top_k:
+        return candidates
     return candidates.topk(top_k, dim=-1, sorted=False).values
 
 
-def _chunked_rowwise_sums(shifted, fn, num_sums):
-    """Sum fn(chunk) over the vocab dim, chunk by chunk along s so temporaries stay small."""
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, shifted[0].numel()))
+def exp_and_partial_sums_(shifted, with_entropy, gem_beta):
+    """In place x -> exp(x) for x = z - m `[s, b, V/tp]`; returns this shard's partial sums `[n, s, b]`.
+
+    Rows: sum_j e_j; then sum_j e_j x_j (the entropy's, if with_entropy); then
+    sum_j exp(x_j / beta) and sum_j exp(x_j / beta) x_j (GEM's, if gem_beta is not None).
+    The extra sums need x and its exponential at once, so they run chunk by chunk along s with
+    chunk-sized temporaries; without them the exponential is a single in-place pass.
+    """
+    if not with_entropy and gem_beta is None:
+        return shifted.exp_().sum(dim=-1).unsqueeze(0)
+    num_sums = 1 + int(with_entropy) + 2 * int(gem_beta is not None)
     sums = torch.empty((num_sums,) + shifted.shape[:-1], dtype=torch.float32, device=shifted.device)
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, shifted[0].numel()))
     for start in range(0, shifted.size(0), rows_per_chunk):
-        chunk = shifted[start : start + rows_per_chunk]
-        for i, part in enumerate(fn(chunk)):
-            sums[i, start : start + chunk.size(0)] = part.sum(dim=-1)
+        rows = slice(start, start + rows_per_chunk)
+        chunk = shifted[rows]
+        row = 1
+        if gem_beta is not None:
+            weights = torch.exp(chunk / gem_beta)
+            sums[-2, rows] = weights.sum(dim=-1)
+            sums[-1, rows] = torch.linalg.vecdot(weights, chunk)
+            del weights
+        exp_chunk = torch.exp(chunk)
+        if with_entropy:
+            sums[row, rows] = torch.linalg.vecdot(exp_chunk, chunk)
+        chunk.copy_(exp_chunk)
+        sums[0, rows] = exp_chunk.sum(dim=-1)
     return sums
 
 
-def gem_partial_sums(shifted, beta):
-    """sum_j exp(x_j / beta) and sum_j exp(x_j / beta) x_j over the shard, x = z - m (global max)."""
-
-    def terms(chunk):
-        weights = torch.exp(chunk / beta)
-        return weights, weights * chunk
-
-    return _chunked_rowwise_sums(shifted, terms, 2)
-
-
-def exp_times_log_sum(exp_shifted):
-    """sum_j e_j log e_j over the shard, e = exp(z - m): the entropy's partial sum."""
-    return _chunked_rowwise_sums(exp_shifted, lambda c: (torch.special.xlogy(c, c),), 1)[0]
-
-
-def token_losses(cfg: LossConfig, target, log_sum_exp, target_logit, topk_shifted, sum_exp_x, gem_sums):
+def token_losses(cfg: LossConfig, target, log_sum_exp, target_logit, topk_shifted, sum_exp_x=None, gem_sums=None):
     """Per-token loss, per-token gradient scale and stats from globally reduced partial results.
 
     All inputs are global (already summed over the tensor-parallel group) and shifted by the
     global max m: log_sum_exp = log sum_j exp(z_j - m), target_logit = z_y - m,
-    topk_shifted = the global top-k logits minus m `[s, b, k]`, sum_exp_x = sum_j e_j (z_j - m),
-    gem_sums = (sum_j exp((z_j - m) / beta), sum_j exp((z_j - m) / beta) (z_j - m)) or None.
+    topk_shifted = the global top-k logits minus m `[s, b, k]`, sum_exp_x = sum_j e_j (z_j - m)
+    (gives the entropy stat) or None, gem_sums = (sum_j exp((z_j - m) / beta),
+    sum_j exp((z_j - m) / beta) (z_j - m)) for GEM, else None.
 
     Returns loss `[s, b]`, grad_scale `[s, b]` (the CE-gradient multiplier; for GEM the
     multiplier of q - onehot), and the stats dict. Ignored positions get loss 0 and scale 0.
@@ -85,7 +94,6 @@ def token_losses(cfg: LossConfig, target, log_sum_exp, target_logit, topk_shifte
     p_target = torch.where(valid, torch.exp(-ce), zero)
     sum_exp = torch.exp(log_sum_exp)
     topk_mass = torch.exp(topk_shifted - log_sum_exp.unsqueeze(-1)).sum(dim=-1)
-    entropy = log_sum_exp - sum_exp_x / sum_exp
 
     if cfg.kind == "sed":
         mask = valid if cfg.mask == "none" else valid & (topk_mass < cfg.tau)
@@ -111,10 +119,11 @@ def token_losses(cfg: LossConfig, target, log_sum_exp, target_logit, topk_shifte
         "p_target": p_target,
         "topk_mass": topk_mass,
         "mask": mask,
-        "entropy": entropy,
         # The target is the argmax iff its logit equals the global max (ties count as correct).
         "correct": (valid & (target_logit >= 0)).float(),
     }
+    if sum_exp_x is not None:
+        stats["entropy"] = log_sum_exp - sum_exp_x / sum_exp
     return loss, grad_scale, stats
 
 

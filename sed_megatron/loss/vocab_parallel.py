@@ -4,7 +4,7 @@ Collectives per call over `tp_group` (none when it is None or has one rank):
   1. all-gather of each rank's top-k logits: `[s, b, k]` fp32 per rank (k values per token);
      the global top-k and the global max come from the gathered candidates.
   2. all-reduce (sum) of the packed per-token partial sums: `[3, s, b]` fp32 (target logit,
-     sum of exp, sum of exp * logit for the entropy), `[5, s, b]` for GEM.
+     sum of exp), one more row with the entropy, two more for GEM.
 Megatron's vocab_parallel_cross_entropy does three all-reduces of `[s, b]`.
 
 Memory: one fp32 `[s, b, V/tp]` buffer, as in Megatron's CE. It holds exp(z - m) from forward
@@ -34,43 +34,42 @@ def _all_gather_last_dim(tensor, tp_group, world_size):
 
 class _VocabParallelSFTLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, cfg: LossConfig, tp_group, inplace):
+    def forward(ctx, logits, target, cfg: LossConfig, tp_group, inplace, with_entropy):
         rank, world_size = _group_rank_and_size(tp_group)
         distributed = world_size > 1
         shard_size = logits.size(-1)
         vocab_start = rank * shard_size
 
-        # fp32 working buffer; aliases the caller's logits only for fp32 input with inplace=True.
-        buffer = logits.to(torch.float32, copy=not inplace)
-
-        candidates = loss_math.local_topk_candidates(buffer, cfg.top_k)  # [s, b, k']
+        # Top-k candidates straight from the input dtype (exact: bf16 values are fp32 values).
+        candidates = loss_math.local_topk_candidates(logits, cfg.top_k)  # [s, b, k']
         if distributed:
             candidates = _all_gather_last_dim(candidates, tp_group, world_size)  # [s, b, tp*k']
         topk_logits = loss_math.global_topk(candidates, cfg.top_k)  # [s, b, k]
-        logits_max = topk_logits.amax(dim=-1)  # [s, b]
-        topk_shifted = topk_logits - logits_max.unsqueeze(-1)
+        logits_max = topk_logits.amax(dim=-1, keepdim=True)  # [s, b, 1]
 
-        buffer.sub_(logits_max.unsqueeze(-1))  # x = z - m
+        # The one fp32 [s, b, V/tp] buffer: x = z - m, then exp(x) in place, kept for backward.
+        # With fp32 logits and inplace it is the caller's tensor (Megatron's convention). A mixed
+        # bf16 - fp32 subtraction would materialize a promoted copy on CPU: convert, then shift.
+        buffer = logits.to(torch.float32, copy=not inplace).sub_(logits_max)
         index, in_shard = loss_math.shard_target_index(target, vocab_start, vocab_start + shard_size)
         target_logit = torch.where(in_shard, buffer.gather(-1, index.unsqueeze(-1)).squeeze(-1), 0.0)
-        gem_sums = loss_math.gem_partial_sums(buffer, cfg.gem_beta) if cfg.kind == "gem" else None
-        buffer.exp_()  # e = exp(z - m)
-        partial = torch.stack([target_logit, buffer.sum(dim=-1), loss_math.exp_times_log_sum(buffer)])
-        if gem_sums is not None:
-            partial = torch.cat([partial, gem_sums])
+        gem_beta = cfg.gem_beta if cfg.kind == "gem" else None
+        sums = loss_math.exp_and_partial_sums_(buffer, with_entropy, gem_beta)  # [n, s, b]
+        partial = torch.cat([target_logit.unsqueeze(0), sums])
         if distributed:
             dist.all_reduce(partial, group=tp_group)
-        target_logit, sum_exp, sum_exp_x = partial[0], partial[1], partial[2]
-        gem_sums = partial[3:] if cfg.kind == "gem" else None
+        target_logit, sum_exp = partial[0], partial[1]
+        sum_exp_x = partial[2] if with_entropy else None
+        gem_sums = partial[-2:] if gem_beta is not None else None
 
         loss, grad_scale, stats = loss_math.token_losses(
-            cfg, target, torch.log(sum_exp), target_logit, topk_shifted, sum_exp_x, gem_sums
+            cfg, target, torch.log(sum_exp), target_logit, topk_logits - logits_max, sum_exp_x, gem_sums
         )
         ctx.cfg = cfg
         ctx.input_dtype = logits.dtype
         norm = gem_sums[0] if gem_sums is not None else sum_exp
         ctx.save_for_backward(buffer, norm, grad_scale, index, in_shard)
-        stat_values = tuple(stats[name] for name in loss_math.STAT_NAMES)
+        stat_values = tuple(stats.values())
         ctx.mark_non_differentiable(*stat_values)
         return (loss, *stat_values)
 
@@ -82,7 +81,7 @@ class _VocabParallelSFTLoss(torch.autograd.Function):
             grad = loss_math.gem_gradient_(buffer, norm, ctx.cfg.gem_beta, coef, index, in_shard)
         else:
             grad = loss_math.scale_softmax_gradient_(buffer, norm, coef, index, in_shard)
-        return grad.to(ctx.input_dtype), None, None, None, None
+        return grad.to(ctx.input_dtype), None, None, None, None, None
 
 
 def _validate_inputs(logits, target, cfg, vocab_size):
@@ -110,7 +109,7 @@ def _validate_inputs(logits, target, cfg, vocab_size):
         )
 
 
-def sft_token_loss(logits, target, cfg: LossConfig, tp_group=None, *, inplace=False):
+def sft_token_loss(logits, target, cfg: LossConfig, tp_group=None, *, inplace=False, with_entropy=False):
     """Per-token SFT loss of one vocab shard, exact under tensor parallelism.
 
     Args:
@@ -121,15 +120,18 @@ def sft_token_loss(logits, target, cfg: LossConfig, tp_group=None, *, inplace=Fa
         tp_group: the tensor-parallel process group; None means a single process (no collectives).
         inplace: with fp32 logits, reuse the logits' storage as the working buffer (saves one
             `[s, b, V/tp]` fp32 tensor; the logits are overwritten, as in Megatron's CE).
+        with_entropy: also report the entropy of the predicted distribution (costs one more
+            multiply-add pass over the shard and an fp32 element in the all-reduce).
 
     Returns:
         loss: `[s, b]` fp32 per-token loss, differentiable w.r.t. logits; no masking, no reduction.
         stats: dict of detached `[s, b]` fp32 tensors: ce, p_target, topk_mass (global top-k
-            probability mass), mask (1.0 where the SED penalty applies), entropy (nats),
-            correct (1.0 where the target is the argmax). Ignored positions have ce = p_target
-            = mask = correct = 0.
+            probability mass), mask (1.0 where the SED penalty applies), correct (1.0 where the
+            target's logit is the largest), and entropy (nats) when asked for. Ignored
+            positions have ce = p_target = mask = correct = 0.
     """
     _, world_size = _group_rank_and_size(tp_group)
     _validate_inputs(logits, target, cfg, logits.size(-1) * world_size)
-    loss, *stat_values = _VocabParallelSFTLoss.apply(logits, target, cfg, tp_group, inplace)
-    return loss, dict(zip(loss_math.STAT_NAMES, stat_values))
+    loss, *stat_values = _VocabParallelSFTLoss.apply(logits, target, cfg, tp_group, inplace, with_entropy)
+    names = loss_math.STAT_NAMES + (("entropy",) if with_entropy else ())
+    return loss, dict(zip(names, stat_values))

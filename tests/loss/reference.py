@@ -46,6 +46,7 @@ def reference_loss(logits, target, kind, top_k=2, tau=None, lam=1.0, mask="topk_
         "topk_mass": topk_mass,
         "mask": torch.where(valid, penalty_mask, zero).detach(),
         "entropy": -(probs * log_probs).sum(-1).detach(),
-        "correct": (valid & (logits.argmax(-1) == target)).double().detach(),
+        # The target's logit is the largest (ties count: argmax would pick one of them).
+        "correct": (valid & (logits.gather(-1, safe_target[..., None])[..., 0] == logits.amax(-1))).double().detach(),
     }
     return torch.where(valid, loss, zero), stats

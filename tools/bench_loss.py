@@ -1,0 +1,193 @@
+"""Forward+backward time and peak memory of the SFT token losses on one vocab shard.
+
+    python tools/bench_loss.py                        # the table of docs/PERFORMANCE.md
+    python tools/bench_loss.py --shapes 2048x76032 --dtypes bf16 --methods megatron_ce sed
+
+Methods, each on the same [tokens, V/tp] logits shard and targets:
+  megatron_ce    megatron.core.tensor_parallel.vocab_parallel_cross_entropy (the baseline)
+  ce/dft/sed/gem sed_megatron.loss.sft_token_loss (inplace=True: Megatron's in-place convention)
+  sed_copy       sft_token_loss without inplace (fp32 logits are copied, never overwritten)
+  published_sed  the published formulation: full fp32 softmax + topk + autograd
+Each method runs in a fresh process (so allocator caches do not mix). Peak memory is the rise
+of the peak above what the process held just before the call, inputs included in that
+baseline: CUDA max_memory_allocated on a GPU, the resident set high-water mark on the CPU
+(reset through /proc/self/clear_refs). Time is the median of --repeats calls after a warm-up.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+METHODS = ("megatron_ce", "ce", "dft", "sed", "gem", "sed_copy", "published_sed")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOP_K, TAU, LAM = 2, 0.6, 1.0
+
+
+def _published_sed(logits, target):
+    logits = logits.float()
+    ce = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), target.view(-1), reduction="none")
+    probs = torch.softmax(logits, dim=-1)
+    p_target = probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        mask = (probs.topk(TOP_K, dim=-1).values.sum(-1) < TAU).float()
+    return ce.view_as(target) + LAM * mask * (p_target * (p_target - 1) + 0.25)
+
+
+def _loss_fn(method):
+    if method == "megatron_ce":
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        return lambda logits, target: vocab_parallel_cross_entropy(logits, target, tp_group=torch.distributed.group.WORLD)
+    if method == "published_sed":
+        return _published_sed
+    from sed_megatron.loss import LossConfig, sft_token_loss
+
+    kind = "sed" if method == "sed_copy" else method
+    cfg = LossConfig(kind=kind, top_k=TOP_K, tau=TAU, lam=LAM)
+    inplace = method != "sed_copy"
+    return lambda logits, target: sft_token_loss(logits, target, cfg, inplace=inplace)[0]
+
+
+def _rss_bytes(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+class _PeakMemory:
+    """Peak rise above the current footprint during the with-block, in bytes."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")  # reset the resident high-water mark to the current size
+            self.base = _rss_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.rise = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.rise = _rss_bytes("VmHWM") - self.base
+        return False
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_one(method, tokens, shard, dtype_name, repeats, device):
+    """Time and peak memory of one method in this process; returns a dict."""
+    torch.manual_seed(0)
+    base = (torch.randn(tokens, 1, shard, device=device) * 3).to(DTYPES[dtype_name])
+    target = torch.randint(0, shard, (tokens, 1), device=device)
+    loss_fn = _loss_fn(method)
+
+    def call():
+        logits = base.clone().requires_grad_()  # in the baseline: Megatron overwrites fp32 input
+        _sync(device)
+        with _PeakMemory(device) as peak:
+            start = time.perf_counter()
+            loss = loss_fn(logits, target)
+            (grad,) = torch.autograd.grad(loss.sum(), logits)
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            del loss, grad
+        return elapsed, peak.rise
+
+    call()  # warm-up
+    results = [call() for _ in range(repeats)]
+    return {
+        "method": method,
+        "shape": f"{tokens}x{shard}",
+        "dtype": dtype_name,
+        "time_s": statistics.median(r[0] for r in results),
+        "peak_bytes": max(r[1] for r in results),
+    }
+
+
+def _child(args):
+    device = torch.device(args.device)
+    if args.method == "megatron_ce":
+        torch.distributed.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", init_method="tcp://127.0.0.1:%d" % args.port, rank=0, world_size=1
+        )
+    tokens, shard = map(int, args.shape.split("x"))
+    print(json.dumps(run_one(args.method, tokens, shard, args.dtype, args.repeats, device)))
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["2048x76032", "2048x64128"], help="TOKENSxSHARD")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--method", help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.method:
+        return _child(args)
+
+    rows = []
+    for shape in args.shapes:
+        for dtype in args.dtypes:
+            for method in args.methods:
+                cmd = [sys.executable, os.path.abspath(__file__), "--method", method, "--shape", shape,
+                       "--dtype", dtype, "--repeats", str(args.repeats), "--device", args.device,
+                       "--port", str(_free_port())]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    sys.exit(f"bench_loss: {method} {shape} {dtype} failed:\n{out.stderr[-3000:]}")
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"  {shape} {dtype} {method}: {rows[-1]['time_s']:.3f} s", file=sys.stderr, flush=True)
+    _print_table(rows)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(rows, out, indent=1)
+
+
+def _print_table(rows):
+    print(f"| shape (tokens x V/tp) | dtype | method | fwd+bwd ms | peak rise MiB | time / Megatron CE | peak / Megatron CE |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for row in rows:
+        ref = next(r for r in rows if r["shape"] == row["shape"] and r["dtype"] == row["dtype"] and r["method"] == "megatron_ce") \
+            if any(r["method"] == "megatron_ce" for r in rows) else None
+        time_ratio = f"{row['time_s'] / ref['time_s']:.2f}" if ref else "-"
+        # Megatron's CE on fp32 logits works in the caller's tensor: its rise is ~0 and a ratio
+        # to it says nothing; the absolute figures then speak.
+        peak_ratio = f"{row['peak_bytes'] / ref['peak_bytes']:.2f}" if ref and ref["peak_bytes"] > 2**20 else "-"
+        print(f"| {row['shape']} | {row['dtype']} | {row['method']} | {row['time_s'] * 1e3:.0f} | "
+              f"{row['peak_bytes'] / 2**20:.0f} | {time_ratio} | {peak_ratio} |")
+
+
+if __name__ == "__main__":
+    main()
