@@ -7,6 +7,7 @@ Methods, each on the same [tokens, V/tp] logits shard and targets:
   megatron_ce    megatron.core.tensor_parallel.vocab_parallel_cross_entropy (the baseline)
   ce/dft/sed/gem sed_megatron.loss.sft_token_loss (inplace=True: Megatron's in-place convention)
   sed_copy       sft_token_loss without inplace (fp32 logits are copied, never overwritten)
+  sed_entropy    sft_token_loss(..., with_entropy=True)
   published_sed  the published formulation: full fp32 softmax + topk + autograd
 Each method runs in a fresh process (so allocator caches do not mix). Peak memory is the rise
 of the peak above what the process held just before the call, inputs included in that
@@ -24,7 +25,7 @@ import time
 
 import torch
 
-METHODS = ("megatron_ce", "ce", "dft", "sed", "gem", "sed_copy", "published_sed")
+METHODS = ("megatron_ce", "ce", "dft", "sed", "gem", "sed_copy", "sed_entropy", "published_sed")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOP_K, TAU, LAM = 2, 0.6, 1.0
 
@@ -48,10 +49,10 @@ def _loss_fn(method):
         return _published_sed
     from sed_megatron.loss import LossConfig, sft_token_loss
 
-    kind = "sed" if method == "sed_copy" else method
+    kind = method.split("_")[0]
     cfg = LossConfig(kind=kind, top_k=TOP_K, tau=TAU, lam=LAM)
-    inplace = method != "sed_copy"
-    return lambda logits, target: sft_token_loss(logits, target, cfg, inplace=inplace)[0]
+    inplace, with_entropy = method != "sed_copy", method == "sed_entropy"
+    return lambda logits, target: sft_token_loss(logits, target, cfg, inplace=inplace, with_entropy=with_entropy)[0]
 
 
 def _rss_bytes(field):
