@@ -14,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 logger = logging.getLogger(__name__)
 
 _applied = False
+_training_applied = False
 
 _CPU = torch.device("cpu")
 
@@ -111,6 +112,32 @@ def _patch_megatron_rng():
     logging.getLogger(mcore_random.__name__).addFilter(_RngWarningFilter())
 
 
+def _patch_megatron_training():
+    """megatron.training (Megatron-LM's loop) asserts or queries CUDA in a few more places."""
+    import functools
+
+    import megatron.core.datasets.utils as dataset_utils
+    import megatron.training.arguments as training_arguments
+    import megatron.training.training as training_loop
+
+    # validate_args asks the GPU architecture when TP > 1; answer Hopper, whose rules
+    # (CUDA_DEVICE_MAX_CONNECTIONS=1) are the ones that also suit gloo.
+    training_arguments.get_device_arch_version = lambda: 9
+    # pretrain() calls initialize_megatron() without allow_no_cuda, which asserts CUDA.
+    training_loop.initialize_megatron = functools.partial(training_loop.initialize_megatron, allow_no_cuda=True)
+    # The wheel ships the built dataset helpers but not their Makefile; `make` would fail.
+    dataset_utils.compile_helpers = lambda: None
+    # The fusion warm-up draws random numbers between seeding and model init; on CPU they come
+    # from the generator the CPU initialization uses, so shield it to keep the weights reproducible.
+    warmup = training_loop.set_jit_fusion_options
+
+    def set_jit_fusion_options(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return warmup(*args, **kwargs)
+
+    training_loop.set_jit_fusion_options = set_jit_fusion_options
+
+
 def apply_cpu_runtime():
     """Make Megatron-Core run on CPU if CUDA is absent; idempotent. Returns whether it applied."""
     global _applied
@@ -124,6 +151,17 @@ def apply_cpu_runtime():
     _CudaToCpuMode().__enter__()
     _applied = True
     logger.info("CUDA is absent: Megatron-Core runs on the CPU runtime layer")
+    return True
+
+
+def apply_cpu_training_runtime():
+    """apply_cpu_runtime() plus what Megatron-LM's training loop needs; returns whether it applied."""
+    global _training_applied
+    if not apply_cpu_runtime():
+        return False
+    if not _training_applied:
+        _patch_megatron_training()
+        _training_applied = True
     return True
 
 

@@ -5,9 +5,13 @@ import torch.distributed as dist
 
 
 def masked_sum_and_count(values, loss_mask):
-    """sum(values * loss_mask) and sum(loss_mask) as a `[2]` fp32 tensor (values `[s, b]`)."""
+    """sum(values * loss_mask) and sum(loss_mask), two fp32 scalars (values `[s, b]`).
+
+    Separate tensors, not views of one: Megatron's pipeline schedule frees the loss tensor's
+    storage and refuses a view.
+    """
     loss_mask = loss_mask.to(torch.float32)
-    return torch.stack([(values.float() * loss_mask).sum(), loss_mask.sum()])
+    return (values.float() * loss_mask).sum(), loss_mask.sum()
 
 
 def masked_token_mean(values, loss_mask, group=None):
@@ -18,10 +22,8 @@ def masked_token_mean(values, loss_mask, group=None):
     token mean, so every token weighs the same whatever rank holds it. One all-reduce of one
     number. No valid token anywhere gives 0, never NaN. Differentiable in values.
     """
-    total = masked_sum_and_count(values, loss_mask)
+    total, count = masked_sum_and_count(values, loss_mask)
     if group is not None and dist.get_world_size(group=group) > 1:
-        count = total[1].detach().clone()
+        count = count.detach().clone()
         dist.all_reduce(count, group=group)
-    else:
-        count = total[1]
-    return total[0] / count.clamp(min=1.0)
+    return total / count.clamp(min=1.0)

@@ -1,0 +1,91 @@
+"""Already tokenized SFT samples for the training loop: a seeded synthetic set and a JSONL reader.
+
+Every sample is a dict of `[s]` tensors, as Megatron's GPT batches are:
+tokens (int64 input ids), labels (int64 next-token targets, IGNORE_INDEX where no loss),
+loss_mask (fp32, 1 on loss tokens), position_ids (int64).
+"""
+
+import json
+
+import torch
+
+from sed_megatron.loss import IGNORE_INDEX
+
+
+def sample_from_tokens(tokens, loss_mask, seq_length, pad_id=0):
+    """A training sample from `seq_length + 1` or fewer token ids and a per-token loss mask.
+
+    loss_mask[i] says whether token i is a target (so position i - 1 predicts it with loss).
+    Shorter samples are padded (padding carries no loss); longer ones are an error.
+    """
+    if len(tokens) != len(loss_mask):
+        raise ValueError(f"tokens ({len(tokens)}) and loss_mask ({len(loss_mask)}) differ in length")
+    if len(tokens) > seq_length + 1:
+        raise ValueError(f"sample of {len(tokens)} tokens exceeds seq_length + 1 = {seq_length + 1}")
+    pad = seq_length + 1 - len(tokens)
+    ids = torch.tensor(list(tokens) + [pad_id] * pad, dtype=torch.int64)
+    is_target = torch.tensor([bool(m) for m in loss_mask] + [False] * pad)
+    labels = torch.where(is_target[1:], ids[1:], torch.full_like(ids[1:], IGNORE_INDEX))
+    return {
+        "tokens": ids[:-1],
+        "labels": labels,
+        "loss_mask": is_target[1:].float(),
+        "position_ids": torch.arange(seq_length, dtype=torch.int64),
+    }
+
+
+class SyntheticSFTDataset(torch.utils.data.Dataset):
+    """A seeded memorization set: a prompt, then a response that follows from it.
+
+    Sample j (of num_samples distinct ones, repeated to fill `length`): prompt_length random
+    tokens, then the response t_i = (t_{i-1} + t_{i-2}) mod vocab_size, whose tokens carry the
+    loss. A small model learns it in a few dozen steps, so the loss falls visibly.
+    """
+
+    def __init__(self, length, seq_length, vocab_size, num_samples, prompt_length, seed):
+        if not 2 <= prompt_length < seq_length:
+            raise ValueError(f"prompt_length must lie in [2, seq_length), got {prompt_length}")
+        self.length, self.seq_length = length, seq_length
+        gen = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, vocab_size, (num_samples, seq_length + 1), generator=gen)
+        for i in range(prompt_length, seq_length + 1):
+            tokens[:, i] = (tokens[:, i - 1] + tokens[:, i - 2]) % vocab_size
+        self.samples = tokens.tolist()
+        self.loss_mask = [0] * prompt_length + [1] * (seq_length + 1 - prompt_length)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        return sample_from_tokens(self.samples[index % len(self.samples)], self.loss_mask, self.seq_length)
+
+
+class JsonlSFTDataset(torch.utils.data.Dataset):
+    """Pre-tokenized samples, one JSON object per line: {"tokens": [...], "loss_mask": [...]}."""
+
+    def __init__(self, path, length, seq_length, vocab_size):
+        self.length, self.seq_length = length, seq_length
+        self.samples = []
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    tokens, loss_mask = record["tokens"], record["loss_mask"]
+                    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in tokens):
+                        raise ValueError(f"token ids must be integers in [0, {vocab_size})")
+                    sample_from_tokens(tokens, loss_mask, seq_length)  # validates lengths
+                except (ValueError, KeyError, TypeError) as err:
+                    detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
+                    raise ValueError(f"{path}:{line_no}: {detail}") from None
+                self.samples.append((tokens, loss_mask))
+        if not self.samples:
+            raise ValueError(f"{path}: no samples")
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        tokens, loss_mask = self.samples[index % len(self.samples)]
+        return sample_from_tokens(tokens, loss_mask, self.seq_length)

@@ -1,0 +1,1 @@
+"""Model builders for the training loop."""

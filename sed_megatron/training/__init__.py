@@ -1,0 +1,1 @@
+"""Training on Megatron-LM's loop: arguments, forward step, metrics."""

@@ -1,0 +1,171 @@
+"""Command line and YAML configuration of a training run.
+
+A run is configured by Megatron-LM's own flags plus the SED-SFT group below. A YAML file
+(`--config`) holds the same settings, grouped by concern:
+
+    model:       {num_layers: 2, hidden_size: 64, ...}       # Megatron-LM flags
+    parallel:    {tensor_model_parallel_size: 2, ...}        # Megatron-LM flags
+    training:    {train_iters: 20, micro_batch_size: 2, ...} # Megatron-LM flags
+    optimizer:   {lr: 1.0e-3, ...}                           # Megatron-LM flags
+    checkpoint:  {save: runs/x, save_interval: 10, ...}      # Megatron-LM flags
+    logging:     {log_interval: 1, ...}                      # Megatron-LM flags
+    loss:        {kind: sed, top_k: 2, tau: 0.6, ...}        # LossConfig fields
+    data:        {kind: synthetic, ...}                      # DataConfig fields
+
+A Megatron key is a flag's name with '_' for '-' (`no_gradient_accumulation_fusion: true` is
+`--no-gradient-accumulation-fusion`); it is checked against Megatron's own parser, so an
+unknown key is an error naming the file and key. The YAML becomes command-line arguments that
+come first, so any flag given on the command line wins.
+"""
+
+import argparse
+
+import yaml
+
+MEGATRON_SECTIONS = ("model", "parallel", "training", "optimizer", "checkpoint", "logging")
+
+LOSS_FLAGS = {  # LossConfig field -> flag
+    "kind": "--loss-type",
+    "top_k": "--sed-top-k",
+    "tau": "--sed-tau",
+    "lam": "--sed-lambda",
+    "mask": "--sed-mask",
+    "gem_beta": "--gem-beta",
+}
+DATA_FLAGS = {  # DataConfig field -> flag
+    "kind": "--sft-data-kind",
+    "path": "--sft-data-path",
+    "num_samples": "--sft-num-samples",
+    "prompt_length": "--sft-prompt-length",
+    "seed": "--sft-data-seed",
+}
+RUN_FLAGS = {  # run-level keys at the top of the YAML -> flag
+    "log_entropy": "--log-entropy",
+    "metrics_file": "--metrics-file",
+}
+
+
+_OWN_KEYS = {flag[2:].replace("-", "_") for table in (LOSS_FLAGS, DATA_FLAGS, RUN_FLAGS) for flag in table.values()}
+_OWN_KEYS.add("config")
+
+
+class ConfigError(ValueError):
+    """A bad configuration file or value; the message names the file and key."""
+
+
+def add_sed_arguments(parser):
+    """The SED-SFT argument group (Megatron's extra_args_provider)."""
+    group = parser.add_argument_group("sed-sft")
+    group.add_argument("--config", default=None, help="YAML run configuration (flags on the command line win)")
+    group.add_argument("--loss-type", default="ce", choices=["ce", "dft", "sed", "gem"], help="token loss")
+    group.add_argument("--sed-top-k", type=int, default=2, help="k of the top-k mass that decides the SED mask")
+    group.add_argument("--sed-tau", type=float, default=None, help="SED threshold on the top-k mass")
+    group.add_argument("--sed-lambda", type=float, default=1.0, help="weight of the SED penalty")
+    group.add_argument("--sed-mask", default="topk_mass", choices=["topk_mass", "none"], help="where SED applies")
+    group.add_argument("--gem-beta", type=float, default=0.7, help="GEM temperature")
+    group.add_argument("--sft-data-kind", default="synthetic", choices=["synthetic", "jsonl"],
+                       help="synthetic: a seeded memorization set; jsonl: pre-tokenized samples")
+    group.add_argument("--sft-data-path", default=None, help="JSONL of {tokens: [...], loss_mask: [...]} samples")
+    group.add_argument("--sft-num-samples", type=int, default=64, help="synthetic: number of distinct samples")
+    group.add_argument("--sft-prompt-length", type=int, default=8, help="synthetic: prompt tokens without loss")
+    group.add_argument("--sft-data-seed", type=int, default=1234, help="synthetic: seed of the samples")
+    group.add_argument("--log-entropy", action="store_true",
+                       help="report the entropy of the predicted distribution (one more pass in the loss)")
+    group.add_argument("--metrics-file", default=None,
+                       help="JSON-lines metrics (default: metrics.jsonl in --save, else in the working directory)")
+    return parser
+
+
+def _option_actions(parser):
+    """'flag_name' (dashes as underscores) -> argparse action, for every long option."""
+    actions = {}
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option.startswith("--"):
+                actions[option[2:].replace("-", "_")] = (option, action)
+    return actions
+
+
+def _value_to_argv(option, action, value, where):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {option} is a switch; expected true or false, got {value!r}")
+        return [option] if value else []
+    if value is None:
+        return []
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: {option} takes a value, not {value!r}")
+    if isinstance(value, list):
+        if action.nargs in (None, 0, "?"):
+            raise ConfigError(f"{where}: {option} takes one value, got a list")
+        return [option] + [str(v) for v in value]
+    if isinstance(value, dict):
+        raise ConfigError(f"{where}: {option} takes a value, got a mapping")
+    return [option, str(value)]
+
+
+def yaml_to_argv(path, parser):
+    """The command-line arguments equivalent to the YAML file at `path`."""
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if doc is None:
+        return []
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    actions = _option_actions(parser)
+    argv = []
+    for section, body in doc.items():
+        if section in RUN_FLAGS:
+            argv += _value_to_argv(*actions[RUN_FLAGS[section][2:].replace("-", "_")], body, f"{path}: {section}")
+            continue
+        if section not in MEGATRON_SECTIONS + ("loss", "data"):
+            known = ", ".join(MEGATRON_SECTIONS + ("loss", "data") + tuple(RUN_FLAGS))
+            raise ConfigError(f"{path}: unknown section {section!r} (known: {known})")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+        for key, value in body.items():
+            where = f"{path}: {section}.{key}"
+            if section in ("loss", "data"):
+                table = LOSS_FLAGS if section == "loss" else DATA_FLAGS
+                if key not in table:
+                    raise ConfigError(f"{where}: unknown key (known: {', '.join(table)})")
+                argv += _value_to_argv(*actions[table[key][2:].replace("-", "_")], value, where)
+                continue
+            if key not in actions or key in _OWN_KEYS:
+                raise ConfigError(f"{where}: unknown Megatron-LM flag --{key.replace('_', '-')}")
+            option, action = actions[key]
+            argv += _value_to_argv(option, action, value, where)
+    return argv
+
+
+def config_path_from_argv(argv):
+    """The value of --config in argv, or None."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def expand_config(argv, parser):
+    """argv with the YAML of --config spliced in front, so the command line wins."""
+    path = config_path_from_argv(argv)
+    if path is None:
+        return list(argv)
+    return yaml_to_argv(path, parser) + list(argv)
+
+
+def loss_config_from_args(args):
+    """The LossConfig of the parsed arguments (read once; library code never sees args)."""
+    from sed_megatron.loss import LossConfig
+
+    return LossConfig(
+        kind=args.loss_type, top_k=args.sed_top_k, tau=args.sed_tau, lam=args.sed_lambda,
+        mask=args.sed_mask, gem_beta=args.gem_beta,
+    )

@@ -1,0 +1,77 @@
+"""forward_step and loss_func for Megatron-LM's training loop, built on sft_token_loss.
+
+Megatron calls forward_step(data_iterator, model) once per micro-batch; on the last pipeline
+stage it then calls the returned loss_func(output_tensor), which gives (sum of the per-token
+objective over loss tokens, number of loss tokens, report). With --calculate-per-token-loss
+the loop adds both over micro-batches and data-parallel ranks and divides once, so the
+objective is normalized by the global number of loss tokens of the step.
+"""
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.utils import get_batch_on_this_tp_rank
+
+from sed_megatron.loss import LossConfig, masked_sum_and_count, sft_token_loss
+
+from .metrics import token_metric_report
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    loss: LossConfig
+    micro_batch_size: int
+    seq_length: int
+    pipeline_model_parallel_size: int
+    create_attention_mask: bool
+    """The data loader gives a bool [1, s, s] causal mask (True = masked)."""
+    with_entropy: bool
+    """Report the entropy of the predicted distribution (costs one more pass in the loss)."""
+
+
+def get_batch(data_iterator, cfg: StepConfig):
+    """This micro-batch on this rank: TP rank 0 reads it, then broadcasts to its TP group."""
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    if not (first or last):
+        return None
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    batch = next(data_iterator) if tp_rank == 0 else None
+    return get_batch_on_this_tp_rank(
+        batch,
+        has_cu_seqlens=False,
+        is_hybrid_cp=False,
+        create_attention_mask_in_dataloader=cfg.create_attention_mask,
+        broadcast_src_rank=parallel_state.get_tensor_model_parallel_src_rank(),
+        broadcast_group=parallel_state.get_tensor_model_parallel_group(),
+        cp_size=1,
+        tp_rank=tp_rank,
+        micro_batch_size=cfg.micro_batch_size,
+        seq_length=cfg.seq_length,
+        mtp_on_this_rank=False,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        is_pipeline_first_stage=first,
+        is_pipeline_last_stage=last,
+    )
+
+
+def loss_func(loss_cfg: LossConfig, with_entropy, labels, loss_mask, logits):
+    """logits [b, s, V/tp] (consumed in place), labels [b, s] -> (loss sum, token count, report)."""
+    loss, stats = sft_token_loss(
+        logits, labels, loss_cfg, parallel_state.get_tensor_model_parallel_group(),
+        inplace=True, with_entropy=with_entropy,
+    )
+    loss_sum, num_tokens = masked_sum_and_count(loss, loss_mask)
+    return loss_sum, num_tokens.to(torch.int), token_metric_report(loss, stats, loss_mask, loss_cfg.kind)
+
+
+def forward_step(cfg: StepConfig, data_iterator, model):
+    """One micro-batch through the model; the loss follows in the returned loss_func."""
+    batch = get_batch(data_iterator, cfg)
+    if batch is None:  # a middle pipeline stage: activations come from the previous stage
+        return model(None, None, None), partial(loss_func, cfg.loss, False, None, None)
+    # Without labels GPTModel returns the vocab-parallel logits [b, s, V/tp] on the last stage.
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+    return output, partial(loss_func, cfg.loss, cfg.with_entropy, batch["labels"], batch["loss_mask"])
