@@ -13,6 +13,7 @@ setup(
         "nltk",
         "psutil",  # Megatron's checkpoint writer needs it and does not declare it
         "safetensors",
+        "tensorboard",  # Megatron's --tensorboard-dir writer
         "transformers",
         "numpy",
     ],

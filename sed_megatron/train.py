@@ -36,7 +36,7 @@ def _fail(message):
 
 
 def _parse_args(argv, on_cpu):
-    """Megatron's parse_and_validate_args over defaults + YAML + command line."""
+    """(Megatron's validated args, LossConfig) from defaults + YAML + command line."""
     from megatron.training.arguments import add_megatron_arguments, parse_and_validate_args
 
     from sed_megatron.training.arguments import ConfigError, add_sed_arguments, expand_config
@@ -46,8 +46,10 @@ def _parse_args(argv, on_cpu):
         expanded = expand_config(argv, parser)
     except ConfigError as err:
         _fail(str(err))
-    sys.argv = [sys.argv[0]] + _runtime_defaults(on_cpu) + expanded
-    return parse_and_validate_args(extra_args_provider=add_sed_arguments)
+    full_argv = _runtime_defaults(on_cpu) + expanded
+    loss_cfg = _loss_config(parser.parse_args(full_argv))  # our errors first, before Megatron's checks
+    sys.argv = [sys.argv[0]] + full_argv
+    return parse_and_validate_args(extra_args_provider=add_sed_arguments), loss_cfg
 
 
 def _loss_config(args):
@@ -137,8 +139,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     on_cpu = apply_cpu_training_runtime()
-    args = _parse_args(argv, on_cpu)
-    loss_cfg = _loss_config(args)
+    args, loss_cfg = _parse_args(argv, on_cpu)
 
     from megatron.core.enums import ModelType
     from megatron.training import pretrain

@@ -19,7 +19,7 @@ LAYOUTS = {  # name -> (processes, flags)
     "tp1": (1, ["--tensor-model-parallel-size", "1"]),
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
     "pp2": (2, ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"]),
-    "dp2": (2, ["--tensor-model-parallel-size", "1"]),
+    "dp2": (2, ["--tensor-model-parallel-size", "1", "--use-distributed-optimizer"]),
 }
 # Same model, same data, sums in another order: fp32 round-off grows over Adam steps; the runs
 # here agree to ~1e-7, so 2e-5 relative catches any real difference (a wrong shard, a lost
@@ -44,7 +44,11 @@ def layout_runs(base_checkpoint, tmp_path_factory):
     runs = {}
     for name, (nproc, flags) in LAYOUTS.items():
         run_dir = tmp_path_factory.mktemp(name)
-        runs[name] = train(str(run_dir), nproc, finetune_flags(base_checkpoint, PARITY_ITERS) + flags)
+        tensorboard = []
+        if name == "dp2":
+            runs["dp2_tensorboard"] = str(run_dir / "tb")
+            tensorboard = ["--tensorboard-dir", runs["dp2_tensorboard"]]
+        runs[name] = train(str(run_dir), nproc, finetune_flags(base_checkpoint, PARITY_ITERS) + flags + tensorboard)
     return runs
 
 
@@ -64,8 +68,8 @@ def test_layouts_give_the_same_loss_curve(layout_runs):
     assert len(reference) == PARITY_ITERS
     assert all(0.0 < r["mask_rate"] < 1.0 for r in reference), "tau must split the tokens"
     assert all(r["sed_penalty"] > 0 for r in reference)
-    for name, records in layout_runs.items():
-        assert_curves_close(records, reference, f"{name} vs tp1")
+    for name in LAYOUTS:
+        assert_curves_close(layout_runs[name], reference, f"{name} vs tp1")
 
 
 def test_loss_curve_matches_golden(layout_runs):
@@ -82,6 +86,18 @@ def test_loss_curve_matches_golden(layout_runs):
     for got, want in zip(records, golden, strict=True):
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), f"iteration {want['iteration']}: {key}"
+
+
+def test_tensorboard_gets_the_metrics(layout_runs):
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = glob.glob(os.path.join(layout_runs["dp2_tensorboard"], "events.out.tfevents.*"))
+    accumulator = EventAccumulator(events)
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"lm loss", "ce loss", "mask rate", "topk mass", "p target", "sed penalty", "grad-norm"} <= tags
 
 
 def test_metrics_have_contract_keys(layout_runs):

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# torchrun wrapper for sed_megatron.train, one call per node:
+#   NPROC_PER_NODE=8 bash launch/train.sh --config examples/tiny_cpu.yaml [--flag value ...]
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 bash launch/train.sh --config ...
+# NPROC_PER_NODE defaults to the number of GPUs, or 2 processes on a CPU-only machine
+# (gloo; the CPU runtime layer is applied by the trainer itself). PYTHON_BIN picks the
+# interpreter (default: .venv/bin/python if present, else python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${PYTHON_BIN:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON_BIN=.venv/bin/python; else PYTHON_BIN=python3; fi
+fi
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+  gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
+  if [ "${gpus:-0}" -gt 0 ]; then NPROC_PER_NODE=$gpus; else NPROC_PER_NODE=2; fi
+fi
+
+distributed_args=(
+  --nproc_per_node "$NPROC_PER_NODE"
+  --nnodes "${NNODES:-1}"
+  --node_rank "${NODE_RANK:-0}"
+  --master_addr "${MASTER_ADDR:-127.0.0.1}"
+  --master_port "${MASTER_PORT:-29500}"
+)
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+
+exec "$PYTHON_BIN" -m torch.distributed.run "${distributed_args[@]}" -m sed_megatron.train "$@"
