@@ -8,102 +8,13 @@ runtime layer is applied and gloo is used; on GPUs nothing is changed (NCCL, bf1
 Engine when installed).
 """
 
-import argparse
 import functools
 import os
 import sys
 
 from sed_megatron.compat import apply_cpu_training_runtime
-
-
-def _runtime_defaults(on_cpu):
-    """Flags that come before the YAML and the command line (so either can override them)."""
-    from sed_megatron.models.gpt import transformer_engine_available
-
-    defaults = ["--calculate-per-token-loss", "--tokenizer-type", "NullTokenizer"]
-    if on_cpu:
-        defaults += ["--distributed-backend", "gloo", "--use-cpu-initialization", "--no-persist-layer-norm",
-                     "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion",
-                     "--no-rope-fusion"]
-    if on_cpu or not transformer_engine_available():
-        defaults += ["--transformer-impl", "local"]
-    return defaults
-
-
-def _fail(message):
-    print(f"sed_megatron.train: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _parse_args(argv, on_cpu):
-    """(Megatron's validated args, LossConfig) from defaults + YAML + command line."""
-    from megatron.training.arguments import add_megatron_arguments, parse_and_validate_args
-
-    from sed_megatron.training.arguments import ConfigError, add_sed_arguments, expand_config
-
-    parser = add_sed_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
-    try:
-        expanded = expand_config(argv, parser)
-    except ConfigError as err:
-        _fail(str(err))
-    full_argv = _runtime_defaults(on_cpu) + expanded
-    loss_cfg = _loss_config(parser.parse_args(full_argv))  # our errors first, before Megatron's checks
-    sys.argv = [sys.argv[0]] + full_argv
-    return parse_and_validate_args(extra_args_provider=add_sed_arguments), loss_cfg
-
-
-def _loss_config(args):
-    from sed_megatron.training.arguments import LOSS_FLAGS, loss_config_from_args
-
-    try:
-        return loss_config_from_args(args)
-    except ValueError as err:
-        message = str(err)
-        for field, flag in LOSS_FLAGS.items():
-            message = message.replace(f"LossConfig.{field}:", f"{flag} (loss.{field}):")
-        _fail(message)
-
-
-def _datasets_provider(args, train_val_test_num_samples):
-    """(train, valid, test) datasets of already tokenized samples."""
-    from sed_megatron.data.simple import JsonlSFTDataset, SyntheticSFTDataset
-
-    datasets = []
-    for split, num_samples in enumerate(train_val_test_num_samples):
-        length = max(int(num_samples or 0), 1)
-        if args.sft_data_kind == "synthetic":
-            dataset = SyntheticSFTDataset(length, args.seq_length, args.vocab_size, args.sft_num_samples,
-                                          args.sft_prompt_length, args.sft_data_seed + split)
-        else:
-            dataset = JsonlSFTDataset(args.sft_data_path, length, args.seq_length, args.vocab_size)
-        datasets.append(_with_attention_mask(dataset, args.seq_length) if args.create_attention_mask_in_dataloader
-                        else dataset)
-    return tuple(datasets)
-
-
-class _with_attention_mask:
-    """Adds the bool [1, s, s] causal mask (True = masked) that the local attention expects."""
-
-    def __init__(self, dataset, seq_length):
-        import torch
-
-        self.dataset = dataset
-        self.mask = torch.triu(torch.ones(1, seq_length, seq_length, dtype=torch.bool), diagonal=1)
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        return {**self.dataset[index], "attention_mask": self.mask}
-
-
-def _model_provider(args, pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
-    from megatron.training.argument_utils import core_transformer_config_from_args
-
-    from sed_megatron.models.gpt import build_gpt_model
-
-    config = config or core_transformer_config_from_args(args)
-    return build_gpt_model(args, config, pre_process, post_process, vp_stage, pg_collection)
+from sed_megatron.training.arguments import calibrates_tau
+from sed_megatron.training.setup import build_datasets, model_provider, parse_run_args, step_config
 
 
 def _install_metrics_log(args):
@@ -135,35 +46,76 @@ def _install_metrics_log(args):
     return path
 
 
+def _install_tau_calibration(args, step_cfg):
+    """--sed-calibrate-ratio: set tau from the initial model right before the first step.
+
+    Megatron's train() receives the built (and possibly loaded) model; the wrapper calibrates
+    with it, stores tau in <save>/sed_tau.json and trains with it. A resumed run reads tau
+    back from <load>/sed_tau.json instead of calibrating a model that has already trained.
+    """
+    import dataclasses
+    import json
+
+    import megatron.training.training as training_loop
+    import torch.distributed as dist
+    from megatron.training.utils import print_rank_0
+
+    from sed_megatron.training.calibrate import calibrate_tau
+    from sed_megatron.training.step import forward_step
+
+    train = training_loop.train
+
+    @functools.wraps(train)
+    def train_with_calibrated_tau(forward_step_func, model, *rest, **kwargs):
+        if args.iteration > 0:
+            stored = os.path.join(args.load or "", "sed_tau.json")
+            if not os.path.exists(stored):
+                raise SystemExit(f"sed_megatron.train: error: resuming at iteration {args.iteration} with "
+                                 f"--sed-calibrate-ratio needs the calibrated tau in {stored}")
+            with open(stored) as f:
+                tau = json.load(f)["tau"]
+            print_rank_0(f"SED tau={tau!r} (calibrated earlier, read from {stored})")
+        else:
+            n = args.sed_calibrate_samples
+            dataset = build_datasets(args, [n, n, 0])[1]
+            tau = calibrate_tau(model, dataset, n, step_cfg, step_cfg.loss.top_k, args.sed_calibrate_ratio,
+                                args.sed_calibrate_tokens)
+            print_rank_0(f"SED tau={tau!r} calibrated on {n} samples ({args.sed_calibrate_tokens} tokens, "
+                         f"k={step_cfg.loss.top_k}, mask ratio {args.sed_calibrate_ratio})")
+            if args.save and dist.get_rank() == 0:
+                os.makedirs(args.save, exist_ok=True)
+                with open(os.path.join(args.save, "sed_tau.json"), "w") as f:
+                    json.dump({"tau": tau, "mask_ratio": args.sed_calibrate_ratio, "top_k": step_cfg.loss.top_k,
+                               "samples": n, "tokens": args.sed_calibrate_tokens}, f)
+        calibrated = dataclasses.replace(step_cfg, loss=dataclasses.replace(step_cfg.loss, tau=tau))
+        return train(functools.partial(forward_step, calibrated), model, *rest, **kwargs)
+
+    training_loop.train = train_with_calibrated_tau
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     on_cpu = apply_cpu_training_runtime()
-    args, loss_cfg = _parse_args(argv, on_cpu)
+    args, loss_cfg = parse_run_args(argv, on_cpu)
 
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
-    from sed_megatron.training.step import StepConfig, forward_step
+    from sed_megatron.training.step import forward_step
 
-    step_cfg = StepConfig(
-        loss=loss_cfg,
-        micro_batch_size=args.micro_batch_size,
-        seq_length=args.seq_length,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        create_attention_mask=args.create_attention_mask_in_dataloader,
-        with_entropy=args.log_entropy,
-    )
+    step_cfg = step_config(args, loss_cfg)
     _install_metrics_log(args)
-    datasets_provider = functools.partial(_datasets_provider, args)
+    if calibrates_tau(args):
+        _install_tau_calibration(args, step_cfg)
+    datasets_provider = functools.partial(build_datasets, args)
     cfg = pretrain_cfg_container_from_args(args, model_cfg=None)  # None: our model provider builds it
     pretrain(
         cfg,
         datasets_provider,
         ModelType.encoder_or_decoder,
         functools.partial(forward_step, step_cfg),
-        model_provider=functools.partial(_model_provider, args),
+        model_provider=functools.partial(model_provider, args),
     )
 
 

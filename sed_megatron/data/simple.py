@@ -1,8 +1,10 @@
 """Already tokenized SFT samples for the training loop: a seeded synthetic set and a JSONL reader.
 
 Every sample is a dict of `[s]` tensors, as Megatron's GPT batches are:
-tokens (int64 input ids), labels (int64 next-token targets, IGNORE_INDEX where no loss),
-loss_mask (fp32, 1 on loss tokens), position_ids (int64).
+tokens (int64 input ids), labels (int64 next-token ids, IGNORE_INDEX on padding), loss_mask
+(fp32, 1 where the next token is a target: the response), position_ids (int64). Prompt
+positions keep their labels so that statistics over every token (τ calibration with all
+tokens) can be taken; the loss mask keeps them out of the loss.
 """
 
 import json
@@ -25,7 +27,8 @@ def sample_from_tokens(tokens, loss_mask, seq_length, pad_id=0):
     pad = seq_length + 1 - len(tokens)
     ids = torch.tensor(list(tokens) + [pad_id] * pad, dtype=torch.int64)
     is_target = torch.tensor([bool(m) for m in loss_mask] + [False] * pad)
-    labels = torch.where(is_target[1:], ids[1:], torch.full_like(ids[1:], IGNORE_INDEX))
+    labels = ids[1:].clone()
+    labels[len(tokens) - 1 :] = IGNORE_INDEX  # padding predicts nothing
     return {
         "tokens": ids[:-1],
         "labels": labels,

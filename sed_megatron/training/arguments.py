@@ -31,6 +31,9 @@ LOSS_FLAGS = {  # LossConfig field -> flag
     "lam": "--sed-lambda",
     "mask": "--sed-mask",
     "gem_beta": "--gem-beta",
+    "calibrate_ratio": "--sed-calibrate-ratio",
+    "calibrate_samples": "--sed-calibrate-samples",
+    "calibrate_tokens": "--sed-calibrate-tokens",
 }
 DATA_FLAGS = {  # DataConfig field -> flag
     "kind": "--sft-data-kind",
@@ -63,6 +66,12 @@ def add_sed_arguments(parser):
     group.add_argument("--sed-lambda", type=float, default=1.0, help="weight of the SED penalty")
     group.add_argument("--sed-mask", default="topk_mass", choices=["topk_mass", "none"], help="where SED applies")
     group.add_argument("--gem-beta", type=float, default=0.7, help="GEM temperature")
+    group.add_argument("--sed-calibrate-ratio", type=float, default=None,
+                       help="calibrate tau before the first step as the (1 - r) quantile of the initial "
+                            "model's top-k mass, r = this masking ratio (--sed-tau, if given, wins)")
+    group.add_argument("--sed-calibrate-samples", type=int, default=100, help="validation samples for it")
+    group.add_argument("--sed-calibrate-tokens", default="response", choices=["response", "all"],
+                       help="tokens whose top-k mass sets tau")
     group.add_argument("--sft-data-kind", default="synthetic", choices=["synthetic", "jsonl"],
                        help="synthetic: a seeded memorization set; jsonl: pre-tokenized samples")
     group.add_argument("--sft-data-path", default=None, help="JSONL of {tokens: [...], loss_mask: [...]} samples")
@@ -161,11 +170,25 @@ def expand_config(argv, parser):
     return yaml_to_argv(path, parser) + list(argv)
 
 
+def calibrates_tau(args):
+    """Whether tau comes from calibration before the first step (an explicit tau wins)."""
+    return args.loss_type == "sed" and args.sed_calibrate_ratio is not None and args.sed_tau is None
+
+
 def loss_config_from_args(args):
-    """The LossConfig of the parsed arguments (read once; library code never sees args)."""
+    """The LossConfig of the parsed arguments (read once; library code never sees args).
+
+    With --sed-calibrate-ratio (and no --sed-tau, which wins), tau is left at 1.0 here and set
+    by the calibration that runs before the first step.
+    """
     from sed_megatron.loss import LossConfig
 
+    tau = args.sed_tau
+    if calibrates_tau(args):
+        if not 0.0 <= args.sed_calibrate_ratio <= 1.0:
+            raise ValueError(f"LossConfig.calibrate_ratio: must lie in [0, 1], got {args.sed_calibrate_ratio}")
+        tau = 1.0
     return LossConfig(
-        kind=args.loss_type, top_k=args.sed_top_k, tau=args.sed_tau, lam=args.sed_lambda,
+        kind=args.loss_type, top_k=args.sed_top_k, tau=tau, lam=args.sed_lambda,
         mask=args.sed_mask, gem_beta=args.gem_beta,
     )

@@ -12,7 +12,7 @@ from sed_megatron.loss import IGNORE_INDEX
 def test_sample_shifts_targets_and_masks_prompt_and_padding():
     sample = sample_from_tokens([5, 6, 7, 8], [0, 0, 1, 1], seq_length=5)
     assert sample["tokens"].tolist() == [5, 6, 7, 8, 0]
-    assert sample["labels"].tolist() == [IGNORE_INDEX, 7, 8, IGNORE_INDEX, IGNORE_INDEX]
+    assert sample["labels"].tolist() == [6, 7, 8, IGNORE_INDEX, IGNORE_INDEX]
     assert sample["loss_mask"].tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
     assert sample["position_ids"].tolist() == [0, 1, 2, 3, 4]
     assert sample["tokens"].dtype == sample["labels"].dtype == torch.int64 and sample["loss_mask"].dtype == torch.float32

@@ -90,7 +90,8 @@ def test_cli_bad_yaml_is_one_line_and_exit_2(tmp_path):
     out = run_train("--config", path)
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
-    assert last == f"sed_megatron.train: error: {path}: loss.tua: unknown key (known: kind, top_k, tau, lam, mask, gem_beta)"
+    assert last == (f"sed_megatron.train: error: {path}: loss.tua: unknown key (known: kind, top_k, tau, lam, "
+                    "mask, gem_beta, calibrate_ratio, calibrate_samples, calibrate_tokens)")
 
 
 def test_cli_sed_without_tau_names_the_flag(tmp_path):

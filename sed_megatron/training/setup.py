@@ -1,0 +1,124 @@
+"""What the training entry point and the tools share: argument parsing, datasets, model provider."""
+
+import argparse
+import sys
+
+def runtime_defaults(on_cpu):
+    """Flags that come before the YAML and the command line (so either can override them)."""
+    from sed_megatron.models.gpt import transformer_engine_available
+
+    defaults = ["--calculate-per-token-loss", "--tokenizer-type", "NullTokenizer"]
+    if on_cpu:
+        defaults += ["--distributed-backend", "gloo", "--use-cpu-initialization", "--no-persist-layer-norm",
+                     "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion",
+                     "--no-rope-fusion"]
+    if on_cpu or not transformer_engine_available():
+        defaults += ["--transformer-impl", "local"]
+    return defaults
+
+
+def fail(message, prog="sed_megatron.train"):
+    """One line on stderr and exit 2: the way every bad input ends."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_run_args(argv, on_cpu, need_loss_config=True, extra_args_provider=None, precheck=None):
+    """(Megatron's validated args, LossConfig or None) from defaults + YAML + command line.
+
+    precheck(namespace), if given, sees the parsed flags before Megatron validates them, so a
+    tool's own bad input is reported first.
+    """
+    import os
+
+    from megatron.training.arguments import add_megatron_arguments, parse_and_validate_args
+
+    # Megatron requires it with tensor parallelism (kernel ordering on one CUDA stream queue).
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+    from .arguments import ConfigError, add_sed_arguments, expand_config
+
+    def add_arguments(parser):
+        parser = add_sed_arguments(parser)
+        return extra_args_provider(parser) if extra_args_provider else parser
+
+    parser = add_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    try:
+        expanded = expand_config(argv, parser)
+    except ConfigError as err:
+        fail(str(err))
+    full_argv = runtime_defaults(on_cpu) + expanded
+    # Our errors first, before Megatron's checks.
+    namespace = parser.parse_args(full_argv)
+    loss_cfg = loss_config(namespace) if need_loss_config else None
+    if precheck is not None:
+        precheck(namespace)
+    sys.argv = [sys.argv[0]] + full_argv
+    return parse_and_validate_args(extra_args_provider=add_arguments), loss_cfg
+
+
+def loss_config(args):
+    from .arguments import LOSS_FLAGS, loss_config_from_args
+
+    try:
+        return loss_config_from_args(args)
+    except ValueError as err:
+        message = str(err)
+        for field, flag in LOSS_FLAGS.items():
+            message = message.replace(f"LossConfig.{field}:", f"{flag} (loss.{field}):")
+        fail(message)
+
+
+def build_datasets(args, train_val_test_num_samples):
+    """(train, valid, test) datasets of already tokenized samples."""
+    from sed_megatron.data.simple import JsonlSFTDataset, SyntheticSFTDataset
+
+    datasets = []
+    for split, num_samples in enumerate(train_val_test_num_samples):
+        length = max(int(num_samples or 0), 1)
+        if args.sft_data_kind == "synthetic":
+            dataset = SyntheticSFTDataset(length, args.seq_length, args.vocab_size, args.sft_num_samples,
+                                          args.sft_prompt_length, args.sft_data_seed + split)
+        else:
+            dataset = JsonlSFTDataset(args.sft_data_path, length, args.seq_length, args.vocab_size)
+        datasets.append(_with_attention_mask(dataset, args.seq_length) if args.create_attention_mask_in_dataloader
+                        else dataset)
+    return tuple(datasets)
+
+
+class _with_attention_mask:
+    """Adds the bool [1, s, s] causal mask (True = masked) that the local attention expects."""
+
+    def __init__(self, dataset, seq_length):
+        import torch
+
+        self.dataset = dataset
+        self.mask = torch.triu(torch.ones(1, seq_length, seq_length, dtype=torch.bool), diagonal=1)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return {**self.dataset[index], "attention_mask": self.mask}
+
+
+def model_provider(args, pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    from sed_megatron.models.gpt import build_gpt_model
+
+    config = config or core_transformer_config_from_args(args)
+    return build_gpt_model(args, config, pre_process, post_process, vp_stage, pg_collection)
+
+
+def step_config(args, loss_cfg):
+    from .step import StepConfig
+
+    return StepConfig(
+        loss=loss_cfg,
+        micro_batch_size=args.micro_batch_size,
+        seq_length=args.seq_length,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+        with_entropy=args.log_entropy,
+    )
