@@ -41,6 +41,7 @@ DATA_FLAGS = {  # DataConfig field -> flag
     "num_samples": "--sft-num-samples",
     "prompt_length": "--sft-prompt-length",
     "seed": "--sft-data-seed",
+    "valid_fraction": "--sft-valid-fraction",
 }
 RUN_FLAGS = {  # run-level keys at the top of the YAML -> flag
     "log_entropy": "--log-entropy",
@@ -72,12 +73,16 @@ def add_sed_arguments(parser):
     group.add_argument("--sed-calibrate-samples", type=int, default=100, help="validation samples for it")
     group.add_argument("--sed-calibrate-tokens", default="response", choices=["response", "all"],
                        help="tokens whose top-k mass sets tau")
-    group.add_argument("--sft-data-kind", default="synthetic", choices=["synthetic", "jsonl"],
-                       help="synthetic: a seeded memorization set; jsonl: pre-tokenized samples")
-    group.add_argument("--sft-data-path", default=None, help="JSONL of {tokens: [...], loss_mask: [...]} samples")
+    group.add_argument("--sft-data-kind", default="synthetic", choices=["synthetic", "indexed", "jsonl"],
+                       help="synthetic: a seeded memorization set; indexed: the prefix written by "
+                            "tools/preprocess_sft_data.py; jsonl: pre-tokenized {tokens, loss_mask} lines")
+    group.add_argument("--sft-data-path", default=None, help="the indexed dataset prefix, or the JSONL file")
+    group.add_argument("--sft-valid-fraction", type=float, default=0.01,
+                       help="indexed: share of the samples held out for validation (and tau calibration)")
     group.add_argument("--sft-num-samples", type=int, default=64, help="synthetic: number of distinct samples")
     group.add_argument("--sft-prompt-length", type=int, default=8, help="synthetic: prompt tokens without loss")
-    group.add_argument("--sft-data-seed", type=int, default=1234, help="synthetic: seed of the samples")
+    group.add_argument("--sft-data-seed", type=int, default=1234,
+                       help="synthetic: seed of the samples; indexed: seed of the split and the shuffling")
     group.add_argument("--log-entropy", action="store_true",
                        help="report the entropy of the predicted distribution (one more pass in the loss)")
     group.add_argument("--metrics-file", default=None,

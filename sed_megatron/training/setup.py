@@ -71,12 +71,20 @@ def loss_config(args):
 
 def build_datasets(args, train_val_test_num_samples):
     """(train, valid, test) datasets of already tokenized samples."""
+    from sed_megatron.data.sft_preprocess import IndexedSFTDataset, read_indexed_sft, split_indices
     from sed_megatron.data.simple import JsonlSFTDataset, SyntheticSFTDataset
 
+    if args.sft_data_kind == "indexed":
+        splits = split_indices(len(read_indexed_sft(args.sft_data_path)[0]), args.sft_valid_fraction,
+                               args.sft_data_seed)
     datasets = []
     for split, num_samples in enumerate(train_val_test_num_samples):
         length = max(int(num_samples or 0), 1)
-        if args.sft_data_kind == "synthetic":
+        if args.sft_data_kind == "indexed":
+            indices = splits[min(split, 1)] or splits[0]  # test = valid; no valid split: train samples
+            dataset = IndexedSFTDataset(args.sft_data_path, indices, length, args.seq_length,
+                                        args.sft_data_seed + split)
+        elif args.sft_data_kind == "synthetic":
             dataset = SyntheticSFTDataset(length, args.seq_length, args.vocab_size, args.sft_num_samples,
                                           args.sft_prompt_length, args.sft_data_seed + split)
         else:

@@ -1,0 +1,358 @@
+"""Chat or prompt/response JSONL -> Megatron indexed dataset of tokens and assistant-only loss masks.
+
+Each sample becomes one document in two parallel indexed datasets:
+    PREFIX.bin / PREFIX.idx                      token ids
+    PREFIX_loss_mask.bin / PREFIX_loss_mask.idx  1 where the token is a target (assistant text)
+
+Loss masks come from the tokenizer's chat template: for every assistant turn, the text the
+template renders before it (with the generation prompt) is the context, and what the turn adds
+(its content and end-of-turn tokens) is the target. The pieces are tokenized one after the
+other, as the model sees them when it generates. Every assistant turn of a multi-turn chat
+carries loss.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+ROLES = ("system", "user", "assistant", "tool")
+TRUNCATION = ("error", "skip", "truncate")
+FORMATS = ("auto", "chat", "prompt_response")
+
+
+class SampleError(ValueError):
+    """A bad sample; the message says what is wrong (the caller adds file and line)."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    input: str
+    tokenizer: str
+    output_prefix: str
+    seq_length: int | None = None
+    """Samples longer than seq_length + 1 tokens follow `truncation`; None: no limit."""
+    format: str = "auto"
+    """chat (a `messages` list), prompt_response (two text fields), or auto (chat if present)."""
+    messages_key: str = "messages"
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    system_key: str | None = None
+    use_chat_template: bool = True
+    """prompt_response only: wrap as a user/assistant chat (False: prompt + response + EOS)."""
+    truncation: str = "error"
+    """error: fail; skip: count and report; truncate: cut the end (the prompt must fit)."""
+    skip_bad: bool = False
+    """Count and report bad samples instead of failing on the first."""
+    vocab_size: int | None = None
+    """The model's vocabulary size; ids at or above it are errors (default: the tokenizer's)."""
+    workers: int = 1
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"--format: unknown format {self.format!r}; expected one of {FORMATS}")
+        if self.truncation not in TRUNCATION:
+            raise ValueError(f"--truncation: unknown policy {self.truncation!r}; expected one of {TRUNCATION}")
+        if self.seq_length is not None and self.seq_length < 1:
+            raise ValueError(f"--seq-length: must be >= 1, got {self.seq_length}")
+        if self.workers < 1:
+            raise ValueError(f"--workers: must be >= 1, got {self.workers}")
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # transformers raises many kinds; one line names the directory
+        raise ValueError(f"{path}: cannot load a Hugging Face tokenizer ({type(err).__name__}: {err})") from None
+
+
+def _text(record, key, what):
+    if key not in record:
+        raise SampleError(f"missing field {key!r}")
+    value = record[key]
+    if not isinstance(value, str):
+        raise SampleError(f"field {key!r} ({what}) must be a string, got {type(value).__name__}")
+    return value
+
+
+def record_to_messages(record, cfg: PreprocessConfig):
+    """The chat of one JSON record, validated."""
+    if not isinstance(record, dict):
+        raise SampleError(f"a sample must be a JSON object, got {type(record).__name__}")
+    chat = cfg.format == "chat" or (cfg.format == "auto" and cfg.messages_key in record)
+    if chat:
+        messages = record.get(cfg.messages_key)
+        if not isinstance(messages, list) or not messages:
+            raise SampleError(f"field {cfg.messages_key!r} must be a non-empty list of messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise SampleError(f"message {i} must be an object with 'role' and 'content'")
+            if message["role"] not in ROLES:
+                raise SampleError(f"message {i}: unknown role {message['role']!r} (known: {', '.join(ROLES)})")
+            if not isinstance(message["content"], str):
+                raise SampleError(f"message {i}: content must be a string")
+            if message["role"] == "assistant" and not message["content"].strip():
+                raise SampleError(f"message {i}: empty assistant response")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise SampleError("no assistant message: nothing to learn")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    prompt = _text(record, cfg.prompt_key, "prompt")
+    response = _text(record, cfg.response_key, "response")
+    if not response.strip():
+        raise SampleError(f"empty response in field {cfg.response_key!r}")
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    if cfg.system_key and record.get(cfg.system_key):
+        messages.insert(0, {"role": "system", "content": _text(record, cfg.system_key, "system")})
+    return messages
+
+
+def _render(tokenizer, messages, add_generation_prompt):
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as err:  # jinja raises its own errors (e.g. "roles must alternate")
+        raise SampleError(f"the chat template rejects this chat: {err}") from None
+
+
+def _encode(tokenizer, text):
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def tokenize_chat(tokenizer, messages):
+    """(ids, loss_mask) of a chat through the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template, which chat samples need "
+                         "(prompt/response samples can go without: --no-chat-template)")
+    ids, mask, rendered = [], [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        context = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        turn = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (context.startswith(rendered) and turn.startswith(context)):
+            raise SampleError("the chat template does not render each turn as an extension of the "
+                              "previous ones; assistant tokens cannot be located")
+        context_ids = _encode(tokenizer, context[len(rendered):])
+        target_ids = _encode(tokenizer, turn[len(context):])
+        ids += context_ids + target_ids
+        mask += [0] * len(context_ids) + [1] * len(target_ids)
+        rendered = turn
+    rest = _render(tokenizer, messages, add_generation_prompt=False)[len(rendered):]
+    if rest:  # turns after the last assistant message: context without loss
+        tail = _encode(tokenizer, rest)
+        ids += tail
+        mask += [0] * len(tail)
+    return ids, mask
+
+
+def tokenize_plain(tokenizer, messages):
+    """(ids, loss_mask) of prompt + response + EOS without a chat template."""
+    prompt = "".join(m["content"] for m in messages if m["role"] != "assistant")
+    response = messages[-1]["content"]
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    response_ids = _encode(tokenizer, response)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token to end responses with")
+    response_ids.append(tokenizer.eos_token_id)
+    return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
+
+
+def process_line(tokenizer, cfg: PreprocessConfig, raw):
+    """One JSONL line (bytes) -> (ids, mask), None for a blank line; raises SampleError."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SampleError(f"not valid UTF-8 (byte {err.start})") from None
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SampleError(f"malformed JSON: {err.msg} (column {err.colno})") from None
+    messages = record_to_messages(record, cfg)
+    is_chat = cfg.format == "chat" or (cfg.format == "auto" and cfg.messages_key in record)
+    if is_chat or cfg.use_chat_template:
+        ids, mask = tokenize_chat(tokenizer, messages)
+    else:
+        ids, mask = tokenize_plain(tokenizer, messages)
+    vocab_size = cfg.vocab_size or len(tokenizer)
+    if ids and max(ids) >= vocab_size:
+        raise SampleError(f"token id {max(ids)} >= vocabulary size {vocab_size}")
+    limit = None if cfg.seq_length is None else cfg.seq_length + 1
+    if limit is not None and len(ids) > limit:
+        if cfg.truncation == "truncate" and any(mask[:limit]):
+            ids, mask = ids[:limit], mask[:limit]
+        else:
+            raise SampleError(f"sample of {len(ids)} tokens exceeds --seq-length + 1 = {limit}"
+                              + (" (and its prompt alone fills it)" if cfg.truncation == "truncate" else ""))
+    if not any(mask):
+        raise SampleError("no token carries loss")
+    return ids, mask
+
+
+_worker_state = {}
+
+
+def _init_worker(cfg):
+    _worker_state["cfg"] = cfg
+    _worker_state["tokenizer"] = load_tokenizer(cfg.tokenizer)
+
+
+def _process(item):
+    line_no, raw = item
+    try:
+        return line_no, process_line(_worker_state["tokenizer"], _worker_state["cfg"], raw), None
+    except SampleError as err:
+        return line_no, None, str(err)
+
+
+def _lines(path):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            yield line_no, raw.rstrip(b"\r\n")
+
+
+def output_paths(prefix):
+    """The four files of a dataset at prefix."""
+    return [prefix + ".bin", prefix + ".idx", prefix + "_loss_mask.bin", prefix + "_loss_mask.idx"]
+
+
+def preprocess(cfg: PreprocessConfig, progress=True):
+    """Write the dataset; returns a summary dict. Raises ValueError naming file and line on bad input.
+
+    Output goes to temporary names beside the prefix and is renamed into place at the end, so
+    a failure leaves nothing at the prefix.
+    """
+    import multiprocessing
+
+    import numpy
+    import torch
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    if not os.path.isfile(cfg.input):
+        raise ValueError(f"{cfg.input}: no such input file")
+    tokenizer = load_tokenizer(cfg.tokenizer)  # fail early, in this process
+    vocab_size = cfg.vocab_size or len(tokenizer)
+    if cfg.vocab_size is not None and cfg.vocab_size < len(tokenizer):
+        raise ValueError(f"--vocab-size {cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.output_prefix)), exist_ok=True)
+    tmp_prefix = f"{cfg.output_prefix}.tmp-{os.getpid()}"
+    tmp_paths, final_paths = output_paths(tmp_prefix), output_paths(cfg.output_prefix)
+    with open(cfg.input, "rb") as f:
+        total_lines = sum(1 for _ in f)
+    summary = {"samples": 0, "tokens": 0, "loss_tokens": 0, "skipped": 0, "skipped_lines": [], "reasons": {}}
+    try:
+        tokens_out = IndexedDatasetBuilder(tmp_paths[0], dtype=DType.optimal_dtype(vocab_size))
+        mask_out = IndexedDatasetBuilder(tmp_paths[2], dtype=numpy.uint8)
+        if cfg.workers > 1:
+            pool = multiprocessing.get_context("spawn").Pool(cfg.workers, _init_worker, (cfg,))
+            results = pool.imap(_process, _lines(cfg.input), chunksize=64)  # ordered: deterministic output
+        else:
+            pool = None
+            _worker_state.update(cfg=cfg, tokenizer=tokenizer)
+            results = map(_process, _lines(cfg.input))
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=total_lines, unit=" lines", desc=os.path.basename(cfg.input))
+        try:
+            for line_no, sample, error in results:
+                if error is not None:
+                    skippable = cfg.skip_bad or (cfg.truncation == "skip" and "exceeds --seq-length" in error)
+                    if not skippable:
+                        raise ValueError(f"{cfg.input}:{line_no}: {error}")
+                    summary["skipped"] += 1
+                    summary["skipped_lines"].append(line_no)
+                    reason = error.split(" (")[0].split(":")[0]
+                    summary["reasons"][reason] = summary["reasons"].get(reason, 0) + 1
+                    continue
+                if sample is None:
+                    continue
+                ids, mask = sample
+                tokens_out.add_item(torch.tensor(ids, dtype=torch.int64))
+                tokens_out.end_document()
+                mask_out.add_item(torch.tensor(mask, dtype=torch.uint8))
+                mask_out.end_document()
+                summary["samples"] += 1
+                summary["tokens"] += len(ids)
+                summary["loss_tokens"] += sum(mask)
+        finally:
+            if pool is not None:
+                pool.terminate()
+        if summary["samples"] == 0:
+            raise ValueError(f"{cfg.input}: no usable samples")
+        tokens_out.finalize(tmp_paths[1])
+        mask_out.finalize(tmp_paths[3])
+        for tmp, final in zip(tmp_paths, final_paths):
+            os.replace(tmp, final)
+    finally:
+        for path in tmp_paths:
+            if os.path.exists(path):
+                os.remove(path)
+    summary["skipped_lines"] = summary["skipped_lines"][:20]
+    return summary
+
+
+def read_indexed_sft(prefix):
+    """(tokens, loss masks) IndexedDatasets of a prefix written by preprocess()."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for path in output_paths(prefix):
+        if not os.path.exists(path):
+            raise ValueError(f"{path}: missing (write the dataset with tools/preprocess_sft_data.py)")
+    tokens, masks = IndexedDataset(prefix), IndexedDataset(prefix + "_loss_mask")
+    if len(tokens) != len(masks):
+        raise ValueError(f"{prefix}: {len(tokens)} token documents but {len(masks)} loss-mask documents")
+    return tokens, masks
+
+
+def split_indices(num_samples, valid_fraction, seed):
+    """(train, valid) sample indices: a seeded permutation, the last ceil(fraction * n) for validation."""
+    import torch
+
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
+    num_valid = math.ceil(valid_fraction * num_samples) if valid_fraction > 0 else 0
+    if num_valid >= num_samples:
+        raise ValueError(f"valid fraction {valid_fraction} leaves no training sample out of {num_samples}")
+    return order[: num_samples - num_valid], order[num_samples - num_valid :]
+
+
+class IndexedSFTDataset:
+    """Samples of one split of a preprocessed dataset, reshuffled every epoch by seed.
+
+    Index i of `length` reads epoch i // n, position i % n of that epoch's permutation of the
+    split's n samples, so any number of training samples can be drawn deterministically.
+    """
+
+    def __init__(self, prefix, indices, length, seq_length, seed):
+        import numpy
+
+        from .simple import sample_from_tokens
+
+        self._sample = sample_from_tokens
+        self.tokens, self.masks = read_indexed_sft(prefix)
+        longest = int(numpy.max(self.tokens.sequence_lengths)) if len(self.tokens) else 0
+        if longest > seq_length + 1:
+            raise ValueError(f"{prefix}: samples of up to {longest} tokens do not fit --seq-length + 1 = "
+                             f"{seq_length + 1} (preprocess with --seq-length {seq_length} or raise it)")
+        if not indices:
+            raise ValueError(f"{prefix}: this split has no samples")
+        self.indices, self.length, self.seq_length, self.seed = list(indices), length, seq_length, seed
+        self._epoch, self._order = None, None
+
+    def __len__(self):
+        return self.length
+
+    def _permutation(self, epoch):
+        import torch
+
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self.indices), generator=gen).tolist()
+        return self._order
+
+    def __getitem__(self, index):
+        epoch, position = divmod(index, len(self.indices))
+        document = self.indices[self._permutation(epoch)[position]]
+        return self._sample(self.tokens[document].tolist(), self.masks[document].tolist(), self.seq_length)
