@@ -30,7 +30,8 @@ RTOL = 2e-5
 @pytest.fixture(scope="module")
 def base_checkpoint(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("base")
-    train(str(run_dir), 1, ["--tensor-model-parallel-size", "1", "--train-iters", "1", "--save", str(run_dir / "ckpt")])
+    train(str(run_dir), 1, ["--tensor-model-parallel-size", "1", "--train-iters", "1", "--save", str(run_dir / "ckpt"),
+                            "--loss-type", "ce"])
     return str(run_dir / "ckpt")
 
 
