@@ -352,6 +352,10 @@ class IndexedSFTDataset:
             self._epoch, self._order = epoch, torch.randperm(len(self.indices), generator=gen).tolist()
         return self._order
 
+    def epoch_documents(self, epoch):
+        """The documents of one epoch, in the order it reads them."""
+        return [self.indices[j] for j in self._permutation(epoch)]
+
     def __getitem__(self, index):
         epoch, position = divmod(index, len(self.indices))
         document = self.indices[self._permutation(epoch)[position]]

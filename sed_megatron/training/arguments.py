@@ -42,6 +42,7 @@ DATA_FLAGS = {  # DataConfig field -> flag
     "prompt_length": "--sft-prompt-length",
     "seed": "--sft-data-seed",
     "valid_fraction": "--sft-valid-fraction",
+    "pack": "--sft-pack",
 }
 RUN_FLAGS = {  # run-level keys at the top of the YAML -> flag
     "log_entropy": "--log-entropy",
@@ -77,6 +78,9 @@ def add_sed_arguments(parser):
                        help="synthetic: a seeded memorization set; indexed: the prefix written by "
                             "tools/preprocess_sft_data.py; jsonl: pre-tokenized {tokens, loss_mask} lines")
     group.add_argument("--sft-data-path", default=None, help="the indexed dataset prefix, or the JSONL file")
+    group.add_argument("--sft-pack", action="store_true",
+                       help="indexed: pack several samples per row (block-diagonal causal mask, per-sample "
+                            "position ids); needs the local layers (--transformer-impl local)")
     group.add_argument("--sft-valid-fraction", type=float, default=0.01,
                        help="indexed: share of the samples held out for validation (and tau calibration)")
     group.add_argument("--sft-num-samples", type=int, default=64, help="synthetic: number of distinct samples")

@@ -51,10 +51,24 @@ def parse_run_args(argv, on_cpu, need_loss_config=True, extra_args_provider=None
     # Our errors first, before Megatron's checks.
     namespace = parser.parse_args(full_argv)
     loss_cfg = loss_config(namespace) if need_loss_config else None
+    check_data_args(namespace)
     if precheck is not None:
         precheck(namespace)
     sys.argv = [sys.argv[0]] + full_argv
     return parse_and_validate_args(extra_args_provider=add_arguments), loss_cfg
+
+
+def check_data_args(args):
+    """Data settings that cannot work together, reported before anything starts."""
+    if args.sft_data_kind in ("indexed", "jsonl") and not args.sft_data_path:
+        fail(f"--sft-data-kind {args.sft_data_kind} needs --sft-data-path (YAML data.path)")
+    if args.sft_pack:
+        if args.sft_data_kind != "indexed":
+            fail("--sft-pack needs --sft-data-kind indexed")
+        if args.transformer_impl != "local" or not args.create_attention_mask_in_dataloader:
+            # TE's layers apply their own causal mask and would attend across packed samples.
+            fail("--sft-pack needs --transformer-impl local and the data loader's attention mask "
+                 "(Transformer Engine's packed-sequence path is not wired yet)")
 
 
 def loss_config(args):
@@ -71,6 +85,7 @@ def loss_config(args):
 
 def build_datasets(args, train_val_test_num_samples):
     """(train, valid, test) datasets of already tokenized samples."""
+    from sed_megatron.data.packing import PackedSFTDataset
     from sed_megatron.data.sft_preprocess import IndexedSFTDataset, read_indexed_sft, split_indices
     from sed_megatron.data.simple import JsonlSFTDataset, SyntheticSFTDataset
 
@@ -84,6 +99,9 @@ def build_datasets(args, train_val_test_num_samples):
             indices = splits[min(split, 1)] or splits[0]  # test = valid; no valid split: train samples
             dataset = IndexedSFTDataset(args.sft_data_path, indices, length, args.seq_length,
                                         args.sft_data_seed + split)
+            if args.sft_pack:
+                datasets.append(PackedSFTDataset(dataset, length, args.seq_length))  # carries its own mask
+                continue
         elif args.sft_data_kind == "synthetic":
             dataset = SyntheticSFTDataset(length, args.seq_length, args.vocab_size, args.sft_num_samples,
                                           args.sft_prompt_length, args.sft_data_seed + split)

@@ -8,28 +8,9 @@ import tempfile
 import torch
 
 from sed_megatron.testing.distributed import run_distributed
+from sed_megatron.testing.models import tiny_gpt
 
 VOCAB, SEQ, BATCH = 96, 16, 2
-
-
-def tiny_gpt(tp):
-    from megatron.core import tensor_parallel
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-
-    config = TransformerConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-        normalization="RMSNorm", gated_linear_unit=True, activation_func=torch.nn.functional.silu,
-        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=tp, use_cpu_initialization=True, params_dtype=torch.float32,
-        gradient_accumulation_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, masked_softmax_fusion=False,
-    )
-    torch.manual_seed(1234)
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    return GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=VOCAB,
-                    max_sequence_length=SEQ, position_embedding_type="rope")
 
 
 def gpt_loss_and_grad_norm(tp):
@@ -37,7 +18,7 @@ def gpt_loss_and_grad_norm(tp):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    model = tiny_gpt(tp)
+    model = tiny_gpt(vocab_size=VOCAB, max_sequence_length=SEQ, tp=tp)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
     labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)

@@ -22,10 +22,11 @@ def test_train_on_indexed_chat_data(tmp_path):
     summary = preprocess(PreprocessConfig(input=str(tmp_path / "chats.jsonl"), tokenizer=str(tmp_path / "tok"),
                                           output_prefix=prefix, seq_length=64), progress=False)
     assert summary["samples"] == 100
-    records = train(str(tmp_path / "run"), 2, ["--sft-data-kind", "indexed", "--sft-data-path", prefix,
-                                                "--sft-valid-fraction", "0.1", "--train-iters", "30", "--save", "",
-                                                "--sed-calibrate-samples", "10", "--lr", "3e-3"])
-    assert len(records) == 30
-    # Only the answer digits and the end-of-turn token carry loss; the model learns them.
-    first, last = records[0], records[-1]
-    assert last["ce_loss"] < first["ce_loss"] - 1.0, (first["ce_loss"], last["ce_loss"])
+    flags = ["--sft-data-kind", "indexed", "--sft-data-path", prefix, "--sft-valid-fraction", "0.1",
+             "--train-iters", "30", "--save", "", "--sed-calibrate-samples", "10", "--lr", "3e-3"]
+    for run, extra in (("plain", []), ("packed", ["--sft-pack"])):
+        records = train(str(tmp_path / run), 2, flags + extra)
+        assert len(records) == 30
+        # Only the answer digits and the end-of-turn token carry loss; the model learns them.
+        first, last = records[0], records[-1]
+        assert last["ce_loss"] < first["ce_loss"] - 1.0, (run, first["ce_loss"], last["ce_loss"])

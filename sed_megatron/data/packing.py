@@ -1,0 +1,90 @@
+"""Sequence packing without cross-sample attention: several samples in one row of seq_length.
+
+A sample of n token ids fills n - 1 positions (inputs ids[:-1], targets ids[1:]). Samples are
+placed greedily, in order, into rows; each row gets a block-diagonal causal attention mask
+(bool [1, s, s], True = masked), position ids that restart at every sample, and targets that
+never cross a sample boundary. With RoPE, attention scores depend only on the distance
+between tokens, so a packed sample sees exactly what it would see alone; learned absolute
+position embeddings read the restarted position ids.
+"""
+
+import torch
+
+from sed_megatron.loss import IGNORE_INDEX
+
+
+def pack_greedy(lengths, seq_length):
+    """Rows of sample indices, in order: a new row starts when the next sample does not fit."""
+    rows, row, used = [], [], 0
+    for index, length in enumerate(lengths):
+        positions = length - 1
+        if positions > seq_length:
+            raise ValueError(f"sample {index} of {length} tokens exceeds seq_length + 1 = {seq_length + 1}")
+        if row and used + positions > seq_length:
+            rows.append(row)
+            row, used = [], 0
+        row.append(index)
+        used += positions
+    if row:
+        rows.append(row)
+    return rows
+
+
+def packed_sample(samples, seq_length, pad_id=0):
+    """One training row from [(ids, loss_mask), ...] whose positions sum to <= seq_length."""
+    tokens = torch.full((seq_length,), pad_id, dtype=torch.int64)
+    labels = torch.full((seq_length,), IGNORE_INDEX, dtype=torch.int64)
+    loss_mask = torch.zeros(seq_length, dtype=torch.float32)
+    position_ids = torch.zeros(seq_length, dtype=torch.int64)
+    attention_mask = torch.ones(1, seq_length, seq_length, dtype=torch.bool)  # True = masked
+    start = 0
+    for ids, mask in samples:
+        n = len(ids) - 1
+        end = start + n
+        if end > seq_length:
+            raise ValueError(f"samples of {end} positions do not fit seq_length {seq_length}")
+        ids = torch.as_tensor(ids, dtype=torch.int64)
+        tokens[start:end] = ids[:-1]
+        labels[start:end] = ids[1:]
+        loss_mask[start:end] = torch.as_tensor(mask[1:], dtype=torch.float32)
+        position_ids[start:end] = torch.arange(n)
+        attention_mask[0, start:end, start:end] = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+        start = end
+    if start < seq_length:  # padding attends to itself only, so no row of the softmax is empty
+        attention_mask[0, start:, start:] = ~torch.eye(seq_length - start, dtype=torch.bool)
+    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids,
+            "attention_mask": attention_mask}
+
+
+class PackedSFTDataset:
+    """Packed rows over an IndexedSFTDataset-like source, one packing per epoch of its order.
+
+    source.epoch_documents(epoch) gives the documents of an epoch in order; rows are packed
+    from them, and index i reads row i of the epoch that contains it.
+    """
+
+    def __init__(self, source, length, seq_length):
+        self.source, self.length, self.seq_length = source, length, seq_length
+        self._epoch, self._rows, self._offset = 0, None, 0
+        self._pack(0)
+
+    def _pack(self, epoch):
+        documents = self.source.epoch_documents(epoch)
+        lengths = [int(self.source.tokens.sequence_lengths[d]) for d in documents]
+        self._epoch = epoch
+        self._rows = [[documents[i] for i in row] for row in pack_greedy(lengths, self.seq_length)]
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        # Every epoch packs to about the same number of rows; walk epochs until index falls in one.
+        if index < self._offset:
+            self._offset = 0
+            self._pack(0)
+        while index >= self._offset + len(self._rows):
+            self._offset += len(self._rows)
+            self._pack(self._epoch + 1)
+        row = self._rows[index - self._offset]
+        samples = [(self.source.tokens[d].tolist(), self.source.masks[d].tolist()) for d in row]
+        return packed_sample(samples, self.seq_length)
