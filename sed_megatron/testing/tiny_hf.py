@@ -28,3 +28,43 @@ def make_tokenizer(directory, words, chat_template=True):
     os.makedirs(directory, exist_ok=True)
     tokenizer.save_pretrained(directory)
     return tokenizer
+
+
+TINY_VARIANTS = {
+    # name -> (model_type, config overrides)
+    "llama_gqa_untied": ("llama", {"tie_word_embeddings": False}),
+    "llama_gqa_tied": ("llama", {"tie_word_embeddings": True}),
+    "llama_rope_scaling": ("llama", {"tie_word_embeddings": True, "max_position_embeddings": 16384,
+                                     "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 8192}}),
+    "qwen2_bias": ("qwen2", {"tie_word_embeddings": False}),
+    "mistral": ("mistral", {"tie_word_embeddings": False, "sliding_window": None}),
+}
+
+
+def tiny_hf_config(variant, vocab_size=120):
+    """A small transformers config of the given variant: 2 layers, 4 query heads in 2 groups."""
+    import transformers
+
+    model_type, overrides = TINY_VARIANTS[variant]
+    classes = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}
+    kwargs = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, hidden_act="silu")
+    kwargs.update(overrides)
+    return classes[model_type](**kwargs)
+
+
+def tiny_hf_model(variant, seed=0, vocab_size=120):
+    """A randomly initialized fp32 transformers model of the variant (eval mode)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(variant, vocab_size), dtype=torch.float32)
+    with torch.no_grad():  # norms start at 1: perturb them so a swapped norm cannot go unnoticed
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    return model.eval()

@@ -122,6 +122,17 @@ def _value_to_argv(option, action, value, where):
     return [option, str(value)]
 
 
+def yaml_flags_to_argv(flags, parser, where):
+    """Command-line arguments for a mapping of Megatron-LM flags (YAML keys)."""
+    actions = _option_actions(parser)
+    argv = []
+    for key, value in flags.items():
+        if key not in actions or key in _OWN_KEYS:
+            raise ConfigError(f"{where}.{key}: unknown Megatron-LM flag --{key.replace('_', '-')}")
+        argv += _value_to_argv(*actions[key], value, f"{where}.{key}")
+    return argv
+
+
 def yaml_to_argv(path, parser):
     """The command-line arguments equivalent to the YAML file at `path`."""
     try:
@@ -154,10 +165,7 @@ def yaml_to_argv(path, parser):
                     raise ConfigError(f"{where}: unknown key (known: {', '.join(table)})")
                 argv += _value_to_argv(*actions[table[key][2:].replace("-", "_")], value, where)
                 continue
-            if key not in actions or key in _OWN_KEYS:
-                raise ConfigError(f"{where}: unknown Megatron-LM flag --{key.replace('_', '-')}")
-            option, action = actions[key]
-            argv += _value_to_argv(option, action, value, where)
+            argv += yaml_flags_to_argv({key: value}, parser, f"{path}: {section}")
     return argv
 
 
