@@ -1,0 +1,65 @@
+"""The published configs at full size, on the meta device (no weights): every converted shape."""
+
+import pytest
+import torch
+
+from sed_megatron.convert.llama import Layout, hf_to_megatron, megatron_flags_from_hf
+
+LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+CONFIGS = {  # the public config.json values that decide shapes
+    "Llama-3.2-3B-Instruct": ("llama", dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24,
+        num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, head_dim=128, tie_word_embeddings=True,
+        max_position_embeddings=131072, rope_parameters={**LLAMA3_ROPE, "rope_theta": 500000.0, "factor": 32.0})),
+    "Llama-3.1-8B": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False,
+        max_position_embeddings=131072, rope_parameters={**LLAMA3_ROPE, "rope_theta": 500000.0, "factor": 8.0})),
+    "Llama-3.1-70B": ("llama", dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, intermediate_size=28672, vocab_size=128256, tie_word_embeddings=False,
+        max_position_embeddings=131072, rope_parameters={**LLAMA3_ROPE, "rope_theta": 500000.0, "factor": 8.0})),
+    "Qwen2.5-7B": ("qwen2", dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False,
+        max_position_embeddings=131072, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "Qwen2.5-Math-7B-Instruct": ("qwen2", dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False,
+        max_position_embeddings=4096, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+}
+PARAMS_BILLIONS = {"Llama-3.2-3B-Instruct": 3.21, "Llama-3.1-8B": 8.03, "Llama-3.1-70B": 70.55,
+                   "Qwen2.5-7B": 7.62, "Qwen2.5-Math-7B-Instruct": 7.62}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_full_size_shapes(name):
+    import transformers
+
+    model_type, values = CONFIGS[name]
+    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
+    config = config_class(**values)
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+    flags = megatron_flags_from_hf(config)
+    padded = -(-config.vocab_size // 1024) * 1024
+    layout = Layout.from_flags(flags, padded_vocab_size=padded)
+    state = dict(hf_to_megatron(hf.state_dict().__getitem__, layout))
+    h, d = config.hidden_size, flags["kv_channels"]
+    heads, groups, ffn = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+    expected = {"embedding.word_embeddings.weight": (padded, h), "decoder.final_layernorm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        expected["output_layer.weight"] = (padded, h)
+    for i in range(config.num_hidden_layers):
+        prefix = f"decoder.layers.{i}."
+        expected[prefix + "self_attention.linear_qkv.weight"] = ((heads + 2 * groups) * d, h)
+        expected[prefix + "self_attention.linear_proj.weight"] = (h, heads * d)
+        expected[prefix + "mlp.linear_fc1.weight"] = (2 * ffn, h)
+        expected[prefix + "mlp.linear_fc2.weight"] = (h, ffn)
+        expected[prefix + "input_layernorm.weight"] = (h,)
+        expected[prefix + "pre_mlp_layernorm.weight"] = (h,)
+        if model_type == "qwen2":
+            expected[prefix + "self_attention.linear_qkv.bias"] = ((heads + 2 * groups) * d,)
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    # Parameter count of the Hugging Face model (the published size), padding rows aside.
+    count = sum(v.numel() for v in state.values()) - (padded - config.vocab_size) * h * (1 + (not config.tie_word_embeddings))
+    assert count == sum(p.numel() for p in hf.parameters())
+    assert count / 1e9 == pytest.approx(PARAMS_BILLIONS[name], abs=0.01)
+    if "rope_parameters" in values and values["rope_parameters"]["rope_type"] == "llama3":
+        assert flags["use_rope_scaling"] and flags["rope_scaling_factor"] == values["rope_parameters"]["factor"]
