@@ -32,11 +32,23 @@ def shard_target_index(target, vocab_start, vocab_end):
     return index, in_shard
 
 
-def local_topk_candidates(logits, top_k):
-    """The k largest logits of this shard as fp32, `[s, b, min(k, V/tp)]`: candidates of the global top-k."""
+def local_topk_candidates(logits, top_k, shard_size):
+    """The k largest logits of this shard as fp32, `[s, b, min(k, V/tp)]`: candidates of the global top-k.
+
+    logits may be a narrower view than the shard (padding ids cut off); missing candidates are
+    -inf, so every rank contributes the same number to the all-gather.
+    """
+    count = min(top_k, shard_size)
+    if logits.size(-1) == 0:
+        return torch.full((*logits.shape[:-1], count), float("-inf"), dtype=torch.float32, device=logits.device)
     if top_k == 1:  # amax is several times faster than topk
-        return logits.amax(dim=-1, keepdim=True).float()
-    return logits.topk(min(top_k, logits.size(-1)), dim=-1, sorted=False).values.float()
+        values = logits.amax(dim=-1, keepdim=True).float()
+    else:
+        values = logits.topk(min(top_k, logits.size(-1)), dim=-1, sorted=False).values.float()
+    if values.size(-1) < count:
+        pad = values.new_full((*values.shape[:-1], count - values.size(-1)), float("-inf"))
+        values = torch.cat([values, pad], dim=-1)
+    return values
 
 
 def global_topk(candidates, top_k):

@@ -34,14 +34,16 @@ def _all_gather_last_dim(tensor, tp_group, world_size):
 
 class _VocabParallelSFTLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, cfg: LossConfig, tp_group, inplace, with_entropy):
+    def forward(ctx, logits, target, cfg: LossConfig, tp_group, inplace, with_entropy, vocab_size):
         rank, world_size = _group_rank_and_size(tp_group)
         distributed = world_size > 1
         shard_size = logits.size(-1)
         vocab_start = rank * shard_size
+        # Ids >= vocab_size are padding rows of the embedding (TP divisibility): not tokens.
+        real = max(0, min(shard_size, vocab_size - vocab_start))
 
         # Top-k candidates straight from the input dtype (exact: bf16 values are fp32 values).
-        candidates = loss_math.local_topk_candidates(logits, cfg.top_k)  # [s, b, k']
+        candidates = loss_math.local_topk_candidates(logits[..., :real], cfg.top_k, shard_size)  # [s, b, k']
         if distributed:
             candidates = _all_gather_last_dim(candidates, tp_group, world_size)  # [s, b, tp*k']
         topk_logits = loss_math.global_topk(candidates, cfg.top_k)  # [s, b, k]
@@ -51,6 +53,9 @@ class _VocabParallelSFTLoss(torch.autograd.Function):
         # With fp32 logits and inplace it is the caller's tensor (Megatron's convention). A mixed
         # bf16 - fp32 subtraction would materialize a promoted copy on CPU: convert, then shift.
         buffer = logits.to(torch.float32, copy=not inplace).sub_(logits_max)
+        if real < shard_size:
+            # exp() = 0: no probability, no gradient. Finite, so 0 * x stays 0 in the sums.
+            buffer[..., real:] = torch.finfo(torch.float32).min
         index, in_shard = loss_math.shard_target_index(target, vocab_start, vocab_start + shard_size)
         target_logit = torch.where(in_shard, buffer.gather(-1, index.unsqueeze(-1)).squeeze(-1), 0.0)
         gem_beta = cfg.gem_beta if cfg.kind == "gem" else None
@@ -81,7 +86,7 @@ class _VocabParallelSFTLoss(torch.autograd.Function):
             grad = loss_math.gem_gradient_(buffer, norm, ctx.cfg.gem_beta, coef, index, in_shard)
         else:
             grad = loss_math.scale_softmax_gradient_(buffer, norm, coef, index, in_shard)
-        return grad.to(ctx.input_dtype), None, None, None, None, None
+        return grad.to(ctx.input_dtype), None, None, None, None, None, None
 
 
 def _validate_inputs(logits, target, cfg, vocab_size):
@@ -109,7 +114,8 @@ def _validate_inputs(logits, target, cfg, vocab_size):
         )
 
 
-def sft_token_loss(logits, target, cfg: LossConfig, tp_group=None, *, inplace=False, with_entropy=False):
+def sft_token_loss(logits, target, cfg: LossConfig, tp_group=None, *, inplace=False, with_entropy=False,
+                   vocab_size=None):
     """Per-token SFT loss of one vocab shard, exact under tensor parallelism.
 
     Args:
@@ -122,6 +128,8 @@ def sft_token_loss(logits, target, cfg: LossConfig, tp_group=None, *, inplace=Fa
             `[s, b, V/tp]` fp32 tensor; the logits are overwritten, as in Megatron's CE).
         with_entropy: also report the entropy of the predicted distribution (costs one more
             multiply-add pass over the shard and an fp32 element in the all-reduce).
+        vocab_size: the real vocabulary when the logits carry padding rows (ids >= vocab_size,
+            added for TP divisibility): they get no probability and no gradient. None: all ids.
 
     Returns:
         loss: `[s, b]` fp32 per-token loss, differentiable w.r.t. logits; no masking, no reduction.
@@ -131,7 +139,12 @@ def sft_token_loss(logits, target, cfg: LossConfig, tp_group=None, *, inplace=Fa
             positions have ce = p_target = mask = correct = 0.
     """
     _, world_size = _group_rank_and_size(tp_group)
-    _validate_inputs(logits, target, cfg, logits.size(-1) * world_size)
-    loss, *stat_values = _VocabParallelSFTLoss.apply(logits, target, cfg, tp_group, inplace, with_entropy)
+    padded_size = logits.size(-1) * world_size
+    if vocab_size is None:
+        vocab_size = padded_size
+    elif not 0 < vocab_size <= padded_size:
+        raise ValueError(f"sft_token_loss: vocab_size {vocab_size} must lie in (0, {padded_size}] (the logits' ids)")
+    _validate_inputs(logits, target, cfg, vocab_size)
+    loss, *stat_values = _VocabParallelSFTLoss.apply(logits, target, cfg, tp_group, inplace, with_entropy, vocab_size)
     names = loss_math.STAT_NAMES + (("entropy",) if with_entropy else ())
     return loss, dict(zip(names, stat_values))

@@ -19,9 +19,10 @@ from sed_megatron.loss import LossConfig, sft_token_loss
 from .step import StepConfig, get_batch
 
 
-def _calibration_loss(top_k, token_set, sink, labels, loss_mask, logits):
+def _calibration_loss(step_cfg, top_k, token_set, sink, labels, loss_mask, logits):
     _, stats = sft_token_loss(logits, labels, LossConfig(kind="ce", top_k=top_k),
-                              parallel_state.get_tensor_model_parallel_group(), inplace=True)
+                              parallel_state.get_tensor_model_parallel_group(), inplace=True,
+                              vocab_size=step_cfg.vocab_size)
     sink.append(select_tokens(stats["topk_mass"], labels, loss_mask, token_set).float())
     return logits.new_zeros(()), torch.ones((), dtype=torch.int), {}
 
@@ -29,9 +30,10 @@ def _calibration_loss(top_k, token_set, sink, labels, loss_mask, logits):
 def _calibration_step(step_cfg, top_k, token_set, sink, data_iterator, model):
     batch = get_batch(data_iterator, step_cfg)
     if batch is None:
-        return model(None, None, None), functools.partial(_calibration_loss, top_k, token_set, sink, None, None)
+        return model(None, None, None), functools.partial(_calibration_loss, step_cfg, top_k, token_set, sink, None, None)
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
-    return output, functools.partial(_calibration_loss, top_k, token_set, sink, batch["labels"], batch["loss_mask"])
+    return output, functools.partial(_calibration_loss, step_cfg, top_k, token_set, sink, batch["labels"],
+                                     batch["loss_mask"])
 
 
 def local_topk_masses(model_chunks, dataset, num_samples, step_cfg: StepConfig, top_k, token_set):

@@ -36,7 +36,9 @@ def parse_run_args(argv, on_cpu, need_loss_config=True, extra_args_provider=None
     # Megatron requires it with tensor parallelism (kernel ordering on one CUDA stream queue).
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
-    from .arguments import ConfigError, add_sed_arguments, expand_config
+    from sed_megatron.convert.checkpoint import MODEL_FILE, read_model_file
+
+    from .arguments import ConfigError, add_sed_arguments, expand_config, yaml_flags_to_argv
 
     def add_arguments(parser):
         parser = add_sed_arguments(parser)
@@ -45,17 +47,26 @@ def parse_run_args(argv, on_cpu, need_loss_config=True, extra_args_provider=None
     parser = add_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
     try:
         expanded = expand_config(argv, parser)
-    except ConfigError as err:
+        # A converted checkpoint carries its architecture: its flags come before the YAML's.
+        model_info = read_model_file(parser.parse_known_args(runtime_defaults(on_cpu) + expanded)[0].load)
+        model_argv = [] if model_info is None else yaml_flags_to_argv(model_info["model"], parser, MODEL_FILE)
+    except (ConfigError, ValueError) as err:
         fail(str(err))
-    full_argv = runtime_defaults(on_cpu) + expanded
+    full_argv = runtime_defaults(on_cpu) + model_argv + expanded
     # Our errors first, before Megatron's checks.
     namespace = parser.parse_args(full_argv)
     loss_cfg = loss_config(namespace) if need_loss_config else None
     check_data_args(namespace)
     if precheck is not None:
         precheck(namespace)
+    if model_info is not None and model_info["padded_vocab_size"] % namespace.tensor_model_parallel_size:
+        fail(f"{MODEL_FILE}: padded vocabulary {model_info['padded_vocab_size']} does not split over "
+             f"TP={namespace.tensor_model_parallel_size}")
     sys.argv = [sys.argv[0]] + full_argv
-    return parse_and_validate_args(extra_args_provider=add_arguments), loss_cfg
+    args = parse_and_validate_args(extra_args_provider=add_arguments)
+    if model_info is not None:
+        args.padded_vocab_size = model_info["padded_vocab_size"]  # the checkpoint's, not the tokenizer's
+    return args, loss_cfg
 
 
 def check_data_args(args):
@@ -147,4 +158,5 @@ def step_config(args, loss_cfg):
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         create_attention_mask=args.create_attention_mask_in_dataloader,
         with_entropy=args.log_entropy,
+        vocab_size=args.vocab_size,
     )

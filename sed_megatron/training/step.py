@@ -29,6 +29,8 @@ class StepConfig:
     """The data loader gives a bool [1, s, s] causal mask (True = masked)."""
     with_entropy: bool
     """Report the entropy of the predicted distribution (costs one more pass in the loss)."""
+    vocab_size: int | None = None
+    """The model's real vocabulary; logits of the padding ids above it are left out of the loss."""
 
 
 def get_batch(data_iterator, cfg: StepConfig):
@@ -57,11 +59,12 @@ def get_batch(data_iterator, cfg: StepConfig):
     )
 
 
-def loss_func(loss_cfg: LossConfig, with_entropy, labels, loss_mask, logits):
+def loss_func(cfg: StepConfig, labels, loss_mask, logits):
     """logits [b, s, V/tp] (consumed in place), labels [b, s] -> (loss sum, token count, report)."""
+    loss_cfg = cfg.loss
     loss, stats = sft_token_loss(
         logits, labels, loss_cfg, parallel_state.get_tensor_model_parallel_group(),
-        inplace=True, with_entropy=with_entropy,
+        inplace=True, with_entropy=cfg.with_entropy, vocab_size=cfg.vocab_size,
     )
     loss_sum, num_tokens = masked_sum_and_count(loss, loss_mask)
     return loss_sum, num_tokens.to(torch.int), token_metric_report(loss, stats, loss_mask, loss_cfg.kind)
@@ -71,7 +74,7 @@ def forward_step(cfg: StepConfig, data_iterator, model):
     """One micro-batch through the model; the loss follows in the returned loss_func."""
     batch = get_batch(data_iterator, cfg)
     if batch is None:  # a middle pipeline stage: activations come from the previous stage
-        return model(None, None, None), partial(loss_func, cfg.loss, False, None, None)
+        return model(None, None, None), partial(loss_func, cfg, None, None)
     # Without labels GPTModel returns the vocab-parallel logits [b, s, V/tp] on the last stage.
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
-    return output, partial(loss_func, cfg.loss, cfg.with_entropy, batch["labels"], batch["loss_mask"])
+    return output, partial(loss_func, cfg, batch["labels"], batch["loss_mask"])

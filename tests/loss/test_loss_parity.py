@@ -64,16 +64,21 @@ def clear_of_tau(ref_stats, cfg):
     return (ref_stats["topk_mass"] - cfg.tau).abs() > NEAR_TAU
 
 
-def check_case(vocab_size, dtype, top_k, kind, mask, tp_group, rank, world_size, seed):
+def check_case(vocab_size, dtype, top_k, kind, mask, tp_group, rank, world_size, seed, padding=0):
+    """padding > 0: the logits carry that many extra ids (embedding rows added for TP)."""
     logits, target, weights = make_inputs(vocab_size, dtype, seed)
     cfg, full, ref_loss, ref_stats = reference_and_config(logits, target, kind, mask, top_k)
     (ref_loss * weights).sum().backward()
+    if padding:
+        junk = torch.randn(*logits.shape[:-1], padding, generator=torch.Generator().manual_seed(seed)) * 10
+        logits = torch.cat([logits, junk.to(logits.dtype)], dim=-1)  # large: must not count
 
-    shard_size = vocab_size // world_size
+    shard_size = (vocab_size + padding) // world_size
     lo, hi = rank * shard_size, (rank + 1) * shard_size
     shard = logits[..., lo:hi].clone().requires_grad_()
     with_entropy = seed % 2 == 0  # both the single-pass and the chunked exponential
-    loss, stats = sft_token_loss(shard, target, cfg, tp_group, with_entropy=with_entropy)
+    loss, stats = sft_token_loss(shard, target, cfg, tp_group, with_entropy=with_entropy,
+                                 vocab_size=vocab_size if padding else None)
     (loss * weights.float()).sum().backward()
     assert ("entropy" in stats) == with_entropy
 
@@ -90,7 +95,7 @@ def check_case(vocab_size, dtype, top_k, kind, mask, tp_group, rank, world_size,
     if cfg.kind == "sed" and cfg.mask == "topk_mass":
         assert 0 < stats["mask"].sum() < (target != IGNORE_INDEX).sum(), f"{where}: tau splits no token"
 
-    ref_grad = full.grad[..., lo:hi]
+    ref_grad = torch.cat([full.grad, full.grad.new_zeros(*full.shape[:-1], padding)], dim=-1)[..., lo:hi]
     if dtype == torch.bfloat16:
         assert shard.grad.dtype == torch.bfloat16, where
         torch.testing.assert_close(shard.grad.double()[clear], ref_grad[clear], atol=1e-6, rtol=4e-3, msg=where)
@@ -101,13 +106,18 @@ def check_case(vocab_size, dtype, top_k, kind, mask, tp_group, rank, world_size,
 
     # The same tokens at TP=1 in this process: equal values and identical mask decisions.
     single = logits.clone().requires_grad_()
-    single_loss, single_stats = sft_token_loss(single, target, cfg, None)
+    single_loss, single_stats = sft_token_loss(single, target, cfg, None, vocab_size=vocab_size if padding else None)
     torch.testing.assert_close(loss[clear], single_loss[clear], atol=2e-5, rtol=1e-5, msg=where)
     assert torch.equal(stats["mask"][clear], single_stats["mask"][clear]), where
 
 
 def all_cases():
     return list(itertools.product(VOCAB_SIZES, DTYPES, TOP_KS, KINDS))
+
+
+# (vocab, padding): at TP=4 the 12-id logits have 3-id shards, so the last shard is all
+# padding and the one before it half; 212 + 4 splits the padding onto the last shard only.
+PADDED = ((9, 3), (212, 4))
 
 
 def check_all_cases(world_size):
@@ -118,12 +128,20 @@ def check_all_cases(world_size):
     rank = dist.get_rank(group=tp_group) if tp_group is not None else 0
     for seed, (vocab_size, dtype, top_k, (kind, mask)) in enumerate(all_cases()):
         check_case(vocab_size, dtype, top_k, kind, mask, tp_group, rank, world_size, seed)
+    for seed, ((vocab_size, padding), (kind, mask)) in enumerate(itertools.product(PADDED, KINDS)):
+        check_case(vocab_size, torch.float32, 2, kind, mask, tp_group, rank, world_size, seed, padding)
 
 
 @pytest.mark.parametrize("vocab_size,dtype,top_k,kind_mask", all_cases())
 def test_single_process_matches_reference(vocab_size, dtype, top_k, kind_mask):
     kind, mask = kind_mask
     check_case(vocab_size, dtype, top_k, kind, mask, None, 0, 1, seed=all_cases().index((vocab_size, dtype, top_k, kind_mask)))
+
+
+@pytest.mark.parametrize("vocab_padding,kind_mask", list(itertools.product(PADDED, KINDS)))
+def test_single_process_padding_ids_are_not_tokens(vocab_padding, kind_mask):
+    (vocab_size, padding), (kind, mask) = vocab_padding, kind_mask
+    check_case(vocab_size, torch.float32, 2, kind, mask, None, 0, 1, seed=5, padding=padding)
 
 
 @pytest.mark.parametrize("tp", [2, 4])

@@ -1,0 +1,128 @@
+"""Hugging Face Llama / Qwen2 / Mistral directory -> Megatron distributed checkpoint.
+
+    python tools/convert_hf_to_mcore.py --hf-dir HF_DIR --save CKPT_DIR [--dtype bfloat16] [--overwrite]
+    torchrun --nproc_per_node 2 -m sed_megatron.train --config run.yaml --load CKPT_DIR --finetune ...
+
+Writes Megatron-LM's torch_dist checkpoint of a TP=1 model (training loads it at any TP x PP)
+and `sed_megatron_model.yaml` with the architecture, which training reads from --load. The
+dtype of the Hugging Face weights is kept unless --dtype says otherwise. Bad input (an
+unsupported model_type, a missing or corrupt shard, a shape mismatch, a non-empty output
+directory) stops with one line and leaves nothing at --save.
+"""
+
+import argparse
+import os
+import socket
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PROG = "convert_hf_to_mcore.py"
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def _fail(message):
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _single_process_env():
+    """A world of one process unless torchrun already set one up."""
+    if "RANK" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    elif os.environ.get("WORLD_SIZE", "1") != "1":
+        _fail("run the converter as a single process (no torchrun with several processes)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf-dir", required=True)
+    parser.add_argument("--save", required=True)
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the Hugging Face config's dtype")
+    parser.add_argument("--overwrite", action="store_true")
+    options = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    import torch
+    import yaml
+    from transformers import AutoConfig
+
+    from sed_megatron.convert.checkpoint import MODEL_FILE, HFTensors, check_output_dir, padded_vocab_size, publish
+    from sed_megatron.convert.llama import Layout, hf_to_megatron, megatron_flags_from_hf
+
+    try:
+        if not os.path.exists(os.path.join(options.hf_dir, "config.json")):
+            raise ValueError(f"{options.hf_dir}: no config.json")
+        try:
+            hf_config = AutoConfig.from_pretrained(options.hf_dir)
+        except (ValueError, KeyError) as err:  # an unknown model_type is a ValueError in transformers
+            raise ValueError(f"{options.hf_dir}/config.json: {err}".splitlines()[0]) from None
+        flags = megatron_flags_from_hf(hf_config)
+        check_output_dir(options.save, options.overwrite)
+        tensors = HFTensors(options.hf_dir)
+    except ValueError as err:
+        _fail(str(err))
+    dtype_name = options.dtype
+    if dtype_name == "auto":
+        dtype_name = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32")
+        dtype_name = dtype_name.replace("torch.", "")
+    dtype = getattr(torch, dtype_name)
+
+    _single_process_env()
+    from sed_megatron.compat import apply_cpu_training_runtime
+    from sed_megatron.training.arguments import yaml_flags_to_argv
+    from sed_megatron.training.setup import model_provider, parse_run_args
+
+    on_cpu = apply_cpu_training_runtime()
+    from megatron.training.arguments import add_megatron_arguments
+    from megatron.training.checkpointing import save_checkpoint
+    from megatron.training.initialize import initialize_megatron
+
+    tmp_dir = f"{os.path.abspath(options.save.rstrip('/'))}.tmp-{os.getpid()}"
+    megatron_argv = yaml_flags_to_argv(flags, add_megatron_arguments(argparse.ArgumentParser()), "converted config") + [
+        "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1", "--micro-batch-size", "1",
+        "--global-batch-size", "1", "--train-iters", "1", "--seq-length", str(min(flags["max_position_embeddings"], 4096)),
+        "--save", tmp_dir, "--save-interval", "1", "--no-save-optim", "--no-save-rng", "--ckpt-format", "torch_dist",
+    ] + {"bfloat16": ["--bf16"], "float16": ["--fp16"]}.get(dtype_name, [])
+    args, _ = parse_run_args(megatron_argv, on_cpu, need_loss_config=False)
+    initialize_megatron(allow_no_cuda=on_cpu)
+    args.padded_vocab_size = padded_vocab_size(flags["vocab_size"])
+
+    try:
+        with torch.device("meta"):  # no memory, no random init: the weights come from the checkpoint
+            model = model_provider(args)
+        expected = {name: tuple(p.shape) for name, p in model.state_dict().items() if not name.endswith("_extra_state")}
+        layout = Layout.from_flags(flags, args.padded_vocab_size, te_names=args.transformer_impl == "transformer_engine")
+        state = {}
+        from tqdm import tqdm
+
+        for name, tensor in tqdm(hf_to_megatron(tensors, layout), total=len(expected), desc="convert", unit=" tensors"):
+            if name not in expected:
+                raise ValueError(f"converted tensor {name} has no place in the Megatron model")
+            if tuple(tensor.shape) != expected[name]:
+                raise ValueError(f"shape mismatch: {name} is {tuple(tensor.shape)} from {options.hf_dir}, "
+                                 f"the model expects {expected[name]} (config.json disagrees with the weights)")
+            state[name] = tensor.to(dtype)
+        absent = sorted(set(expected) - set(state))
+        if absent:
+            raise ValueError(f"no Hugging Face tensor for {absent[0]} (and {len(absent) - 1} more)")
+        model.load_state_dict(state, strict=False, assign=True)
+        save_checkpoint(0, [model], None, None, 0)
+        with open(os.path.join(tmp_dir, MODEL_FILE), "w") as f:
+            yaml.safe_dump({"model_type": hf_config.model_type, "model": flags,
+                            "padded_vocab_size": args.padded_vocab_size, "dtype": dtype_name}, f, sort_keys=False)
+        publish(tmp_dir, options.save)
+    except ValueError as err:
+        _fail(str(err))
+    finally:
+        if os.path.exists(tmp_dir):
+            import shutil
+
+            shutil.rmtree(tmp_dir)
+    print(f"saved {options.save} ({hf_config.model_type}, {dtype_name}, padded vocab {args.padded_vocab_size})")
+
+
+if __name__ == "__main__":
+    main()
