@@ -93,6 +93,22 @@ def _install_tau_calibration(args, step_cfg):
     training_loop.train = train_with_calibrated_tau
 
 
+def _keep_model_file(args):
+    """A run loaded from a converted checkpoint saves its architecture file beside its own checkpoints."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from sed_megatron.convert.checkpoint import MODEL_FILE
+
+    source = os.path.join(args.load or "", MODEL_FILE)
+    if not (args.load and args.save and os.path.exists(source)):
+        return
+    if os.path.abspath(args.load) != os.path.abspath(args.save) and (not dist.is_initialized() or dist.get_rank() == 0):
+        os.makedirs(args.save, exist_ok=True)
+        shutil.copy(source, os.path.join(args.save, MODEL_FILE))
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     on_cpu = apply_cpu_training_runtime()
@@ -106,6 +122,7 @@ def main(argv=None):
 
     step_cfg = step_config(args, loss_cfg)
     _install_metrics_log(args)
+    _keep_model_file(args)
     if calibrates_tau(args):
         _install_tau_calibration(args, step_cfg)
     datasets_provider = functools.partial(build_datasets, args)
