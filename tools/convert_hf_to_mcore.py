@@ -37,6 +37,17 @@ def _single_process_env():
         _fail("run the converter as a single process (no torchrun with several processes)")
 
 
+def check_tokenizer_fits(hf_dir, vocab_size):
+    """A tokenizer shipped with the model must not produce ids the embedding does not have."""
+    if not any(os.path.exists(os.path.join(hf_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return
+    from transformers import AutoTokenizer
+
+    size = len(AutoTokenizer.from_pretrained(hf_dir))
+    if size > vocab_size:
+        raise ValueError(f"{hf_dir}/config.json: vocab_size {vocab_size} is smaller than the tokenizer's {size} tokens")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", required=True)
@@ -60,6 +71,7 @@ def main(argv=None):
         except (ValueError, KeyError) as err:  # an unknown model_type is a ValueError in transformers
             raise ValueError(f"{options.hf_dir}/config.json: {err}".splitlines()[0]) from None
         flags = megatron_flags_from_hf(hf_config)
+        check_tokenizer_fits(options.hf_dir, hf_config.vocab_size)
         check_output_dir(options.save, options.overwrite)
         tensors = HFTensors(options.hf_dir)
     except ValueError as err:

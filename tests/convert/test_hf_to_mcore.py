@@ -98,6 +98,22 @@ def test_bad_inputs(tmp_path):
     assert out.returncode == 2 and f"{shard}: shard listed in the index is missing" in out.stderr
     assert not os.path.exists(tmp_path / "b")
 
+    corrupt = tmp_path / "corrupt"
+    os.system(f"cp -r {hf_dir} {corrupt}")
+    with open(corrupt / shard, "r+b") as f:
+        f.truncate(100)
+    out = convert(str(corrupt), str(tmp_path / "d"))
+    assert out.returncode == 2 and f"{shard}: cannot read the shard" in out.stderr
+    assert not os.path.exists(tmp_path / "d")
+
+    from sed_megatron.testing.tiny_hf import make_tokenizer
+
+    big_vocab = tmp_path / "big_vocab"
+    os.system(f"cp -r {hf_dir} {big_vocab}")
+    make_tokenizer(str(big_vocab), [f"w{i}" for i in range(130)])
+    out = convert(str(big_vocab), str(tmp_path / "e"))
+    assert out.returncode == 2 and "vocab_size 120 is smaller than the tokenizer's 148 tokens" in out.stderr
+
     mismatch = tmp_path / "mismatch"
     os.system(f"cp -r {hf_dir} {mismatch}")
     with open(mismatch / "config.json") as f:
