@@ -1,0 +1,1 @@
+"""Evaluation: sampling diversity and accuracy."""

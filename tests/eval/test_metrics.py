@@ -1,0 +1,96 @@
+"""Diversity and accuracy metrics on hand-made cases with known values; the tool end to end."""
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sed_megatron.eval.metrics import answers_match, distinct_n, evaluate, extract_answer, pass_at_k, self_bleu
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_self_bleu_extremes():
+    same = ["the cat sat on the mat today"] * 3
+    assert self_bleu(same) == pytest.approx(1.0)
+    disjoint = ["a b c d e f", "g h i j k l", "m n o p q r"]
+    assert self_bleu(disjoint) < 0.01
+    partial = ["the cat sat on the mat", "the cat sat on a rug", "dogs run in the park"]
+    assert 0.01 < self_bleu(partial) < 1.0
+
+
+def test_distinct_n():
+    assert distinct_n(["a b a b"], 1) == pytest.approx(2 / 4)
+    assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)  # (a b), (b a), (a b)
+    assert distinct_n(["a b", "a b"], 2) == pytest.approx(1 / 2)
+    assert distinct_n(["a"], 2) == 0.0
+
+
+@pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 2, 1), (5, 2, 3), (6, 3, 6), (10, 9, 2), (4, 4, 2)])
+def test_pass_at_k_is_the_exact_probability(n, c, k):
+    """The chance that a random k-subset of the n samples holds a correct one, by enumeration."""
+    samples = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    exact = sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+    assert pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12)
+    assert pass_at_k(n, c, 1) == pytest.approx(c / n)
+
+
+@pytest.mark.parametrize(
+    "text,answer",
+    [
+        ("so she has 3 + 4 = 7 apples.\n#### 7", "7"),
+        ("Total: 1,234 dollars\n#### 1,234", "1,234"),
+        ("The answer is $\\boxed{\\frac{3}{4}}$.", "\\frac{3}{4}"),
+        ("first \\boxed{1} then \\boxed{{2}+1}", "{2}+1"),
+        ("I think it is 12, no wait, 15", "15"),
+        ("no numbers here", None),
+    ],
+)
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+@pytest.mark.parametrize(
+    "predicted,reference,match",
+    [("1,234", "1234", True), ("0.75", "\\frac{3}{4}", True), ("3/4", "0.75", True), ("$18", "18", True),
+     ("18.0", "18", True), ("17", "18", False), ("x+1", "x + 1", False), ("Paris", "paris", True), (None, "1", False)],
+)
+def test_answers_match(predicted, reference, match):
+    assert answers_match(predicted, reference) is match
+
+
+def test_evaluate_aggregates_per_prompt():
+    samples = [["#### 4", "#### 5", "#### 4"], ["so 9", "\\boxed{9}", "ten"]]
+    metrics, per_prompt = evaluate(samples, ["2+2 makes 4\n#### 4", "#### 9"], k=2)
+    assert [p["correct"] for p in per_prompt] == [2, 2]
+    assert metrics["pass_at_1"] == pytest.approx(2 / 3)
+    assert metrics["pass_at_k"] == pytest.approx(1.0)  # one wrong sample cannot fill a 2-subset
+    assert metrics["num_samples"] == 3 and metrics["k"] == 2
+
+
+def test_tool_end_to_end(tmp_path):
+    from sed_megatron.testing.tiny_hf import make_tokenizer, tiny_hf_model
+
+    hf_dir = str(tmp_path / "hf")
+    tokenizer = make_tokenizer(hf_dir, ["what", "is", "plus"] + [str(i) for i in range(20)])
+    model = tiny_hf_model("llama_gqa_untied", vocab_size=len(tokenizer))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(hf_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"question": f"what is {a} plus {a}", "answer": f"#### {2 * a}"})
+                                 for a in range(3)) + "\n")
+    out = str(tmp_path / "result.json")
+    run = subprocess.run([sys.executable, os.path.join(REPO, "tools", "eval_diversity.py"), "--hf-dir", hf_dir,
+                          "--prompts", str(prompts), "--prompt-key", "question", "--num-samples", "4",
+                          "--max-new-tokens", "8", "--out", out], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(out) as f:
+        result = json.load(f)
+    for key in ("self_bleu", "distinct_2", "pass_at_1", "pass_at_k"):
+        assert isinstance(result[key], float) and 0.0 <= result[key] <= 1.0 and math.isfinite(result[key])
+    assert len(result["prompts"]) == 3 and all(len(p["samples"]) == 4 for p in result["prompts"])
