@@ -14,6 +14,7 @@ setup(
         "psutil",  # Megatron's checkpoint writer needs it and does not declare it
         "safetensors",
         "tensorboard",  # Megatron's --tensorboard-dir writer
+        "matplotlib",  # tools/plot_metrics.py
         "transformers",
         "numpy",
     ],

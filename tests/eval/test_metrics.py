@@ -94,3 +94,22 @@ def test_tool_end_to_end(tmp_path):
     for key in ("self_bleu", "distinct_2", "pass_at_1", "pass_at_k"):
         assert isinstance(result[key], float) and 0.0 <= result[key] <= 1.0 and math.isfinite(result[key])
     assert len(result["prompts"]) == 3 and all(len(p["samples"]) == 4 for p in result["prompts"])
+
+
+def test_plot_metrics(tmp_path):
+    for name, scale in (("ce", 1.0), ("sed", 1.1)):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "metrics.jsonl", "w") as f:
+            for i in range(1, 6):
+                f.write(json.dumps({"iteration": i, "loss": scale * 5 / i, "ce_loss": 5 / i, "mask_rate": 0.3 / i,
+                                    "topk_mass": 0.1 * i}) + "\n")
+    out = tmp_path / "curves.png"
+    tool = os.path.join(REPO, "tools", "plot_metrics.py")
+    run = subprocess.run([sys.executable, tool, str(tmp_path / "ce" / "metrics.jsonl"),
+                          f"SED={tmp_path / 'sed' / 'metrics.jsonl'}", "--out", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    (tmp_path / "bad.jsonl").write_text('{"iteration": 1}\n{oops\n')
+    run = subprocess.run([sys.executable, tool, str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "x.png")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "bad.jsonl:2: not JSON" in run.stderr and not (tmp_path / "x.png").exists()
