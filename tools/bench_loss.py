@@ -177,7 +177,7 @@ def main():
 
 
 def _print_table(rows):
-    print(f"| shape (tokens x V/tp) | dtype | method | fwd+bwd ms | peak rise MiB | time / Megatron CE | peak / Megatron CE |")
+    print("| shape (tokens x V/tp) | dtype | method | fwd+bwd ms | peak rise MiB | time / Megatron CE | peak / Megatron CE |")
     print("|---|---|---|---:|---:|---:|---:|")
     for row in rows:
         ref = next(r for r in rows if r["shape"] == row["shape"] and r["dtype"] == row["dtype"] and r["method"] == "megatron_ce") \

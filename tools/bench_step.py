@@ -112,7 +112,7 @@ def main():
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel()
-    print(f"| model | step ms: Megatron CE | ce | sed | sed / Megatron CE | sed / ce |")
+    print("| model | step ms: Megatron CE | ce | sed | sed / Megatron CE | sed / ce |")
     print("|---|---:|---:|---:|---:|---:|")
     for size in args.sizes:
         t = bench_size(size, args.steps, device)

@@ -12,7 +12,6 @@ directory) stops with one line and leaves nothing at --save.
 
 import argparse
 import os
-import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,17 +23,6 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 def _fail(message):
     print(f"{PROG}: error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-def _single_process_env():
-    """A world of one process unless torchrun already set one up."""
-    if "RANK" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    elif os.environ.get("WORLD_SIZE", "1") != "1":
-        _fail("run the converter as a single process (no torchrun with several processes)")
 
 
 def check_tokenizer_fits(hf_dir, vocab_size):
@@ -60,7 +48,9 @@ def main(argv=None):
     import yaml
     from transformers import AutoConfig
 
-    from sed_megatron.convert.checkpoint import MODEL_FILE, HFTensors, check_output_dir, padded_vocab_size, publish
+    from sed_megatron.convert.checkpoint import (
+        MODEL_FILE, HFTensors, check_output_dir, padded_vocab_size, publish, single_process_env,
+    )
     from sed_megatron.convert.llama import Layout, hf_to_megatron, megatron_flags_from_hf
 
     try:
@@ -82,7 +72,10 @@ def main(argv=None):
         dtype_name = dtype_name.replace("torch.", "")
     dtype = getattr(torch, dtype_name)
 
-    _single_process_env()
+    try:
+        single_process_env()
+    except ValueError as err:
+        _fail(str(err))
     from sed_megatron.compat import apply_cpu_training_runtime
     from sed_megatron.training.arguments import yaml_flags_to_argv
     from sed_megatron.training.setup import model_provider, parse_run_args

@@ -14,7 +14,6 @@ import functools
 import json
 import os
 import shutil
-import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,7 +80,7 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true")
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-    from sed_megatron.convert.checkpoint import check_output_dir, publish, read_model_file
+    from sed_megatron.convert.checkpoint import check_output_dir, publish, read_model_file, single_process_env
     from sed_megatron.convert.llama import Layout, hf_config_from_flags, megatron_to_hf
 
     try:
@@ -96,13 +95,10 @@ def main(argv=None):
         _fail(str(err))
     dtype_name = info.get("dtype", "float32") if options.dtype == "auto" else options.dtype
 
-    if "RANK" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    elif os.environ.get("WORLD_SIZE", "1") != "1":
-        _fail("run the converter as a single process")
+    try:
+        single_process_env()
+    except ValueError as err:
+        _fail(str(err))
 
     import torch
 

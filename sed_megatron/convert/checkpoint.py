@@ -80,6 +80,19 @@ class HFTensors:
             raise ValueError(f"{os.path.join(self.hf_dir, shard)}: cannot read {name} ({err})") from None
 
 
+def single_process_env():
+    """A torch.distributed world of one process for the converters, unless torchrun set one up."""
+    import socket
+
+    if "RANK" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    elif os.environ.get("WORLD_SIZE", "1") != "1":
+        raise ValueError("run the converter as a single process (no torchrun with several processes)")
+
+
 def check_output_dir(path, overwrite):
     if os.path.exists(path) and os.listdir(path) and not overwrite:
         raise ValueError(f"{path}: output directory is not empty (use --overwrite)")
