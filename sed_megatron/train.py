@@ -55,6 +55,7 @@ def _install_tau_calibration(args, step_cfg):
     """
     import dataclasses
     import json
+    import shutil
 
     import megatron.training.training as training_loop
     import torch.distributed as dist
@@ -75,6 +76,9 @@ def _install_tau_calibration(args, step_cfg):
             with open(stored) as f:
                 tau = json.load(f)["tau"]
             print_rank_0(f"SED tau={tau!r} (calibrated earlier, read from {stored})")
+            if args.save and os.path.abspath(args.save) != os.path.abspath(args.load) and dist.get_rank() == 0:
+                os.makedirs(args.save, exist_ok=True)  # so a resume from the new directory finds it too
+                shutil.copy(stored, os.path.join(args.save, "sed_tau.json"))
         else:
             n = args.sed_calibrate_samples
             dataset = build_datasets(args, [n, n, 0])[1]

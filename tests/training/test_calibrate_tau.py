@@ -39,9 +39,13 @@ def test_same_tau_at_dp1_dp2_tp2_and_in_training(tmp_path):
         assert yaml.safe_load(f)["tau"] == single
     assert 0.0 < records[0]["mask_rate"] < 1.0
     # ... and a resumed run reads it back instead of calibrating a trained model.
-    train(str(tmp_path / "resumed"), 2, ["--load", save, "--train-iters", "3", "--override-opt_param-scheduler"])
+    moved = str(tmp_path / "run2")
+    train(str(tmp_path / "resumed"), 2, ["--load", save, "--train-iters", "3", "--override-opt_param-scheduler",
+                                         "--save", moved])
     with open(os.path.join(tmp_path, "resumed", "train.log")) as f:
         assert f"SED tau={single!r} (calibrated earlier" in f.read()
+    with open(os.path.join(moved, "sed_tau.json")) as f:  # travels with the checkpoints
+        assert yaml.safe_load(f)["tau"] == single
 
 
 def test_pp2_from_a_checkpoint_matches_tp1(tmp_path):

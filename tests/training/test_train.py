@@ -153,7 +153,7 @@ def test_resume_after_exit_interval_continues_the_same_curve(base_checkpoint, la
                   finetune_flags(base_checkpoint, PARITY_ITERS) + layout + ["--save", ckpt, "--exit-interval", "3"])
     assert [r["iteration"] for r in first] == [1, 2, 3]
     resumed = train(str(tmp_path / "resumed"), nproc,
-                    layout + SED_FLAGS + ["--load", ckpt, "--train-iters", str(PARITY_ITERS)])
+                    layout + SED_FLAGS + ["--load", ckpt, "--train-iters", str(PARITY_ITERS), "--save", ""])
     assert [r["iteration"] for r in resumed] == [4, 5]
     # Dropout is 0: the resumed steps repeat the uninterrupted run's, bit for bit.
     assert curve(first) + curve(resumed) == curve(layout_runs["tp2"])
@@ -177,7 +177,7 @@ def test_sigterm_leaves_a_checkpoint_that_resumes_at_another_layout(base_checkpo
     # A shorter --train-iters than the killed run's: Megatron wants the schedule overridden
     # (constant LR here, so the schedule is the same).
     resumed = train(str(tmp_path / "resumed"), nproc,
-                    layout + SED_FLAGS + ["--load", ckpt, "--train-iters", str(saved_iteration + 1),
+                    layout + SED_FLAGS + ["--load", ckpt, "--train-iters", str(saved_iteration + 1), "--save", "",
                                           "--override-opt_param-scheduler"])
     assert [r["iteration"] for r in resumed] == [saved_iteration + 1]
     reference = layout_runs["tp2"]
