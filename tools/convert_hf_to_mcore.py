@@ -11,6 +11,7 @@ directory) stops with one line and leaves nothing at --save.
 """
 
 import argparse
+import functools
 import os
 import sys
 
@@ -51,7 +52,7 @@ def main(argv=None):
     from sed_megatron.convert.checkpoint import (
         MODEL_FILE, HFTensors, check_output_dir, padded_vocab_size, publish, single_process_env,
     )
-    from sed_megatron.convert.llama import Layout, hf_to_megatron, megatron_flags_from_hf
+    from sed_megatron.convert.llama import Layout, megatron_flags_from_hf, name_map
 
     try:
         if not os.path.exists(os.path.join(options.hf_dir, "config.json")):
@@ -84,6 +85,9 @@ def main(argv=None):
     from megatron.training.arguments import add_megatron_arguments
     from megatron.training.checkpointing import save_checkpoint
     from megatron.training.initialize import initialize_megatron
+    from tqdm import tqdm
+
+    from sed_megatron.convert.streaming import StreamingSaveStrategy, chunk_sources
 
     tmp_dir = f"{os.path.abspath(options.save.rstrip('/'))}.tmp-{os.getpid()}"
     megatron_argv = yaml_flags_to_argv(flags, add_megatron_arguments(argparse.ArgumentParser()), "converted config") + [
@@ -97,24 +101,38 @@ def main(argv=None):
 
     try:
         with torch.device("meta"):  # no memory, no random init: the weights come from the checkpoint
-            model = model_provider(args)
-        expected = {name: tuple(p.shape) for name, p in model.state_dict().items() if not name.endswith("_extra_state")}
+            model = model_provider(args).to(dtype)  # every tensor in the checkpoint's dtype, as training saves it
+        sharded = model.sharded_state_dict()
+        expected = {name: sh for name, sh in sharded.items() if not name.endswith("_extra_state")}
         layout = Layout.from_flags(flags, args.padded_vocab_size, te_names=args.transformer_impl == "transformer_engine")
-        state = {}
-        from tqdm import tqdm
-
-        for name, tensor in tqdm(hf_to_megatron(tensors, layout), total=len(expected), desc="convert", unit=" tensors"):
+        rows = {mcore: (hf_names, fuse) for mcore, hf_names, fuse, _ in name_map(layout)}
+        for name, (hf_names, fuse) in rows.items():  # every shape checked before anything is written
             if name not in expected:
                 raise ValueError(f"converted tensor {name} has no place in the Megatron model")
-            if tuple(tensor.shape) != expected[name]:
-                raise ValueError(f"shape mismatch: {name} is {tuple(tensor.shape)} from {options.hf_dir}, "
-                                 f"the model expects {expected[name]} (config.json disagrees with the weights)")
-            state[name] = tensor.to(dtype)
-        absent = sorted(set(expected) - set(state))
+            shape = tuple(fuse(*(tensors.meta(n) for n in hf_names)).shape)
+            if shape != tuple(expected[name].data.shape):
+                raise ValueError(f"shape mismatch: {name} is {shape} from {options.hf_dir}, the model expects "
+                                 f"{tuple(expected[name].data.shape)} (config.json disagrees with the weights)")
+        absent = sorted(set(expected) - set(rows))
         if absent:
             raise ValueError(f"no Hugging Face tensor for {absent[0]} (and {len(absent) - 1} more)")
-        model.load_state_dict(state, strict=False, assign=True)
-        save_checkpoint(0, [model], None, None, 0)
+
+        sources = chunk_sources(sharded)
+        progress = tqdm(total=len(sources), desc="convert", unit=" chunks")
+
+        @functools.lru_cache(maxsize=1)  # a parameter saved as several chunks is converted once
+        def converted(name):
+            hf_names, fuse = rows[name]
+            return fuse(*(tensors(n) for n in hf_names)).to(dtype)
+
+        def materialize(key, offset):
+            name, cut = sources[(key, offset)]
+            progress.update()
+            return cut(converted(name))
+
+        strategy = StreamingSaveStrategy(materialize)
+        save_checkpoint(0, [model], None, None, 0, checkpointing_context={"save_strategy": strategy})
+        progress.close()
         with open(os.path.join(tmp_dir, MODEL_FILE), "w") as f:
             yaml.safe_dump({"model_type": hf_config.model_type, "model": flags,
                             "padded_vocab_size": args.padded_vocab_size, "dtype": dtype_name}, f, sort_keys=False)

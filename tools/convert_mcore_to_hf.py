@@ -2,15 +2,16 @@
 
     python tools/convert_mcore_to_hf.py --load CKPT_DIR --save HF_DIR [--hf-template HF_DIR] [--overwrite]
 
-Loads the checkpoint at TP=1 PP=1 (Megatron reshards on load), maps the weights back (the
-per-group QKV split, gate/up split, padding rows dropped, tied embeddings left tied), writes
-sharded safetensors with an index and a config.json for the architecture. With --hf-template,
+Reads the checkpoint one decoder layer at a time through Megatron's dist_checkpointing (which
+reshards whatever TP x PP wrote it), maps the weights back (the per-group QKV split, gate/up
+split, padding rows dropped, tied embeddings left tied) and writes safetensors shards as they
+fill, with an index and a config.json for the architecture: memory stays near one shard plus
+one layer. With --hf-template,
 the tokenizer and generation files are copied from it and its special-token ids are kept.
 The output loads with transformers.AutoModelForCausalLM.from_pretrained.
 """
 
 import argparse
-import functools
 import json
 import os
 import shutil
@@ -29,34 +30,45 @@ def _fail(message):
     sys.exit(2)
 
 
-def _shards(tensors, max_bytes):
-    """[(file name, {name: tensor})] in order, each under max_bytes unless one tensor is larger."""
-    groups, current, size = [], {}, 0
-    for name, tensor in tensors.items():
+class ShardWriter:
+    """safetensors shards of at most max_bytes (unless one tensor is larger), written as they fill."""
+
+    def __init__(self, directory, max_bytes):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.files, self.weight_map, self.total = [], {}, 0
+        self._pending, self._size = {}, 0
+
+    def add(self, name, tensor):
         nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_bytes:
-            groups.append(current)
-            current, size = {}, 0
-        current[name] = tensor
-        size += nbytes
-    groups.append(current)
-    if len(groups) == 1:
-        return [("model.safetensors", groups[0])]
-    return [(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g) for i, g in enumerate(groups)]
+        if self._pending and self._size + nbytes > self.max_bytes:
+            self._flush()
+        self._pending[name] = tensor
+        self._size += nbytes
+        self.total += nbytes
+
+    def _flush(self):
+        from safetensors.torch import save_file
+
+        file_name = f"part-{len(self.files):05d}.safetensors"
+        save_file(self._pending, os.path.join(self.directory, file_name), metadata={"format": "pt"})
+        self.files.append((file_name, list(self._pending)))
+        self._pending, self._size = {}, 0
+
+    def close(self):
+        """Name the shards as transformers expects and write the index; the number of tensors."""
+        self._flush()
+        count = len(self.files)
+        for i, (file_name, names) in enumerate(self.files):
+            final = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(os.path.join(self.directory, file_name), os.path.join(self.directory, final))
+            self.weight_map.update(dict.fromkeys(names, final))
+        if count > 1:
+            with open(os.path.join(self.directory, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, f, indent=2)
+        return len(self.weight_map)
 
 
-def write_hf(directory, tensors, config, template, max_shard_bytes):
-    from safetensors.torch import save_file
-
-    os.makedirs(directory)
-    shards = _shards(tensors, max_shard_bytes)
-    for file_name, group in shards:
-        save_file(group, os.path.join(directory, file_name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {name: file_name for file_name, group in shards for name in group}}
-        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2)
+def write_config(directory, config, template):
     if template:
         with open(os.path.join(template, "config.json")) as f:
             template_config = json.load(f)
@@ -81,7 +93,7 @@ def main(argv=None):
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     from sed_megatron.convert.checkpoint import check_output_dir, publish, read_model_file, single_process_env
-    from sed_megatron.convert.llama import Layout, hf_config_from_flags, megatron_to_hf
+    from sed_megatron.convert.llama import Layout, hf_config_from_flags, name_map
 
     try:
         info = read_model_file(options.load)
@@ -111,28 +123,47 @@ def main(argv=None):
          "--micro-batch-size", "1", "--global-batch-size", "1", "--seq-length", "16", "--train-iters", "1",
          "--finetune", "--no-load-optim", "--no-load-rng"],
         on_cpu, need_loss_config=False)
-    from megatron.core.enums import ModelType
-    from megatron.training.checkpointing import load_checkpoint
+    from megatron.training.checkpointing import get_checkpoint_name, get_checkpoint_tracker_filename, read_metadata
     from megatron.training.initialize import initialize_megatron
-    from megatron.training.training import get_model
+    from tqdm import tqdm
+
+    from sed_megatron.convert.streaming import layer_groups, load_group
 
     initialize_megatron(allow_no_cuda=on_cpu)
-    model = get_model(functools.partial(model_provider, args), ModelType.encoder_or_decoder, wrap_with_ddp=False)
-    load_checkpoint(model, None, None)
-    state = model[0].state_dict()
+    tracker = get_checkpoint_tracker_filename(options.load)
+    if not os.path.exists(tracker):
+        _fail(f"{tracker}: missing (not a Megatron checkpoint directory)")
+    iteration, release = read_metadata(tracker)
+    checkpoint_dir = get_checkpoint_name(options.load, iteration, release, return_base_dir=True)
+    with torch.device("meta"):
+        model = model_provider(args)
     layout = Layout.from_flags(info["model"], info["padded_vocab_size"],
                                te_names=args.transformer_impl == "transformer_engine")
+    rows = name_map(layout)
     dtype = getattr(torch, dtype_name)
-    tensors = {name: tensor.to("cpu", dtype) for name, tensor in megatron_to_hf(state.__getitem__, layout)}
     config = hf_config_from_flags(info["model"], info["model_type"], dtype=dtype_name)
     tmp_dir = f"{os.path.abspath(options.save.rstrip('/'))}.tmp-{os.getpid()}"
     try:
-        write_hf(tmp_dir, tensors, config, options.hf_template, options.max_shard_size_mb * 2**20)
+        os.makedirs(tmp_dir)
+        writer = ShardWriter(tmp_dir, options.max_shard_size_mb * 2**20)
+        done = set()
+        for group in tqdm(layer_groups(model.sharded_state_dict()), desc="export", unit=" layers"):
+            loaded = load_group(group, checkpoint_dir, dtype)  # one decoder layer (or the global tensors)
+            for mcore, hf_names, _, split in rows:
+                if mcore in loaded:
+                    for name, tensor in zip(hf_names, split(loaded[mcore]), strict=True):
+                        writer.add(name, tensor.contiguous())
+                    done.add(mcore)
+        missing = [mcore for mcore, *_ in rows if mcore not in done]
+        if missing:
+            _fail(f"{checkpoint_dir}: no {missing[0]} in the checkpoint (and {len(missing) - 1} more)")
+        count = writer.close()
+        write_config(tmp_dir, config, options.hf_template)
         publish(tmp_dir, options.save)
     finally:
         if os.path.exists(tmp_dir):
             shutil.rmtree(tmp_dir)
-    print(f"saved {options.save} ({info['model_type']}, {dtype_name}, {len(tensors)} tensors)")
+    print(f"saved {options.save} ({info['model_type']}, {dtype_name}, {count} tensors)")
 
 
 if __name__ == "__main__":

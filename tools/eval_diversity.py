@@ -60,16 +60,19 @@ def generate_transformers(hf_dir, texts, options):
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     model.to(device).eval()
     torch.manual_seed(options.seed)
+    tokenizer.padding_side = "left"  # generation continues every prompt of a batch from its last token
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outputs = []
-    for text in texts:
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+    for start in range(0, len(texts), options.batch_prompts):
+        batch = tokenizer(texts[start:start + options.batch_prompts], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(device)
         with torch.no_grad():
             generated = model.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=options.temperature,
-                top_p=options.top_p, max_new_tokens=options.max_new_tokens, num_return_sequences=options.num_samples,
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                **batch, do_sample=True, temperature=options.temperature, top_p=options.top_p,
+                max_new_tokens=options.max_new_tokens, num_return_sequences=options.num_samples, pad_token_id=pad_id,
             )
-        outputs.append([tokenizer.decode(g[ids.shape[1]:], skip_special_tokens=True) for g in generated])
+        texts_out = tokenizer.batch_decode(generated[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+        outputs += [texts_out[i:i + options.num_samples] for i in range(0, len(texts_out), options.num_samples)]
     return outputs
 
 
@@ -99,9 +102,13 @@ def main(argv=None):
     parser.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto",
                         help="auto: vLLM when installed and a GPU is present, else transformers")
     parser.add_argument("--no-chat-template", action="store_true")
+    parser.add_argument("--strict-answers", action="store_true",
+                        help="only `#### x` and \\boxed{x} count as answers (default: else the last number)")
+    parser.add_argument("--batch-prompts", type=int, default=1,
+                        help="transformers: prompts per generate call (left-padded; samples depend on it)")
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if options.num_samples < 1 or (options.k is not None and not 1 <= options.k <= options.num_samples):
-        print(f"{PROG}: error: need --num-samples >= 1 and 1 <= --k <= --num-samples", file=sys.stderr)
+    if options.num_samples < 1 or options.batch_prompts < 1 or (options.k is not None and not 1 <= options.k <= options.num_samples):
+        print(f"{PROG}: error: need --num-samples >= 1, 1 <= --k <= --num-samples and --batch-prompts >= 1", file=sys.stderr)
         return 2
     try:
         prompts, answers = read_prompts(options.prompts, options.prompt_key, options.answer_key, options.limit)
@@ -121,8 +128,10 @@ def main(argv=None):
 
         backend = "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "transformers"
     samples = (generate_vllm if backend == "vllm" else generate_transformers)(options.hf_dir, texts, options)
-    metrics, per_prompt = evaluate(samples, answers, options.k or options.num_samples)
+    metrics, per_prompt = evaluate(samples, answers, options.k or options.num_samples,
+                                   last_number=not options.strict_answers)
     result = {**metrics, "backend": backend, "temperature": options.temperature, "top_p": options.top_p,
+              "strict_answers": options.strict_answers,
               "prompts": [{"prompt": p, "reference": a, "samples": s, **scores}
                           for p, a, s, scores in zip(prompts, answers, samples, per_prompt)]}
     tmp = f"{options.out}.tmp-{os.getpid()}"

@@ -18,13 +18,13 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PYTHON = sys.executable
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+from sed_megatron.pipeline import (PYTHON, REPO, calibrate_tau, export_and_evaluate, random_llama, run_step, train,
+                                   write_run_yaml)
+
+NAME = "quickstart"
 NAMES = ["Tom", "Ana", "Lee", "Mia", "Sam", "Zoe"]
 ITEMS = ["apples", "books", "coins", "pens", "cards", "shells"]
 
@@ -64,9 +64,9 @@ def make_data(workdir, seed, num_train, num_eval):
 def train_tokenizer(workdir, corpus_files):
     """A word-level tokenizer trained on the generated corpus, with a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    from sed_megatron.testing.tiny_hf import CHAT_TEMPLATE, SPECIAL
+    from sed_megatron.pipeline import save_tokenizer
+    from sed_megatron.testing.tiny_hf import SPECIAL
 
     def lines():
         for path in corpus_files:
@@ -78,62 +78,7 @@ def train_tokenizer(workdir, corpus_files):
     backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.train_from_iterator(lines(), trainers.WordLevelTrainer(special_tokens=SPECIAL))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                        unk_token="<unk>", additional_special_tokens=SPECIAL[3:])
-    tokenizer.chat_template = CHAT_TEMPLATE
-    directory = os.path.join(workdir, "tokenizer")
-    tokenizer.save_pretrained(directory)
-    return directory, len(tokenizer)
-
-
-def make_model(workdir, tokenizer_dir, vocab_size, seed):
-    import torch
-    import transformers
-
-    end_of_turn = transformers.AutoTokenizer.from_pretrained(tokenizer_dir).convert_tokens_to_ids("<|end|>")
-    config = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=end_of_turn, pad_token_id=0,  # a response ends with the turn
-    )
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    directory = os.path.join(workdir, "hf_init")
-    model.save_pretrained(directory)
-    transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
-    return directory
-
-
-def run(cmd, log_path, env=None):
-    started = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "TORCHDYNAMO_DISABLE": "1", **(env or {})})
-    if proc.returncode != 0:
-        with open(log_path) as log:
-            tail = log.read()[-4000:]
-        sys.exit(f"quickstart: step failed ({' '.join(cmd[:4])} ...), log {log_path}:\n{tail}")
-    return time.time() - started
-
-
-def run_yaml(workdir, name, data_prefix, iters, seed, extra_loss):
-    import yaml
-
-    config = {
-        "parallel": {"tensor_model_parallel_size": 2},
-        "training": {"micro_batch_size": 8, "global_batch_size": 16, "train_iters": iters, "seed": 1234 + seed,
-                     "seq_length": 64, "eval_iters": 0, "eval_interval": 100000},
-        "optimizer": {"lr": 2.0e-3, "min_lr": 2.0e-4, "lr_decay_style": "cosine", "lr_warmup_iters": min(10, iters // 5),
-                      "adam_beta2": 0.95, "weight_decay": 0.0, "clip_grad": 1.0},
-        "checkpoint": {"save_interval": iters},
-        "logging": {"log_interval": 5},
-        "loss": extra_loss,
-        "data": {"kind": "indexed", "path": data_prefix, "valid_fraction": 0.05, "seed": seed},
-    }
-    path = os.path.join(workdir, f"{name}.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
-    return path
+    return save_tokenizer(backend, os.path.join(workdir, "tokenizer"))
 
 
 def main():
@@ -149,7 +94,6 @@ def main():
     if os.path.exists(workdir) and os.listdir(workdir):
         sys.exit(f"quickstart: {workdir} is not empty (remove it or pass another --workdir)")
     os.makedirs(workdir, exist_ok=True)
-    sys.path.insert(0, REPO)
     started = time.time()
     seed = options.seed
 
@@ -157,56 +101,46 @@ def main():
     data = make_data(workdir, seed, num_train=3000, num_eval=options.eval_prompts)
     tokenizer_dir, vocab_size = train_tokenizer(workdir, [data["base"], data["sft"]])
     for split in ("base", "sft"):
-        run([PYTHON, "tools/preprocess_sft_data.py", "--input", data[split], "--tokenizer", tokenizer_dir,
-             "--output-prefix", os.path.join(workdir, "data", split), "--prompt-key", "question",
-             "--response-key", "answer", "--seq-length", "64", "--no-progress"], os.path.join(workdir, f"prep_{split}.log"))
+        run_step([PYTHON, "tools/preprocess_sft_data.py", "--input", data[split], "--tokenizer", tokenizer_dir,
+                  "--output-prefix", os.path.join(workdir, "data", split), "--prompt-key", "question",
+                  "--response-key", "answer", "--seq-length", "64", "--no-progress"],
+                 os.path.join(workdir, f"prep_{split}.log"), NAME)
 
     print("[2/6] random Llama -> Megatron", flush=True)
-    hf_init = make_model(workdir, tokenizer_dir, vocab_size, seed)
-    run([PYTHON, "tools/convert_hf_to_mcore.py", "--hf-dir", hf_init, "--save", os.path.join(workdir, "ckpt_init")],
-        os.path.join(workdir, "convert.log"))
+    hf_init = random_llama(os.path.join(workdir, "hf_init"), tokenizer_dir, vocab_size, seed)
+    run_step([PYTHON, "tools/convert_hf_to_mcore.py", "--hf-dir", hf_init, "--save", os.path.join(workdir, "ckpt_init")],
+             os.path.join(workdir, "convert.log"), NAME)
+
+    def config(name, prefix, iters, loss):
+        return write_run_yaml(os.path.join(workdir, f"{name}.yaml"), data_prefix=prefix, iters=iters, seed=seed,
+                              loss=loss, tp=2)
 
     print("[3/6] initial model: CE on the first half", flush=True)
-    torchrun = [TORCHRUN, "--nproc_per_node", "2", "-m", "sed_megatron.train"]
-    base_yaml = run_yaml(workdir, "base", os.path.join(workdir, "data", "base"), options.base_iters, seed, {"kind": "ce"})
-    run(torchrun + ["--config", base_yaml, "--load", os.path.join(workdir, "ckpt_init"), "--finetune", "--no-load-optim",
-                    "--no-load-rng", "--save", os.path.join(workdir, "ckpt_base")], os.path.join(workdir, "base.log"))
+    base_yaml = config("base", os.path.join(workdir, "data", "base"), options.base_iters, {"kind": "ce"})
+    ckpt_base = os.path.join(workdir, "ckpt_base")
+    train(workdir, "base", base_yaml, os.path.join(workdir, "ckpt_init"), ckpt_base, nproc=2, name_for_errors=NAME)
 
     print("[4/6] tau calibration on the initial model (r = 0.7, k = 2)", flush=True)
-    sed_loss = {"kind": "sed", "top_k": 2, "lam": 1.0}
     sft_prefix = os.path.join(workdir, "data", "sft")
-    sed_yaml = run_yaml(workdir, "sed", sft_prefix, options.sft_iters, seed, sed_loss)
+    sed_yaml = config("sed", sft_prefix, options.sft_iters, {"kind": "sed", "top_k": 2, "lam": 1.0})
     calibrated = os.path.join(workdir, "sed_tau.yaml")
-    run([TORCHRUN, "--nproc_per_node", "2", "tools/calibrate_tau.py", "--config", sed_yaml, "--mask-ratio", "0.7",
-         "--load", os.path.join(workdir, "ckpt_base"), "--write-config", calibrated], os.path.join(workdir, "tau.log"))
-    with open(os.path.join(workdir, "tau.log")) as f:
-        tau = float(f.read().strip().splitlines()[-1].split("=")[1])
+    tau = calibrate_tau(workdir, sed_yaml, ckpt_base, calibrated, 0.7, nproc=2, name_for_errors=NAME)
     print(f"      tau = {tau:.4f}", flush=True)
 
     print("[5/6] SFT with CE and with SED at TP=2", flush=True)
-    ce_yaml = run_yaml(workdir, "ce", sft_prefix, options.sft_iters, seed, {"kind": "ce"})
-    for name, config in (("ce", ce_yaml), ("sed", calibrated)):
-        run(torchrun + ["--config", config, "--load", os.path.join(workdir, "ckpt_base"), "--finetune",
-                        "--no-load-optim", "--no-load-rng", "--save", os.path.join(workdir, f"ckpt_{name}")],
-            os.path.join(workdir, f"{name}.log"))
+    ce_yaml = config("ce", sft_prefix, options.sft_iters, {"kind": "ce"})
+    for name, path in (("ce", ce_yaml), ("sed", calibrated)):
+        train(workdir, name, path, ckpt_base, os.path.join(workdir, f"ckpt_{name}"), nproc=2, name_for_errors=NAME)
 
     print("[6/6] export, sample, evaluate", flush=True)
-    results = {}
-    for name in ("ce", "sed"):
-        hf_dir = os.path.join(workdir, f"hf_{name}")
-        run([PYTHON, "tools/convert_mcore_to_hf.py", "--load", os.path.join(workdir, f"ckpt_{name}"), "--save", hf_dir,
-             "--hf-template", hf_init], os.path.join(workdir, f"export_{name}.log"))
-        out = os.path.join(workdir, f"eval_{name}.json")
-        run([PYTHON, "tools/eval_diversity.py", "--hf-dir", hf_dir, "--prompts", data["eval"], "--prompt-key",
-             "question", "--num-samples", str(options.num_samples), "--max-new-tokens", "24", "--temperature", "1.0",
-             "--seed", str(seed), "--out", out], os.path.join(workdir, f"eval_{name}.log"))
-        with open(out) as f:
-            results[name] = json.load(f)
-        with open(os.path.join(workdir, f"ckpt_{name}", "metrics.jsonl")) as f:
-            results[name]["final_ce"] = [json.loads(line) for line in f][-1]["ce_loss"]
-    run([PYTHON, "tools/plot_metrics.py", f"CE={os.path.join(workdir, 'ckpt_ce', 'metrics.jsonl')}",
-         f"SED={os.path.join(workdir, 'ckpt_sed', 'metrics.jsonl')}", "--out", os.path.join(workdir, "curves.png")],
-        os.path.join(workdir, "plot.log"))
+    results = {
+        name: export_and_evaluate(workdir, name, os.path.join(workdir, f"ckpt_{name}"), hf_init, data["eval"],
+                                  num_samples=options.num_samples, max_new_tokens=24, seed=seed, name_for_errors=NAME)
+        for name in ("ce", "sed")
+    }
+    run_step([PYTHON, "tools/plot_metrics.py", f"CE={os.path.join(workdir, 'ckpt_ce', 'metrics.jsonl')}",
+              f"SED={os.path.join(workdir, 'ckpt_sed', 'metrics.jsonl')}", "--out", os.path.join(workdir, "curves.png")],
+             os.path.join(workdir, "plot.log"), NAME)
 
     k = results["ce"]["k"]
     print(f"\nquickstart: {options.eval_prompts} held-out prompts x {options.num_samples} samples, "

@@ -13,6 +13,7 @@ the embedding splits evenly at any TP dividing 1024; the padding rows are zero.
 import json
 import os
 import shutil
+import struct
 
 import yaml
 
@@ -36,48 +37,97 @@ def read_model_file(checkpoint_dir):
     return info
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+def read_safetensors_header(path):
+    """(offset of the data, {name: {"dtype", "shape", "data_offsets"}}) of a safetensors file, checked."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(header_len))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: shard listed in the index is missing") from None
+    except (OSError, struct.error, ValueError) as err:
+        raise ValueError(f"{path}: cannot read the shard (not a safetensors file: {err})") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    for name, entry in header.items():
+        if entry.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: {name} has an unsupported dtype {entry.get('dtype')!r}")
+        if data_start + entry["data_offsets"][1] > size:
+            raise ValueError(f"{path}: the file is truncated ({name} lies past its end)")
+    return data_start, header
+
+
 class HFTensors:
-    """Tensors of a Hugging Face directory, read one at a time from (sharded) safetensors."""
+    """Tensors of a Hugging Face directory, read one at a time from (sharded) safetensors.
+
+    Every shard's header is read and checked up front (missing shard, corrupt or truncated
+    file, a tensor the index places in a shard that lacks it). A tensor is then read with one
+    positioned read into its own buffer: no memory map, so the process holds only the tensors
+    in use, whatever the size of the checkpoint.
+    """
 
     def __init__(self, hf_dir):
-        from safetensors import safe_open
-
         self.hf_dir = hf_dir
         index = os.path.join(hf_dir, "model.safetensors.index.json")
-        single = os.path.join(hf_dir, "model.safetensors")
         if os.path.exists(index):
             with open(index) as f:
-                self.where = json.load(f)["weight_map"]
-        elif os.path.exists(single):
-            with safe_open(single, framework="pt") as f:
-                self.where = {name: "model.safetensors" for name in f.keys()}
+                where = json.load(f)["weight_map"]
+        elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
+            where = None
         else:
             raise ValueError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
-        self._open = {}
-        self._safe_open = safe_open
-
-    def shard_names(self):
-        return sorted(set(self.where.values()))
+        self._entries = {}  # name -> (path, offset of the data, header entry)
+        for shard in sorted(set(where.values())) if where else ["model.safetensors"]:
+            path = os.path.join(hf_dir, shard)
+            data_start, header = read_safetensors_header(path)
+            for name, entry in header.items():
+                if where is None or where.get(name) == shard:
+                    self._entries[name] = (path, data_start, entry)
+        for name, shard in (where or {}).items():
+            if name not in self._entries:
+                raise ValueError(f"{os.path.join(hf_dir, shard)}: the index places {name} here, but the shard lacks it")
 
     def __contains__(self, name):
-        return name in self.where
+        return name in self._entries
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def _entry(self, name):
+        if name not in self._entries:
+            raise ValueError(f"{self.hf_dir}: tensor {name} is missing from the checkpoint")
+        return self._entries[name]
+
+    def meta(self, name):
+        """A meta tensor with the dtype and shape of `name` (nothing is read)."""
+        import torch
+
+        _, _, entry = self._entry(name)
+        return torch.empty(entry["shape"], dtype=getattr(torch, _SAFETENSORS_DTYPES[entry["dtype"]]), device="meta")
 
     def __call__(self, name):
-        if name not in self.where:
-            raise ValueError(f"{self.hf_dir}: tensor {name} is missing from the checkpoint")
-        shard = self.where[name]
-        if shard not in self._open:
-            path = os.path.join(self.hf_dir, shard)
-            if not os.path.exists(path):
-                raise ValueError(f"{path}: shard listed in the index is missing")
-            try:
-                self._open[shard] = self._safe_open(path, framework="pt")
-            except Exception as err:  # safetensors raises its own error types for corrupt files
-                raise ValueError(f"{path}: cannot read the shard ({err})") from None
-        try:
-            return self._open[shard].get_tensor(name)
-        except Exception as err:
-            raise ValueError(f"{os.path.join(self.hf_dir, shard)}: cannot read {name} ({err})") from None
+        import torch
+
+        path, data_start, entry = self._entry(name)
+        begin, end = entry["data_offsets"]
+        dtype = getattr(torch, _SAFETENSORS_DTYPES[entry["dtype"]])
+        buffer = bytearray(end - begin)
+        with open(path, "rb") as f:
+            f.seek(data_start + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise ValueError(f"{path}: cannot read {name} (the file is truncated)")
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
 
 def single_process_env():

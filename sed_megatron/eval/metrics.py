@@ -107,8 +107,10 @@ def answers_match(predicted, reference):
     return normalize(predicted) == normalize(reference)
 
 
-def evaluate(samples_per_prompt, references, k):
-    """Aggregate metrics over prompts: samples_per_prompt[i] is a list of n strings."""
+def evaluate(samples_per_prompt, references, k, last_number=True):
+    """Aggregate metrics over prompts: samples_per_prompt[i] is a list of n strings.
+
+    last_number=False: a sample counts only when it states its answer (`#### x` or `\\boxed{x}`)."""
     n = len(samples_per_prompt[0])
     if any(len(s) != n for s in samples_per_prompt):
         raise ValueError("every prompt needs the same number of samples")
@@ -116,7 +118,7 @@ def evaluate(samples_per_prompt, references, k):
     per_prompt = []
     for samples, reference in zip(samples_per_prompt, references, strict=True):
         reference_answer = extract_answer(reference) if reference is not None else None
-        correct = sum(answers_match(extract_answer(s), reference_answer) for s in samples)
+        correct = sum(answers_match(extract_answer(s, last_number), reference_answer) for s in samples)
         per_prompt.append({
             "self_bleu": self_bleu(samples) if n > 1 else None,
             "distinct_1": distinct_n(samples, 1),

@@ -52,6 +52,27 @@ def test_hf_to_megatron_to_hf_is_bit_identical_and_a_fixed_point(tmp_path, varia
     assert all((again[name] == exported[name]).all() for name in exported) and again.keys() == exported.keys()
 
 
+def test_bf16_stays_bf16_through_both_converters(tmp_path):
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from sed_megatron.testing.tiny_hf import tiny_hf_model
+
+    hf_dir = str(tmp_path / "hf")
+    tiny_hf_model("qwen2_bias").to(torch.bfloat16).save_pretrained(hf_dir, max_shard_size="40KB")
+    out = convert(hf_dir, str(tmp_path / "ckpt"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    stored = FileSystemReader(str(tmp_path / "ckpt" / "iter_0000000")).read_metadata().state_dict_metadata
+    dtypes = {md.properties.dtype for md in stored.values() if isinstance(md, TensorStorageMetadata)}
+    assert dtypes == {torch.bfloat16}  # norms and biases too, as training saves them
+    out = export(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    original, exported = tensors(hf_dir), tensors(tmp_path / "out")
+    assert original.keys() == exported.keys()
+    assert all(exported[n].dtype == torch.bfloat16 and torch.equal(original[n], exported[n]) for n in original)
+
+
 def test_trained_at_tp2_exports_to_what_transformers_computes(tmp_path):
     hf_dir = save_hf(tmp_path / "hf", "llama_gqa_untied")
     assert convert(hf_dir, str(tmp_path / "ckpt")).returncode == 0

@@ -71,6 +71,8 @@ def test_evaluate_aggregates_per_prompt():
     assert metrics["pass_at_1"] == pytest.approx(2 / 3)
     assert metrics["pass_at_k"] == pytest.approx(1.0)  # one wrong sample cannot fill a 2-subset
     assert metrics["num_samples"] == 3 and metrics["k"] == 2
+    _, strict = evaluate(samples, ["2+2 makes 4\n#### 4", "#### 9"], k=2, last_number=False)
+    assert [p["correct"] for p in strict] == [2, 1]  # "so 9" states no answer
 
 
 def test_tool_end_to_end(tmp_path):
@@ -94,6 +96,32 @@ def test_tool_end_to_end(tmp_path):
     for key in ("self_bleu", "distinct_2", "pass_at_1", "pass_at_k"):
         assert isinstance(result[key], float) and 0.0 <= result[key] <= 1.0 and math.isfinite(result[key])
     assert len(result["prompts"]) == 3 and all(len(p["samples"]) == 4 for p in result["prompts"])
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tmp_path):
+    """Left padding: a prompt's continuation does not depend on the other prompts of its batch (greedy)."""
+    from sed_megatron.testing.tiny_hf import make_tokenizer, tiny_hf_model
+
+    hf_dir = str(tmp_path / "hf")
+    tokenizer = make_tokenizer(hf_dir, ["what", "is", "plus", "times"] + [str(i) for i in range(20)])
+    model = tiny_hf_model("llama_gqa_untied", vocab_size=len(tokenizer))
+    model.generation_config.eos_token_id = None  # every sample runs the full length
+    model.save_pretrained(hf_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    questions = ["what is 1", "what is 2 plus 3 times 4 plus 5", "what is 7 times 8", "3 plus 4 plus 5 plus 6 plus 7"]
+    prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in questions))
+    samples = {}
+    for batch in (1, 3):
+        out = str(tmp_path / f"result{batch}.json")
+        run = subprocess.run([sys.executable, os.path.join(REPO, "tools", "eval_diversity.py"), "--hf-dir", hf_dir,
+                              "--prompts", str(prompts), "--prompt-key", "question", "--num-samples", "2",
+                              "--top-p", "1e-9", "--max-new-tokens", "6", "--batch-prompts", str(batch), "--out", out],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        with open(out) as f:
+            samples[batch] = [p["samples"] for p in json.load(f)["prompts"]]
+    assert samples[1] == samples[3]
+    assert len({s[0] for s in samples[1]}) > 1 and all(len(s[0].split()) >= 3 for s in samples[1])
 
 
 def test_plot_metrics(tmp_path):
