@@ -82,6 +82,8 @@ def summarize(results, losses, seeds):
 
 
 def main():
+    from transformers import AutoTokenizer
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gsm8k-dir", required=True, help="holds train.jsonl and test.jsonl (question, answer)")
     parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "gsm8k"))
@@ -109,7 +111,10 @@ def main():
 
     print("[1/4] data, tokenizer, initial model", flush=True)
     data = split_train(options.gsm8k_dir, workdir, options.eval_prompts)
-    tokenizer_dir, vocab_size = train_tokenizer(workdir, data["base"], options.vocab_size)
+    tokenizer_dir = os.path.join(workdir, "tokenizer")
+    if not done(tokenizer_dir):
+        train_tokenizer(workdir, data["base"], options.vocab_size)
+    vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     for split in ("base", "sft"):
         if not done(os.path.join(workdir, "data", f"{split}.idx")):
             run_step([PYTHON, "tools/preprocess_sft_data.py", "--input", data[split], "--tokenizer", tokenizer_dir,

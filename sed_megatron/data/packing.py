@@ -6,6 +6,12 @@ placed greedily, in order, into rows; each row gets a block-diagonal causal atte
 never cross a sample boundary. With RoPE, attention scores depend only on the distance
 between tokens, so a packed sample sees exactly what it would see alone; learned absolute
 position embeddings read the restarted position ids.
+
+With Transformer Engine (thd=True) the row carries cu_seqlens instead of the mask: the
+boundaries of its samples (and of the padding tail, a segment of its own), int32, padded to
+seq_length + 1 entries with copies of seq_length as Megatron-LM's packed SFT data does, plus
+max_seqlen. Megatron then runs TE's packed-sequence (THD) attention, whose RoPE restarts at
+every segment.
 """
 
 import torch
@@ -30,13 +36,14 @@ def pack_greedy(lengths, seq_length):
     return rows
 
 
-def packed_sample(samples, seq_length, pad_id=0):
+def packed_sample(samples, seq_length, pad_id=0, thd=False):
     """One training row from [(ids, loss_mask), ...] whose positions sum to <= seq_length."""
     tokens = torch.full((seq_length,), pad_id, dtype=torch.int64)
     labels = torch.full((seq_length,), IGNORE_INDEX, dtype=torch.int64)
     loss_mask = torch.zeros(seq_length, dtype=torch.float32)
     position_ids = torch.zeros(seq_length, dtype=torch.int64)
     attention_mask = torch.ones(1, seq_length, seq_length, dtype=torch.bool)  # True = masked
+    boundaries = [0]
     start = 0
     for ids, mask in samples:
         n = len(ids) - 1
@@ -50,10 +57,17 @@ def packed_sample(samples, seq_length, pad_id=0):
         position_ids[start:end] = torch.arange(n)
         attention_mask[0, start:end, start:end] = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
         start = end
+        boundaries.append(end)
     if start < seq_length:  # padding attends to itself only, so no row of the softmax is empty
         attention_mask[0, start:, start:] = ~torch.eye(seq_length - start, dtype=torch.bool)
-    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids,
-            "attention_mask": attention_mask}
+        boundaries.append(seq_length)
+    row = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+    if not thd:
+        return {**row, "attention_mask": attention_mask}
+    cu_seqlens = torch.full((seq_length + 1,), seq_length, dtype=torch.int32)
+    cu_seqlens[:len(boundaries)] = torch.tensor(boundaries, dtype=torch.int32)
+    max_seqlen = max(b - a for a, b in zip(boundaries, boundaries[1:]))
+    return {**row, "cu_seqlens": cu_seqlens, "max_seqlen": torch.tensor(max_seqlen, dtype=torch.int32)}
 
 
 class PackedSFTDataset:
@@ -63,8 +77,8 @@ class PackedSFTDataset:
     from them, and index i reads row i of the epoch that contains it.
     """
 
-    def __init__(self, source, length, seq_length):
-        self.source, self.length, self.seq_length = source, length, seq_length
+    def __init__(self, source, length, seq_length, thd=False):
+        self.source, self.length, self.seq_length, self.thd = source, length, seq_length, thd
         self._epoch, self._rows, self._offset = 0, None, 0
         self._pack(0)
 
@@ -87,4 +101,4 @@ class PackedSFTDataset:
             self._pack(self._epoch + 1)
         row = self._rows[index - self._offset]
         samples = [(self.source.tokens[d].tolist(), self.source.masks[d].tolist()) for d in row]
-        return packed_sample(samples, self.seq_length)
+        return packed_sample(samples, self.seq_length, thd=self.thd)

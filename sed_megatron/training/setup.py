@@ -76,10 +76,16 @@ def check_data_args(args):
     if args.sft_pack:
         if args.sft_data_kind != "indexed":
             fail("--sft-pack needs --sft-data-kind indexed")
-        if args.transformer_impl != "local" or not args.create_attention_mask_in_dataloader:
-            # TE's layers apply their own causal mask and would attend across packed samples.
-            fail("--sft-pack needs --transformer-impl local and the data loader's attention mask "
-                 "(Transformer Engine's packed-sequence path is not wired yet)")
+        if packs_thd(args) and args.context_parallel_size > 1:
+            fail("--sft-pack with Transformer Engine supports --context-parallel-size 1 only")
+        if not packs_thd(args) and not args.create_attention_mask_in_dataloader:
+            fail("--sft-pack with --transformer-impl local needs the data loader's attention mask "
+                 "(drop --no-create-attention-mask-in-dataloader)")
+
+
+def packs_thd(args):
+    """Packed rows go through Transformer Engine's packed-sequence (THD) attention."""
+    return args.sft_pack and args.transformer_impl == "transformer_engine"
 
 
 def loss_config(args):
@@ -110,8 +116,8 @@ def build_datasets(args, train_val_test_num_samples):
             indices = splits[min(split, 1)] or splits[0]  # test = valid; no valid split: train samples
             dataset = IndexedSFTDataset(args.sft_data_path, indices, length, args.seq_length,
                                         args.sft_data_seed + split)
-            if args.sft_pack:
-                datasets.append(PackedSFTDataset(dataset, length, args.seq_length))  # carries its own mask
+            if args.sft_pack:  # carries its own mask (local) or cu_seqlens (TE)
+                datasets.append(PackedSFTDataset(dataset, length, args.seq_length, thd=packs_thd(args)))
                 continue
         elif args.sft_data_kind == "synthetic":
             dataset = SyntheticSFTDataset(length, args.seq_length, args.vocab_size, args.sft_num_samples,
@@ -156,7 +162,8 @@ def step_config(args, loss_cfg):
         micro_batch_size=args.micro_batch_size,
         seq_length=args.seq_length,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        create_attention_mask=args.create_attention_mask_in_dataloader,
+        create_attention_mask=args.create_attention_mask_in_dataloader and not packs_thd(args),
+        packed_thd=packs_thd(args),
         with_entropy=args.log_entropy,
         vocab_size=args.vocab_size,
     )

@@ -12,7 +12,8 @@ from functools import partial
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.utils import get_batch_on_this_tp_rank
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.utils import flatten_batch_for_packed_sequences, get_batch_on_this_tp_rank
 
 from sed_megatron.loss import LossConfig, masked_sum_and_count, sft_token_loss
 
@@ -31,19 +32,23 @@ class StepConfig:
     """Report the entropy of the predicted distribution (costs one more pass in the loss)."""
     vocab_size: int | None = None
     """The model's real vocabulary; logits of the padding ids above it are left out of the loss."""
+    packed_thd: bool = False
+    """Rows are packed and carry cu_seqlens: Transformer Engine's packed-sequence (THD) attention."""
 
 
 def get_batch(data_iterator, cfg: StepConfig):
-    """This micro-batch on this rank: TP rank 0 reads it, then broadcasts to its TP group."""
+    """This micro-batch on this rank: TP rank 0 reads it, then broadcasts to its TP group.
+
+    Middle pipeline stages get nothing, or only the packed-sequence boundaries (THD)."""
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    if not (first or last):
+    if not (first or last or cfg.packed_thd):
         return None
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     batch = next(data_iterator) if tp_rank == 0 else None
     return get_batch_on_this_tp_rank(
         batch,
-        has_cu_seqlens=False,
+        has_cu_seqlens=cfg.packed_thd,
         is_hybrid_cp=False,
         create_attention_mask_in_dataloader=cfg.create_attention_mask,
         broadcast_src_rank=parallel_state.get_tensor_model_parallel_src_rank(),
@@ -70,11 +75,25 @@ def loss_func(cfg: StepConfig, labels, loss_mask, logits):
     return loss_sum, num_tokens.to(torch.int), token_metric_report(loss, stats, loss_mask, loss_cfg.kind)
 
 
+def thd_params(batch):
+    """The micro-batch as one packed sequence: rows [b, s] -> [1, b*s] and PackedSeqParams."""
+    batch = flatten_batch_for_packed_sequences(batch)
+    cu_seqlens = batch["cu_seqlens"].reshape(-1)
+    max_seqlen = int(batch["max_seqlen"].max())
+    return batch, PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                                  max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+
+
 def forward_step(cfg: StepConfig, data_iterator, model):
     """One micro-batch through the model; the loss follows in the returned loss_func."""
     batch = get_batch(data_iterator, cfg)
-    if batch is None:  # a middle pipeline stage: activations come from the previous stage
-        return model(None, None, None), partial(loss_func, cfg, None, None)
+    packed = {}
+    if cfg.packed_thd:
+        batch, params = thd_params(batch)
+        packed = {"packed_seq_params": params}
+    if batch is None or batch["labels"] is None and batch["tokens"] is None:
+        # a middle pipeline stage: activations come from the previous stage
+        return model(None, None, None, **packed), partial(loss_func, cfg, None, None)
     # Without labels GPTModel returns the vocab-parallel logits [b, s, V/tp] on the last stage.
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), **packed)
     return output, partial(loss_func, cfg, batch["labels"], batch["loss_mask"])

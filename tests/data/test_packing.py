@@ -73,3 +73,100 @@ def check_packed_equals_unpacked():
 
 def test_packed_equals_unpacked():
     run_distributed(check_packed_equals_unpacked, world_size=1)
+
+
+THD_ROWS = [[(list(range(1, 6)), [0, 0, 1, 1, 1]), (list(range(7, 14)), [0] * 3 + [1] * 4)],  # 4 + 6, padding 6
+            [(list(range(2, 19)), [0] * 5 + [1] * 12)]]  # exactly full: no padding segment
+
+
+def _thd_attention(q, k, v, cu_seqlens):
+    """Reference packed-sequence attention: causal softmax attention inside each segment. q,k,v [t, d]."""
+    out = torch.empty_like(q)
+    for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        scores = q[a:b] @ k[a:b].T
+        scores = scores.masked_fill(torch.triu(torch.ones(b - a, b - a, dtype=torch.bool), 1), float("-inf"))
+        out[a:b] = scores.softmax(-1) @ v[a:b]
+    return out
+
+
+def test_thd_rows_describe_the_same_attention_as_the_block_mask():
+    """cu_seqlens (TE's packed-sequence path) and the block-diagonal mask (local path) agree.
+
+    Two rows are collated as the data loader does and flattened into one sequence the way
+    forward_step hands it to Transformer Engine. Attention computed segment by segment from
+    the merged cu_seqlens must equal dense attention under each row's mask. RoPE positions
+    that restart at every segment must equal the rows' position ids on the sample tokens."""
+    from sed_megatron.training.step import thd_params
+
+    seq_length = 16
+    masked = [packed_sample(r, seq_length) for r in THD_ROWS]
+    thd = [packed_sample(r, seq_length, thd=True) for r in THD_ROWS]
+    assert thd[0]["cu_seqlens"].tolist()[:4] == [0, 4, 10, 16] and thd[0]["max_seqlen"].item() == 6
+    assert thd[1]["cu_seqlens"].tolist()[:2] == [0, 16] and "attention_mask" not in thd[0]
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        assert all(torch.equal(t[key], m[key]) for t, m in zip(thd, masked))
+
+    flat, params = thd_params(_thd_batch(seq_length))
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 4, 10, 16, 32]
+    assert params.max_seqlen_q == 16 and flat["tokens"].shape == (1, 2 * seq_length)
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, seq_length, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    packed = _thd_attention(q.reshape(-1, 8), k.reshape(-1, 8), v.reshape(-1, 8), params.cu_seqlens_q)
+    for r, row in enumerate(masked):
+        scores = (q[r] @ k[r].T).masked_fill(row["attention_mask"][0], float("-inf"))
+        dense = scores.softmax(-1) @ v[r]
+        real = row["labels"] != IGNORE_INDEX  # the padding tail differs (self only vs causal) and has no loss
+        torch.testing.assert_close(packed.reshape(2, seq_length, 8)[r][real], dense[real], rtol=0, atol=1e-12)
+
+    cu = params.cu_seqlens_q.tolist()
+    restarted = torch.cat([torch.arange(b - a) for a, b in zip(cu[:-1], cu[1:])])
+    on_samples = flat["labels"].reshape(-1) != IGNORE_INDEX
+    assert torch.equal(restarted[on_samples], flat["position_ids"].reshape(-1)[on_samples])
+
+
+def _thd_batch(seq_length=16):
+    samples = [packed_sample(r, seq_length, thd=True) for r in THD_ROWS]
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+def check_thd_batch_reaches_every_stage(seq_length):
+    """forward_step on every rank: TP rank 0 of each stage reads, the others get the broadcast."""
+    from megatron.core import parallel_state
+
+    from sed_megatron.training.step import StepConfig, forward_step
+
+    cfg = StepConfig(loss=LossConfig(kind="ce"), micro_batch_size=2, seq_length=seq_length,
+                     pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+                     create_attention_mask=False, with_entropy=False, packed_thd=True)
+    expected = _thd_batch(seq_length)
+    calls = []
+
+    def model(tokens, position_ids, attention_mask, packed_seq_params=None):
+        calls.append((tokens, position_ids, attention_mask, packed_seq_params))
+        return torch.zeros(1)
+
+    first = parallel_state.is_pipeline_first_stage()
+    last = parallel_state.is_pipeline_last_stage()
+    data = iter([_thd_batch(seq_length)]) if parallel_state.get_tensor_model_parallel_rank() == 0 else None
+    _, loss_fn = forward_step(cfg, data, model)
+    tokens, position_ids, attention_mask, params = calls[0]
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 4, 10, 16, 32]
+    assert params.cu_seqlens_kv.tolist() == [0, 4, 10, 16, 32] and params.max_seqlen_q == 16
+    assert attention_mask is None
+    if first:
+        assert torch.equal(tokens, expected["tokens"].reshape(1, -1))
+        assert torch.equal(position_ids, expected["position_ids"].reshape(1, -1))
+    else:
+        assert tokens is None and position_ids is None
+    labels, loss_mask = loss_fn.args[1:3]
+    if last:
+        assert torch.equal(labels, expected["labels"].reshape(1, -1))
+        assert torch.equal(loss_mask, expected["loss_mask"].reshape(1, -1))
+
+
+def test_thd_batch_reaches_every_stage():
+    """The Transformer Engine packing path through Megatron's batch broadcast: TP=2 x PP=2, and PP=4
+    (middle stages need the boundaries too). TE's attention itself needs a GPU; see README."""
+    run_distributed(check_thd_batch_reaches_every_stage, world_size=4, tp=2, pp=2, args=(16,))
+    run_distributed(check_thd_batch_reaches_every_stage, world_size=4, tp=1, pp=4, args=(16,))
