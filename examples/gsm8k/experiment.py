@@ -9,7 +9,8 @@
 3. τ from the initial model on the second half (r = 0.7, k = 2, the paper's setting).
 4. For every seed and loss: SFT of the initial model on the second half (the seed changes the
    data order and the sampling), export to HF, n samples per GSM8K test prompt, Self-BLEU,
-   distinct-n, pass@1 and pass@n.
+   distinct-n, pass@1 and pass@n (only a stated `#### x` answer counts), and the share of
+   samples that state an answer at all.
 5. Prints the table (mean ± sample std over seeds) and writes results.json.
 A finished run is kept: running again with the same --workdir skips what it already has.
 """
@@ -33,6 +34,7 @@ LOSSES = {
     "sed": {"kind": "sed", "top_k": 2, "lam": 1.0},
 }
 METRICS = ("self_bleu", "distinct_2", "pass_at_1", "pass_at_k", "final_ce")
+COLUMNS = METRICS + ("answered",)
 
 
 def split_train(gsm8k_dir, workdir, eval_prompts):
@@ -71,13 +73,22 @@ def train_tokenizer(workdir, corpus, vocab_size):
     return save_tokenizer(backend, os.path.join(workdir, "tokenizer"))
 
 
+def answered(eval_path):
+    """Share of samples that state a final answer (`#### x` or \\boxed{x}), right or wrong."""
+    from sed_megatron.eval.metrics import extract_answer
+
+    with open(eval_path) as f:
+        samples = [s for prompt in json.load(f)["prompts"] for s in prompt["samples"]]
+    return sum(extract_answer(s, fallback_last_number=False) is not None for s in samples) / len(samples)
+
+
 def summarize(results, losses, seeds):
     """{loss: {metric: (mean, std)}} over seeds."""
     table = {}
     for loss in losses:
         runs = [results[f"{loss}_s{seed}"] for seed in seeds]
         table[loss] = {m: (statistics.fmean(r[m] for r in runs),
-                           statistics.stdev(r[m] for r in runs) if len(runs) > 1 else 0.0) for m in METRICS}
+                           statistics.stdev(r[m] for r in runs) if len(runs) > 1 else 0.0) for m in COLUMNS}
     return table
 
 
@@ -174,8 +185,8 @@ def main():
                     json.dump({m: result[m] for m in METRICS + ("k",)}, f)
                 print(f"      {name}: {time.time() - run_started:.0f} s", flush=True)
             with open(summary) as f:
-                results[name] = json.load(f)
-            print(f"      {name}: " + ", ".join(f"{m} {results[name][m]:.3f}" for m in METRICS), flush=True)
+                results[name] = {**json.load(f), "answered": answered(os.path.join(workdir, f"eval_{name}.json"))}
+            print(f"      {name}: " + ", ".join(f"{m} {results[name][m]:.3f}" for m in COLUMNS), flush=True)
 
     print("[4/4] table", flush=True)
     table = summarize(results, options.losses, options.seeds)
@@ -184,10 +195,10 @@ def main():
     k = options.num_samples
     print(f"\nGSM8K: {options.eval_prompts} test prompts x {k} samples, temperature 1.0, tau = {tau:.4f}, "
           f"seeds {options.seeds}, mean ± std, {time.time() - started:.0f} s")
-    print(f"| loss | Self-BLEU (lower = more diverse) | distinct-2 | pass@1 | pass@{k} | final train CE |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| loss | Self-BLEU (lower = more diverse) | distinct-2 | pass@1 | pass@{k} | final train CE | answered |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for loss in options.losses:
-        cells = " | ".join(f"{table[loss][m][0]:.3f} ± {table[loss][m][1]:.3f}" for m in METRICS)
+        cells = " | ".join(f"{table[loss][m][0]:.3f} ± {table[loss][m][1]:.3f}" for m in COLUMNS)
         print(f"| {loss.upper()} | {cells} |")
     return 0
 
