@@ -1,5 +1,7 @@
 """CE vs DFT vs GEM vs SED-SFT on GSM8K with a small model trained here, several seeds (docs/EXPERIMENTS.md).
 
+sed_all is an ablation: SED's penalty on every token instead of the calibrated mask.
+
     OMP_NUM_THREADS=1 .venv/bin/python examples/gsm8k/experiment.py --gsm8k-dir ../shared/data/gsm8k \
         --workdir runs/gsm8k
 
@@ -32,6 +34,9 @@ LOSSES = {
     "dft": {"kind": "dft"},
     "gem": {"kind": "gem"},
     "sed": {"kind": "sed", "top_k": 2, "lam": 1.0},
+    # Ablation: the penalty on every token. (p - 0.5)^2 opposes CE only where p > 0.5, and the
+    # calibrated mask selects tokens with p <= P_topk < tau; with tau < 0.5 it never opposes CE.
+    "sed_all": {"kind": "sed", "lam": 1.0, "mask": "none"},
 }
 METRICS = ("self_bleu", "distinct_2", "pass_at_1", "pass_at_k", "final_ce")
 COLUMNS = METRICS + ("answered",)
@@ -99,7 +104,7 @@ def main():
     parser.add_argument("--gsm8k-dir", required=True, help="holds train.jsonl and test.jsonl (question, answer)")
     parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "gsm8k"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--losses", nargs="+", choices=sorted(LOSSES), default=["ce", "dft", "gem", "sed"])
+    parser.add_argument("--losses", nargs="+", choices=sorted(LOSSES), default=["ce", "dft", "gem", "sed", "sed_all"])
     parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)

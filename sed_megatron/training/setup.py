@@ -23,6 +23,16 @@ def fail(message, prog="sed_megatron.train"):
     sys.exit(2)
 
 
+def _escape_bare_percent(parser):
+    """--help works: argparse %-formats help texts, and some of Megatron-LM's contain a bare '%'."""
+    for action in parser._actions:
+        if action.help and "%" in action.help:
+            try:
+                action.help % dict(vars(action), prog=parser.prog)
+            except (ValueError, TypeError, KeyError):
+                action.help = action.help.replace("%", "%%")
+
+
 def parse_run_args(argv, on_cpu, need_loss_config=True, extra_args_provider=None, precheck=None):
     """(Megatron's validated args, LossConfig or None) from defaults + YAML + command line.
 
@@ -45,6 +55,7 @@ def parse_run_args(argv, on_cpu, need_loss_config=True, extra_args_provider=None
         return extra_args_provider(parser) if extra_args_provider else parser
 
     parser = add_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    _escape_bare_percent(parser)
     try:
         expanded = expand_config(argv, parser)
         # A converted checkpoint carries its architecture: its flags come before the YAML's.

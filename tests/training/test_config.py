@@ -111,3 +111,9 @@ def test_cli_sed_without_tau_names_the_flag(tmp_path):
     out = run_train("--config", path)
     assert out.returncode == 2, out.stderr[-3000:]
     assert "--sed-tau (loss.tau): SED with mask='topk_mass' needs tau" in out.stderr.strip().splitlines()[-1]
+
+
+def test_cli_help_lists_our_flags_and_megatrons():
+    out = run_train("--help")  # Megatron-LM 0.19 has help texts with a bare '%', which argparse chokes on
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--sed-tau" in out.stdout and "--sft-pack" in out.stdout and "--tensor-model-parallel-size" in out.stdout
