@@ -1,7 +1,5 @@
 """CE vs DFT vs GEM vs SED-SFT on GSM8K with a small model trained here, several seeds (docs/EXPERIMENTS.md).
 
-sed_all is an ablation: SED's penalty on every token instead of the calibrated mask.
-
     OMP_NUM_THREADS=1 .venv/bin/python examples/gsm8k/experiment.py --gsm8k-dir ../shared/data/gsm8k \
         --workdir runs/gsm8k
 
@@ -9,10 +7,11 @@ sed_all is an ablation: SED's penalty on every token instead of the calibrated m
 2. A random Llama (hidden 128, 4 layers by default) becomes the "initial model" by CE on the
    first half: the paper starts SFT from an instruct model, which this stands in for.
 3. τ from the initial model on the second half (r = 0.7, k = 2, the paper's setting).
-4. For every seed and loss: SFT of the initial model on the second half (the seed changes the
-   data order and the sampling), export to HF, n samples per GSM8K test prompt, Self-BLEU,
-   distinct-n, pass@1 and pass@n (only a stated `#### x` answer counts), and the share of
-   samples that state an answer at all.
+4. For every seed and loss: SFT of the initial model on the second half (the seed changes
+   the data order and the sampling), export to HF, n samples per GSM8K test prompt,
+   Self-BLEU, distinct-n, pass@1 and pass@n (only a stated `#### x` answer counts), and the
+   share of samples that state an answer at all. sed_all is an ablation: SED's penalty on
+   every token instead of the calibrated mask.
 5. Prints the table (mean ± sample std over seeds) and writes results.json.
 A finished run is kept: running again with the same --workdir skips what it already has.
 """
@@ -109,8 +108,8 @@ def main():
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq-length", type=int, default=512, help="packed rows of this many tokens")
-    parser.add_argument("--base-iters", type=int, default=300)
-    parser.add_argument("--sft-iters", type=int, default=100)
+    parser.add_argument("--base-iters", type=int, default=250)
+    parser.add_argument("--sft-iters", type=int, default=80)
     parser.add_argument("--lr", type=float, default=2.0e-3, help="base training; SFT uses a quarter of it")
     parser.add_argument("--eval-prompts", type=int, default=100, help="first N GSM8K test questions")
     parser.add_argument("--num-samples", type=int, default=8)
