@@ -37,6 +37,20 @@ def check_tokenizer_fits(hf_dir, vocab_size):
         raise ValueError(f"{hf_dir}/config.json: vocab_size {vocab_size} is smaller than the tokenizer's {size} tokens")
 
 
+def megatron_argv(flags, save_dir, dtype_name):
+    """Megatron-LM flags of a one-process TP=1 model of the architecture, saving to save_dir."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    from sed_megatron.training.arguments import yaml_flags_to_argv
+
+    parser = add_megatron_arguments(argparse.ArgumentParser())
+    return yaml_flags_to_argv(flags, parser, "converted config") + [
+        "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1", "--micro-batch-size", "1",
+        "--global-batch-size", "1", "--train-iters", "1", "--seq-length", str(min(flags["max_position_embeddings"], 4096)),
+        "--save", save_dir, "--save-interval", "1", "--no-save-optim", "--no-save-rng", "--ckpt-format", "torch_dist",
+    ] + {"bfloat16": ["--bf16"], "float16": ["--fp16"]}.get(dtype_name, [])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", required=True)
@@ -50,7 +64,7 @@ def main(argv=None):
     from transformers import AutoConfig
 
     from sed_megatron.convert.checkpoint import (
-        MODEL_FILE, HFTensors, check_output_dir, padded_vocab_size, publish, single_process_env,
+        MODEL_FILE, HFTensors, check_output_dir, padded_vocab_size, single_process_env, staged_output,
     )
     from sed_megatron.convert.llama import Layout, megatron_flags_from_hf, name_map
 
@@ -78,72 +92,60 @@ def main(argv=None):
     except ValueError as err:
         _fail(str(err))
     from sed_megatron.compat import apply_cpu_training_runtime
-    from sed_megatron.training.arguments import yaml_flags_to_argv
     from sed_megatron.training.setup import model_provider, parse_run_args
 
     on_cpu = apply_cpu_training_runtime()
-    from megatron.training.arguments import add_megatron_arguments
     from megatron.training.checkpointing import save_checkpoint
     from megatron.training.initialize import initialize_megatron
     from tqdm import tqdm
 
     from sed_megatron.convert.streaming import StreamingSaveStrategy, chunk_sources
 
-    tmp_dir = f"{os.path.abspath(options.save.rstrip('/'))}.tmp-{os.getpid()}"
-    megatron_argv = yaml_flags_to_argv(flags, add_megatron_arguments(argparse.ArgumentParser()), "converted config") + [
-        "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1", "--micro-batch-size", "1",
-        "--global-batch-size", "1", "--train-iters", "1", "--seq-length", str(min(flags["max_position_embeddings"], 4096)),
-        "--save", tmp_dir, "--save-interval", "1", "--no-save-optim", "--no-save-rng", "--ckpt-format", "torch_dist",
-    ] + {"bfloat16": ["--bf16"], "float16": ["--fp16"]}.get(dtype_name, [])
-    args, _ = parse_run_args(megatron_argv, on_cpu, need_loss_config=False)
-    initialize_megatron(allow_no_cuda=on_cpu)
-    args.padded_vocab_size = padded_vocab_size(flags["vocab_size"])
+    with staged_output(options.save) as tmp_dir:  # nothing at --save unless everything succeeds
+        args, _ = parse_run_args(megatron_argv(flags, tmp_dir, dtype_name), on_cpu, need_loss_config=False)
+        initialize_megatron(allow_no_cuda=on_cpu)
+        args.padded_vocab_size = padded_vocab_size(flags["vocab_size"])
 
-    try:
-        with torch.device("meta"):  # no memory, no random init: the weights come from the checkpoint
-            model = model_provider(args).to(dtype)  # every tensor in the checkpoint's dtype, as training saves it
-        sharded = model.sharded_state_dict()
-        expected = {name: sh for name, sh in sharded.items() if not name.endswith("_extra_state")}
-        layout = Layout.from_flags(flags, args.padded_vocab_size, te_names=args.transformer_impl == "transformer_engine")
-        rows = {mcore: (hf_names, fuse) for mcore, hf_names, fuse, _ in name_map(layout)}
-        for name, (hf_names, fuse) in rows.items():  # every shape checked before anything is written
-            if name not in expected:
-                raise ValueError(f"converted tensor {name} has no place in the Megatron model")
-            shape = tuple(fuse(*(tensors.meta(n) for n in hf_names)).shape)
-            if shape != tuple(expected[name].data.shape):
-                raise ValueError(f"shape mismatch: {name} is {shape} from {options.hf_dir}, the model expects "
-                                 f"{tuple(expected[name].data.shape)} (config.json disagrees with the weights)")
-        absent = sorted(set(expected) - set(rows))
-        if absent:
-            raise ValueError(f"no Hugging Face tensor for {absent[0]} (and {len(absent) - 1} more)")
+        try:
+            with torch.device("meta"):  # no memory, no random init: the weights come from the checkpoint
+                model = model_provider(args).to(dtype)  # every tensor in the checkpoint's dtype, as training saves it
+            sharded = model.sharded_state_dict()
+            expected = {name: sh for name, sh in sharded.items() if not name.endswith("_extra_state")}
+            layout = Layout.from_flags(flags, args.padded_vocab_size, te_names=args.transformer_impl == "transformer_engine")
+            rows = {mcore: (hf_names, fuse) for mcore, hf_names, fuse, _ in name_map(layout)}
+            for name, (hf_names, fuse) in rows.items():  # every shape checked before anything is written
+                if name not in expected:
+                    raise ValueError(f"converted tensor {name} has no place in the Megatron model")
+                shape = tuple(fuse(*(tensors.meta(n) for n in hf_names)).shape)
+                if shape != tuple(expected[name].data.shape):
+                    raise ValueError(f"shape mismatch: {name} is {shape} from {options.hf_dir}, the model expects "
+                                     f"{tuple(expected[name].data.shape)} (config.json disagrees with the weights)")
+            absent = sorted(set(expected) - set(rows))
+            if absent:
+                raise ValueError(f"no Hugging Face tensor for {absent[0]} (and {len(absent) - 1} more)")
 
-        sources = chunk_sources(sharded)
-        progress = tqdm(total=len(sources), desc="convert", unit=" chunks")
+            sources = chunk_sources(sharded)
+            progress = tqdm(total=len(sources), desc="convert", unit=" chunks")
 
-        @functools.lru_cache(maxsize=1)  # a parameter saved as several chunks is converted once
-        def converted(name):
-            hf_names, fuse = rows[name]
-            return fuse(*(tensors(n) for n in hf_names)).to(dtype)
+            @functools.lru_cache(maxsize=1)  # a parameter saved as several chunks is converted once
+            def converted(name):
+                hf_names, fuse = rows[name]
+                return fuse(*(tensors(n) for n in hf_names)).to(dtype)
 
-        def materialize(key, offset):
-            name, cut = sources[(key, offset)]
-            progress.update()
-            return cut(converted(name))
+            def materialize(key, offset):
+                name, cut = sources[(key, offset)]
+                progress.update()
+                return cut(converted(name))
 
-        strategy = StreamingSaveStrategy(materialize)
-        save_checkpoint(0, [model], None, None, 0, checkpointing_context={"save_strategy": strategy})
-        progress.close()
-        with open(os.path.join(tmp_dir, MODEL_FILE), "w") as f:
-            yaml.safe_dump({"model_type": hf_config.model_type, "model": flags,
-                            "padded_vocab_size": args.padded_vocab_size, "dtype": dtype_name}, f, sort_keys=False)
-        publish(tmp_dir, options.save)
-    except ValueError as err:
-        _fail(str(err))
-    finally:
-        if os.path.exists(tmp_dir):
-            import shutil
+            strategy = StreamingSaveStrategy(materialize)
+            save_checkpoint(0, [model], None, None, 0, checkpointing_context={"save_strategy": strategy})
+            progress.close()
+            with open(os.path.join(tmp_dir, MODEL_FILE), "w") as f:
+                yaml.safe_dump({"model_type": hf_config.model_type, "model": flags,
+                                "padded_vocab_size": args.padded_vocab_size, "dtype": dtype_name}, f, sort_keys=False)
+        except ValueError as err:
+            _fail(str(err))
 
-            shutil.rmtree(tmp_dir)
     print(f"saved {options.save} ({hf_config.model_type}, {dtype_name}, padded vocab {args.padded_vocab_size})")
 
 

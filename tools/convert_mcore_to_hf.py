@@ -92,7 +92,7 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true")
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-    from sed_megatron.convert.checkpoint import check_output_dir, publish, read_model_file, single_process_env
+    from sed_megatron.convert.checkpoint import check_output_dir, read_model_file, single_process_env, staged_output
     from sed_megatron.convert.llama import Layout, hf_config_from_flags, name_map
 
     try:
@@ -142,8 +142,7 @@ def main(argv=None):
     rows = name_map(layout)
     dtype = getattr(torch, dtype_name)
     config = hf_config_from_flags(info["model"], info["model_type"], dtype=dtype_name)
-    tmp_dir = f"{os.path.abspath(options.save.rstrip('/'))}.tmp-{os.getpid()}"
-    try:
+    with staged_output(options.save) as tmp_dir:  # nothing at --save unless everything succeeds
         os.makedirs(tmp_dir)
         writer = ShardWriter(tmp_dir, options.max_shard_size_mb * 2**20)
         done = set()
@@ -159,10 +158,6 @@ def main(argv=None):
             _fail(f"{checkpoint_dir}: no {missing[0]} in the checkpoint (and {len(missing) - 1} more)")
         count = writer.close()
         write_config(tmp_dir, config, options.hf_template)
-        publish(tmp_dir, options.save)
-    finally:
-        if os.path.exists(tmp_dir):
-            shutil.rmtree(tmp_dir)
     print(f"saved {options.save} ({info['model_type']}, {dtype_name}, {count} tensors)")
 
 

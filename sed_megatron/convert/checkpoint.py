@@ -10,6 +10,7 @@ architecture need not be repeated. The vocabulary is padded to a multiple of 102
 the embedding splits evenly at any TP dividing 1024; the padding rows are zero.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -148,8 +149,16 @@ def check_output_dir(path, overwrite):
         raise ValueError(f"{path}: output directory is not empty (use --overwrite)")
 
 
-def publish(tmp_dir, final_dir):
-    """Move a finished output into place (replacing what --overwrite allowed)."""
-    if os.path.exists(final_dir):
-        shutil.rmtree(final_dir)
-    os.replace(tmp_dir, final_dir)
+@contextlib.contextmanager
+def staged_output(final_dir):
+    """A temporary directory beside final_dir. It replaces final_dir (as --overwrite allowed)
+    when the block completes, and is removed if anything fails: never a half-written output."""
+    tmp_dir = f"{os.path.abspath(final_dir.rstrip('/'))}.tmp-{os.getpid()}"
+    try:
+        yield tmp_dir
+        if os.path.exists(final_dir):
+            shutil.rmtree(final_dir)
+        os.replace(tmp_dir, final_dir)
+    finally:
+        if os.path.exists(tmp_dir):
+            shutil.rmtree(tmp_dir)
