@@ -93,7 +93,7 @@ def main(argv=None):
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     from sed_megatron.convert.checkpoint import check_output_dir, read_model_file, single_process_env, staged_output
-    from sed_megatron.convert.llama import Layout, hf_config_from_flags, name_map
+    from sed_megatron.convert.llama import Layout, hf_config_from_flags, megatron_to_hf, name_map
 
     try:
         info = read_model_file(options.load)
@@ -139,7 +139,6 @@ def main(argv=None):
         model = model_provider(args)
     layout = Layout.from_flags(info["model"], info["padded_vocab_size"],
                                te_names=args.transformer_impl == "transformer_engine")
-    rows = name_map(layout)
     dtype = getattr(torch, dtype_name)
     config = hf_config_from_flags(info["model"], info["model_type"], dtype=dtype_name)
     with staged_output(options.save) as tmp_dir:  # nothing at --save unless everything succeeds
@@ -148,12 +147,10 @@ def main(argv=None):
         done = set()
         for group in tqdm(layer_groups(model.sharded_state_dict()), desc="export", unit=" layers"):
             loaded = load_group(group, checkpoint_dir, dtype)  # one decoder layer (or the global tensors)
-            for mcore, hf_names, _, split in rows:
-                if mcore in loaded:
-                    for name, tensor in zip(hf_names, split(loaded[mcore]), strict=True):
-                        writer.add(name, tensor.contiguous())
-                    done.add(mcore)
-        missing = [mcore for mcore, *_ in rows if mcore not in done]
+            for name, tensor in megatron_to_hf(loaded.__getitem__, layout, only=loaded):
+                writer.add(name, tensor)
+            done.update(loaded)
+        missing = [mcore for mcore, *_ in name_map(layout) if mcore not in done]
         if missing:
             _fail(f"{checkpoint_dir}: no {missing[0]} in the checkpoint (and {len(missing) - 1} more)")
         count = writer.close()

@@ -19,29 +19,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sed_megatron.data.jsonl import read_jsonl  # noqa: E402
 from sed_megatron.eval.metrics import evaluate  # noqa: E402
 
 PROG = "eval_diversity.py"
 
 
 def read_prompts(path, prompt_key, answer_key, limit):
-    prompts, answers = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                prompt = record["messages"] if "messages" in record else record[prompt_key]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{line_no}: {'missing field ' + str(err) if isinstance(err, KeyError) else err}") from None
-            prompts.append(prompt)
-            answers.append(record.get(answer_key))
-            if limit and len(prompts) == limit:
-                break
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
-    return prompts, answers
+    """(prompts, reference answers or None): a prompt is its text or its `messages` list."""
+    def parse(record):
+        return record["messages"] if "messages" in record else record[prompt_key], record.get(answer_key)
+
+    prompts, answers = zip(*read_jsonl(path, parse, limit))
+    return list(prompts), list(answers)
 
 
 def render(tokenizer, prompt, use_chat_template):

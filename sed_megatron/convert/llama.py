@@ -228,8 +228,12 @@ def hf_to_megatron(get_hf, layout: Layout):
         yield mcore, fuse(*(get_hf(name) for name in hf_names))
 
 
-def megatron_to_hf(get_mcore, layout: Layout):
-    """Yield (Hugging Face name, tensor); get_mcore(name) loads one Megatron tensor."""
+def megatron_to_hf(get_mcore, layout: Layout, only=None):
+    """Yield (Hugging Face name, tensor); get_mcore(name) loads one Megatron tensor.
+
+    only: the Megatron names to map (default: every one of the model)."""
     for mcore, hf_names, _, split in name_map(layout):
+        if only is not None and mcore not in only:
+            continue
         for name, tensor in zip(hf_names, split(get_mcore(mcore)), strict=True):
             yield name, tensor.contiguous()

@@ -7,10 +7,9 @@ positions keep their labels so that statistics over every token (τ calibration 
 tokens) can be taken; the loss mask keeps them out of the loss.
 """
 
-import json
-
 import torch
 
+from sed_megatron.data.jsonl import read_jsonl
 from sed_megatron.loss import IGNORE_INDEX
 
 
@@ -67,24 +66,15 @@ class JsonlSFTDataset(torch.utils.data.Dataset):
     """Pre-tokenized samples, one JSON object per line: {"tokens": [...], "loss_mask": [...]}."""
 
     def __init__(self, path, length, seq_length, vocab_size):
-        self.length, self.seq_length = length, seq_length
-        self.samples = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    tokens, loss_mask = record["tokens"], record["loss_mask"]
-                    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in tokens):
-                        raise ValueError(f"token ids must be integers in [0, {vocab_size})")
-                    sample_from_tokens(tokens, loss_mask, seq_length)  # validates lengths
-                except (ValueError, KeyError, TypeError) as err:
-                    detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
-                    raise ValueError(f"{path}:{line_no}: {detail}") from None
-                self.samples.append((tokens, loss_mask))
-        if not self.samples:
-            raise ValueError(f"{path}: no samples")
+        self.length, self.seq_length, self.vocab_size = length, seq_length, vocab_size
+        self.samples = read_jsonl(path, self._parse)
+
+    def _parse(self, record):
+        tokens, loss_mask = record["tokens"], record["loss_mask"]
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in tokens):
+            raise ValueError(f"token ids must be integers in [0, {self.vocab_size})")
+        sample_from_tokens(tokens, loss_mask, self.seq_length)  # validates lengths
+        return tokens, loss_mask
 
     def __len__(self):
         return self.length
