@@ -18,6 +18,13 @@ setup(
         "transformers",
         "numpy",
     ],
+    entry_points={
+        "console_scripts": [
+            "sed-convert-hf-to-mcore = sed_megatron.cli.convert_hf_to_mcore:main",
+            "sed-convert-mcore-to-hf = sed_megatron.cli.convert_mcore_to_hf:main",
+            "sed-compare-hf-mcore = sed_megatron.cli.compare_hf_mcore:main",
+        ],
+    },
     extras_require={
         # Transformer Engine: fused layers and parallel CE on GPUs. apex has no usable PyPI
         # package; it is used when importable.

@@ -1,13 +1,8 @@
-"""Hugging Face directory -> Megatron distributed checkpoint (and what training needs to load it).
+"""What both converters read and write: the model file, safetensors shards, staged output.
 
-    python tools/convert_hf_to_mcore.py --hf-dir HF_DIR --save CKPT_DIR
-
-The checkpoint is Megatron-LM's own (torch_dist, `iter_0000000`), written by its
-save_checkpoint from a TP=1 model, so training loads it at any TP x PP. Beside it,
-`sed_megatron_model.yaml` holds the architecture as Megatron-LM flags, the padded vocabulary
-size and the Hugging Face model type; `sed_megatron.train --load CKPT_DIR` reads it, so the
-architecture need not be repeated. The vocabulary is padded to a multiple of 1024 rows, so
-the embedding splits evenly at any TP dividing 1024; the padding rows are zero.
+Beside a converted checkpoint, `sed_megatron_model.yaml` holds the architecture as Megatron-LM
+flags (`model:`), the Hugging Face model_type, the padded vocabulary size and the dtype;
+`sed_megatron.train --load CKPT_DIR` reads it, so the architecture need not be repeated.
 """
 
 import contextlib
@@ -18,16 +13,13 @@ import struct
 
 import yaml
 
+from sed_megatron.models.config import VOCAB_MULTIPLE, ModelConfig, padded_vocab_size  # noqa: F401
+
 MODEL_FILE = "sed_megatron_model.yaml"
-VOCAB_MULTIPLE = 1024
-
-
-def padded_vocab_size(vocab_size):
-    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 def read_model_file(checkpoint_dir):
-    """The architecture stored beside a converted checkpoint, or None."""
+    """The architecture stored beside a converted checkpoint (a dict), or None."""
     path = os.path.join(checkpoint_dir or "", MODEL_FILE)
     if not checkpoint_dir or not os.path.exists(path):
         return None
@@ -36,6 +28,27 @@ def read_model_file(checkpoint_dir):
     if not isinstance(info, dict) or not {"model", "model_type", "padded_vocab_size"} <= set(info):
         raise ValueError(f"{path}: not a sed_megatron model file (model, model_type, padded_vocab_size expected)")
     return info
+
+
+def model_config_from_file(checkpoint_dir, transformer_impl="local"):
+    """(ModelConfig, dtype name) of a converted (or trained-from-converted) checkpoint, or None
+    without a model file; ValueError naming the file and key when it cannot be read."""
+    info = read_model_file(checkpoint_dir)
+    if info is None:
+        return None
+    path = os.path.join(checkpoint_dir, MODEL_FILE)
+    if not isinstance(info["model"], dict):
+        raise ValueError(f"{path}: model must be a mapping of Megatron-LM flags")
+    cfg = ModelConfig.from_megatron_flags(info["model"], info["padded_vocab_size"], model_type=info["model_type"],
+                                          transformer_impl=transformer_impl, where=f"{path}: model")
+    return cfg, info.get("dtype", "float32")
+
+
+def write_model_file(directory, model_cfg, dtype_name):
+    """The model file of a checkpoint: readable by read_model_file and by every earlier version's."""
+    with open(os.path.join(directory, MODEL_FILE), "w") as f:
+        yaml.safe_dump({"model_type": model_cfg.model_type, "model": model_cfg.to_megatron_flags(),
+                        "padded_vocab_size": model_cfg.padded_vocab_size, "dtype": dtype_name}, f, sort_keys=False)
 
 
 _SAFETENSORS_DTYPES = {
@@ -142,6 +155,50 @@ def single_process_env():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     elif os.environ.get("WORLD_SIZE", "1") != "1":
         raise ValueError("run the converter as a single process (no torchrun with several processes)")
+
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+
+
+def checkpoint_iteration_dir(load):
+    """The directory of the iteration Megatron's tracker file in `load` points to (torch_dist)."""
+    tracker = os.path.join(load, TRACKER_FILE)
+    if not os.path.exists(tracker):
+        raise ValueError(f"{tracker}: missing (not a Megatron checkpoint directory)")
+    with open(tracker) as f:
+        text = f.read().strip()
+    if text == "release":
+        return os.path.join(load, "release")
+    try:
+        return os.path.join(load, f"iter_{int(text):07d}")
+    except ValueError:
+        raise ValueError(f"{tracker}: {text!r} is neither an iteration nor 'release'") from None
+
+
+@contextlib.contextmanager
+def single_process_model_parallel():
+    """A gloo world of this one process with Megatron's model parallel state at TP=PP=1, torn
+    down on exit: enough to build a GPTModel and read its sharded state dict."""
+    import socket
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise ValueError("run the converter as a single process (no torchrun with several processes)")
+    created = not dist.is_initialized()
+    if created:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        parallel_state.initialize_model_parallel(1, 1)
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        if created:
+            dist.destroy_process_group()
 
 
 def check_output_dir(path, overwrite):

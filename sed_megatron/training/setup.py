@@ -156,13 +156,53 @@ class _with_attention_mask:
         return {**self.dataset[index], "attention_mask": self.mask}
 
 
+def model_config_from_args(args):
+    """The typed ModelConfig of Megatron's validated args (read once, by the model provider).
+
+    The Hugging Face model_type (which picks the family's layers) comes from the model file of a
+    converted checkpoint in --load; a model defined by flags alone has none."""
+    from sed_megatron.convert.checkpoint import read_model_file
+    from sed_megatron.models import ModelConfig
+
+    info = read_model_file(args.load)
+    return ModelConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups if args.group_query_attention else args.num_attention_heads,
+        kv_channels=args.kv_channels,
+        vocab_size=args.vocab_size or args.padded_vocab_size,
+        padded_vocab_size=args.padded_vocab_size,
+        max_position_embeddings=args.max_position_embeddings,
+        normalization=args.normalization,
+        norm_epsilon=args.layernorm_epsilon,
+        swiglu=args.swiglu,
+        add_bias_linear=args.add_bias_linear,
+        qkv_bias=args.add_qkv_bias,
+        qk_layernorm=args.qk_layernorm,
+        position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
+        rotary_percent=args.rotary_percent,
+        rope_scaling_factor=args.rope_scaling_factor if args.use_rope_scaling else None,
+        rotary_seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
+        tied_embeddings=not args.untie_embeddings_and_output_weights,
+        num_experts=args.num_experts,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size if args.num_experts else None,
+        moe_router_topk=args.moe_router_topk,
+        model_type=None if info is None else info["model_type"],
+        transformer_impl=args.transformer_impl,
+    )
+
+
 def model_provider(args, pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
+    """Megatron's model_provider: the GPTModel of one pipeline stage, from the typed ModelConfig."""
     from megatron.training.argument_utils import core_transformer_config_from_args
 
-    from sed_megatron.models.gpt import build_gpt_model
+    from sed_megatron.models import build_gpt_model
 
     config = config or core_transformer_config_from_args(args)
-    return build_gpt_model(args, config, pre_process, post_process, vp_stage, pg_collection)
+    return build_gpt_model(model_config_from_args(args), config, pre_process, post_process, vp_stage, pg_collection)
 
 
 def step_config(args, loss_cfg):
