@@ -38,8 +38,7 @@ TINY_VARIANTS = {
                                      "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                          "original_max_position_embeddings": 8192}}),
-    "llama_mha_attention_bias": ("llama", {"tie_word_embeddings": False, "num_key_value_heads": 4,
-                                           "attention_bias": True}),
+    "llama_mha": ("llama", {"tie_word_embeddings": False, "num_key_value_heads": 4}),
     "qwen2_bias": ("qwen2", {"tie_word_embeddings": False}),
     "mistral": ("mistral", {"tie_word_embeddings": False, "sliding_window": None}),
 }

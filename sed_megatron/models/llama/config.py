@@ -1,9 +1,10 @@
 """Llama 3.x (and Mistral) architecture: a transformers config <-> ModelConfig.
 
 Llama is Megatron's standard GPT layer: RMSNorm, SwiGLU, RoPE (Llama-3 scaling optional),
-grouped-query attention, no linear biases (QKV biases with `attention_bias`), tied or untied
-embeddings. Mistral is the same model without QKV biases and with an optional sliding
-window, which Megatron does not implement (only full attention converts).
+grouped-query attention, no linear biases, tied or untied embeddings (Llama's
+`attention_bias` biases o_proj as well as q/k/v, which Megatron cannot express). Mistral is
+the same model with an optional sliding window, which Megatron does not implement (only full
+attention converts).
 """
 
 from ..config import LLAMA3_ROPE_CONSTANTS, ModelConfig, padded_vocab_size
@@ -25,6 +26,8 @@ def config_from_hf(config):
         raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (SwiGLU needs 'silu')")
     if getattr(config, "mlp_bias", False):
         raise ValueError("mlp_bias=True is not supported")
+    if getattr(config, "attention_bias", False):  # q, k, v *and* o biases: Megatron biases QKV alone or every linear
+        raise ValueError("attention_bias=True is not supported (Megatron has no output-projection-only bias)")
     heads = config.num_attention_heads
     groups = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -53,7 +56,7 @@ def config_from_hf(config):
         norm_epsilon=config.rms_norm_eps,
         swiglu=True,
         add_bias_linear=False,
-        qkv_bias=bool(getattr(config, "attention_bias", False)),
+        qkv_bias=False,
         position_embedding_type="rope",
         rotary_base=int(theta),
         rope_scaling_factor=factor,
@@ -94,8 +97,8 @@ def hf_config(cfg, **extra):
     """The transformers LlamaConfig of a ModelConfig (the inverse of config_from_hf)."""
     from transformers import AutoConfig
 
-    check_expressible(cfg, "llama")
-    return AutoConfig.for_model("llama", **llama_hf_kwargs(cfg), attention_bias=cfg.qkv_bias, **extra)
+    check_expressible(cfg, "llama", qkv_bias=False)
+    return AutoConfig.for_model("llama", **llama_hf_kwargs(cfg), **extra)
 
 
 def mistral_config_from_hf(config):
