@@ -41,6 +41,26 @@ class Converted:
     """Tensors written (checkpoint chunks for the import, Hugging Face tensors for the export)."""
 
 
+def ignored_hf_tensors(model_cfg, tensors):
+    """Stored tensors that carry no weights of their own: RoPE buffers some checkpoints include,
+    and a tied model's lm_head (a copy of the embedding)."""
+    return [name for name in tensors
+            if name.endswith("rotary_emb.inv_freq") or (model_cfg.tied_embeddings and name == "lm_head.weight")]
+
+
+def check_every_tensor_maps(hf_dir, model_cfg, tensors):
+    """Every tensor the family's name map needs is stored, and every stored one is used (one
+    the name map does not know would silently vanish)."""
+    used = {name for row in family_for(model_cfg.model_type).rows(model_cfg) for name in row.hf}
+    missing = sorted(used - set(tensors))
+    if missing:
+        raise ValueError(f"{hf_dir}: tensor {missing[0]} (and {len(missing) - 1} more) is missing from the checkpoint")
+    unused = sorted(set(tensors) - used - set(ignored_hf_tensors(model_cfg, tensors)))
+    if unused:
+        raise ValueError(f"{hf_dir}: tensor {unused[0]} (and {len(unused) - 1} more) has no place in the "
+                         f"{model_cfg.model_type} name map")
+
+
 def read_hf_config(hf_dir):
     """The transformers config of a Hugging Face directory; ValueError naming config.json."""
     from transformers import AutoConfig
@@ -108,6 +128,7 @@ def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=Tr
     check_tokenizer_fits(hf_dir, hf_config.vocab_size)
     check_output_dir(save, overwrite)
     tensors = HFTensors(hf_dir)
+    check_every_tensor_maps(hf_dir, model_cfg, tensors)
     dtype_name = resolve_dtype(dtype, hf_config)
     single_process_env()
 
