@@ -20,7 +20,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sed_megatron.calibration import TOKEN_SETS  # noqa: E402
-from sed_megatron.compat import apply_cpu_training_runtime  # noqa: E402
+from sed_megatron.runtime import prepare  # noqa: E402
 from sed_megatron.training.setup import build_datasets, fail, model_provider, parse_run_args, step_config  # noqa: E402
 
 PROG = "calibrate_tau.py"
@@ -59,8 +59,8 @@ def write_config(source, target, tau):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    on_cpu = apply_cpu_training_runtime()
-    args, _ = parse_run_args(argv, on_cpu, need_loss_config=False, extra_args_provider=add_calibration_arguments,
+    runtime = prepare(training=True)
+    args, _ = parse_run_args(argv, runtime, need_loss_config=False, extra_args_provider=add_calibration_arguments,
                              precheck=check_arguments)
 
     import torch.distributed as dist
@@ -72,7 +72,7 @@ def main(argv=None):
     from sed_megatron.loss import LossConfig
     from sed_megatron.training.calibrate import calibrate_tau
 
-    initialize_megatron(allow_no_cuda=on_cpu)
+    initialize_megatron(allow_no_cuda=runtime.on_cpu)
     model = get_model(functools.partial(model_provider, args), ModelType.encoder_or_decoder, wrap_with_ddp=False)
     if args.load:
         # Weights only: no optimizer, scheduler or RNG state, whatever the checkpoint holds.
@@ -81,7 +81,7 @@ def main(argv=None):
     n = args.calibration_samples
     split = 0 if args.calibration_split == "train" else 1
     dataset = build_datasets(args, [n, n, 0])[split]
-    tau = calibrate_tau(model, dataset, n, step_config(args, LossConfig()), args.sed_top_k, args.mask_ratio,
+    tau = calibrate_tau(model, dataset, n, step_config(args, LossConfig(top_k=args.sed_top_k)), args.mask_ratio,
                         args.calibration_tokens)
     if dist.get_rank() == 0:
         if args.write_config:

@@ -30,7 +30,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-    from sed_megatron.compat import apply_cpu_training_runtime
+    from sed_megatron.runtime import prepare
     from sed_megatron.convert.checkpoint import read_model_file
     from sed_megatron.training.setup import fail, model_provider, parse_run_args
 
@@ -49,19 +49,19 @@ def main(argv=None):
     import torch
     import torch.distributed as dist
 
-    on_cpu = apply_cpu_training_runtime()
+    runtime = prepare(training=True)
     args, _ = parse_run_args(
         ["--load", options.load, "--tensor-model-parallel-size", str(options.tp), "--micro-batch-size", "1",
          "--global-batch-size", "1", "--seq-length", str(options.seq_length), "--train-iters", "1",
          "--finetune", "--no-load-optim", "--no-load-rng", *precision],
-        on_cpu, need_loss_config=False)
+        runtime, need_loss_config=False)
     from megatron.core import parallel_state
     from megatron.core.enums import ModelType
     from megatron.training.checkpointing import load_checkpoint
     from megatron.training.initialize import initialize_megatron
     from megatron.training.training import get_model
 
-    initialize_megatron(allow_no_cuda=on_cpu)
+    initialize_megatron(allow_no_cuda=runtime.on_cpu)
     model = get_model(functools.partial(model_provider, args), ModelType.encoder_or_decoder, wrap_with_ddp=False)
     load_checkpoint(model, None, None)
     vocab_size = info["model"]["vocab_size"]

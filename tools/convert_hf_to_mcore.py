@@ -91,10 +91,10 @@ def main(argv=None):
         single_process_env()
     except ValueError as err:
         _fail(str(err))
-    from sed_megatron.compat import apply_cpu_training_runtime
+    from sed_megatron.runtime import prepare
     from sed_megatron.training.setup import model_provider, parse_run_args
 
-    on_cpu = apply_cpu_training_runtime()
+    runtime = prepare(training=True)
     from megatron.training.checkpointing import save_checkpoint
     from megatron.training.initialize import initialize_megatron
     from tqdm import tqdm
@@ -102,8 +102,8 @@ def main(argv=None):
     from sed_megatron.convert.streaming import StreamingSaveStrategy, chunk_sources
 
     with staged_output(options.save) as tmp_dir:  # nothing at --save unless everything succeeds
-        args, _ = parse_run_args(megatron_argv(flags, tmp_dir, dtype_name), on_cpu, need_loss_config=False)
-        initialize_megatron(allow_no_cuda=on_cpu)
+        args, _ = parse_run_args(megatron_argv(flags, tmp_dir, dtype_name), runtime, need_loss_config=False)
+        initialize_megatron(allow_no_cuda=runtime.on_cpu)
         args.padded_vocab_size = padded_vocab_size(flags["vocab_size"])
 
         try:

@@ -114,22 +114,22 @@ def main(argv=None):
 
     import torch
 
-    from sed_megatron.compat import apply_cpu_training_runtime
+    from sed_megatron.runtime import prepare
     from sed_megatron.training.setup import model_provider, parse_run_args
 
-    on_cpu = apply_cpu_training_runtime()
+    runtime = prepare(training=True)
     args, _ = parse_run_args(
         ["--load", options.load, "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
          "--micro-batch-size", "1", "--global-batch-size", "1", "--seq-length", "16", "--train-iters", "1",
          "--finetune", "--no-load-optim", "--no-load-rng"],
-        on_cpu, need_loss_config=False)
+        runtime, need_loss_config=False)
     from megatron.training.checkpointing import get_checkpoint_name, get_checkpoint_tracker_filename, read_metadata
     from megatron.training.initialize import initialize_megatron
     from tqdm import tqdm
 
     from sed_megatron.convert.streaming import layer_groups, load_group
 
-    initialize_megatron(allow_no_cuda=on_cpu)
+    initialize_megatron(allow_no_cuda=runtime.on_cpu)
     tracker = get_checkpoint_tracker_filename(options.load)
     if not os.path.exists(tracker):
         _fail(f"{tracker}: missing (not a Megatron checkpoint directory)")

@@ -2,29 +2,24 @@
 
     run_distributed(check_fn, world_size=4, tp=2, pp=2, args=(...,))
 
-check_fn(*args) runs on every rank after `init_process_group("gloo")`, the CPU runtime layer
-(when CUDA is absent) and `parallel_state.initialize_model_parallel(tp, pp)`; an exception on
-any rank fails the call with that rank's traceback. check_fn must be importable by module path
+check_fn(*args) runs on every rank after `init_process_group("gloo")`, the CPU layer (always:
+these are CPU tests, also on a GPU machine) and `parallel_state.initialize_model_parallel(tp,
+pp)`; an exception on any rank fails the call with that rank's traceback. check_fn must be importable by module path
 (a module-level function), since the processes are spawned.
 """
 
 import os
-import socket
 
 import torch.multiprocessing as mp
 
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from sed_megatron.utils import free_port
 
 
 def _worker(rank, world_size, port, tp, pp, fn, args):
     import torch
     import torch.distributed as dist
 
-    from sed_megatron.compat import apply_cpu_runtime
+    from sed_megatron.runtime import apply_cpu_runtime
 
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     torch.set_num_threads(1)  # N processes share the cores of a small machine
@@ -46,4 +41,4 @@ def run_distributed(fn, world_size, tp=1, pp=1, args=()):
     """Run fn(*args) on world_size spawned gloo ranks with TP=tp, PP=pp (DP = the rest)."""
     if world_size % (tp * pp):
         raise ValueError(f"world_size {world_size} is not a multiple of tp*pp = {tp * pp}")
-    mp.spawn(_worker, args=(world_size, _free_port(), tp, pp, fn, args), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, free_port(), tp, pp, fn, args), nprocs=world_size, join=True)

@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from sed_megatron.testing.tiny_hf import tiny_hf_model
+from sed_megatron.utils import free_port
 
-from ..training.launch import REPO, TINY, _env, _free_port, train
+from ..training.launch import REPO, TINY, _env, train
 
 CONVERT = os.path.join(REPO, "tools", "convert_hf_to_mcore.py")
 COMPARE = os.path.join(REPO, "tools", "compare_hf_mcore.py")
@@ -27,7 +28,7 @@ def convert(hf_dir, save, *flags):
 
 def compare(hf_dir, ckpt, tp):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    out = subprocess.run([torchrun, "--nproc_per_node", str(tp), "--master_port", str(_free_port()), COMPARE,
+    out = subprocess.run([torchrun, "--nproc_per_node", str(tp), "--master_port", str(free_port()), COMPARE,
                           "--hf-dir", hf_dir, "--load", ckpt, "--tp", str(tp)],
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
