@@ -23,6 +23,19 @@ setup(
         "transformers",
         "numpy",
     ],
+    entry_points={
+        "console_scripts": [
+            "sed-train = sed_megatron.train:main",
+            "sed-preprocess-sft-data = sed_megatron.cli.preprocess_sft_data:main",
+            "sed-calibrate-tau = sed_megatron.cli.calibrate_tau:main",
+            "sed-convert-hf-to-mcore = sed_megatron.cli.convert_hf_to_mcore:main",
+            "sed-convert-mcore-to-hf = sed_megatron.cli.convert_mcore_to_hf:main",
+            "sed-compare-hf-mcore = sed_megatron.cli.compare_hf_mcore:main",
+            "sed-gguf-to-hf = sed_megatron.cli.gguf_to_hf:main",
+            "sed-eval-diversity = sed_megatron.cli.eval_diversity:main",
+            "sed-plot-metrics = sed_megatron.cli.plot_metrics:main",
+        ],
+    },
     extras_require={
         # Transformer Engine: fused layers and parallel CE on GPUs. apex has no usable PyPI
         # package; it is used when importable.
