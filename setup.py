@@ -1,5 +1,10 @@
 from setuptools import find_packages, setup
 
+# examples/rl/grpo_trl.py and the parquet of examples/rl/prepare_data.py. TRL >= 1.15 ends a
+# completion at every eos id of generation_config.json (an instruct model's end of turn), not
+# only at the tokenizer's eos.
+RL_REQUIRES = ["trl>=1.15", "pyarrow"]
+
 setup(
     name="sed_megatron",
     version="0.1.0",
@@ -35,6 +40,7 @@ setup(
         # Transformer Engine: fused layers and parallel CE on GPUs. apex has no usable PyPI
         # package; it is used when importable.
         "gpu": ["transformer-engine[pytorch]"],
-        "test": ["pytest"],
+        "rl": RL_REQUIRES,
+        "test": ["pytest", *RL_REQUIRES],  # tests/examples/test_rl.py runs 2 GRPO steps with TRL
     },
 )
