@@ -98,16 +98,12 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed steps per loss")
     args = parser.parse_args()
 
-    from sed_megatron.compat import apply_cpu_runtime
+    from sed_megatron.runtime import prepare
+    from sed_megatron.utils import free_port
 
-    on_cpu = apply_cpu_runtime()
-    device = torch.device("cpu" if on_cpu else "cuda")
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.distributed.init_process_group("gloo" if on_cpu else "nccl", init_method=f"tcp://127.0.0.1:{port}",
+    runtime = prepare(training=False)
+    device = torch.device(runtime.device)
+    torch.distributed.init_process_group(runtime.backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                          rank=0, world_size=1)
     from megatron.core import parallel_state
 

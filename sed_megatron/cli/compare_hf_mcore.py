@@ -33,7 +33,7 @@ def build_parser():
 
 def main(argv=None):
     options = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from sed_megatron.cli import fail
+    from sed_megatron.utils import fail
     from sed_megatron.convert.compare import compare_hf_mcore
 
     tp = options.tp
@@ -43,7 +43,7 @@ def main(argv=None):
         result = compare_hf_mcore(options.hf_dir, options.load, tp=tp, pp=options.pp, ep=options.ep, atol=options.atol,
                                   batch_size=options.batch_size, seq_length=options.seq_length, seed=options.seed)
     except ValueError as err:
-        return fail(PROG, err)
+        fail(err, PROG)  # one line, exit 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"max_abs_logit_diff={result.max_abs_logit_diff!r}", flush=True)
     return 0 if result.ok else 1

@@ -29,13 +29,13 @@ def build_parser():
 
 def main(argv=None):
     options = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from sed_megatron.cli import fail
+    from sed_megatron.utils import fail
     from sed_megatron.convert.hf_to_mcore import convert_hf_to_mcore
 
     try:
         done = convert_hf_to_mcore(options.hf_dir, options.save, dtype=options.dtype, overwrite=options.overwrite)
     except ValueError as err:
-        return fail(PROG, err)
+        fail(err, PROG)  # one line, exit 2
     print(f"saved {done.path} ({done.model_cfg.model_type}, {done.dtype}, padded vocab {done.model_cfg.padded_vocab_size})")
     return 0
 

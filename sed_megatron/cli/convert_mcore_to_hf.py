@@ -31,14 +31,14 @@ def build_parser():
 
 def main(argv=None):
     options = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from sed_megatron.cli import fail
+    from sed_megatron.utils import fail
     from sed_megatron.convert.mcore_to_hf import convert_mcore_to_hf
 
     try:
         done = convert_mcore_to_hf(options.load, options.save, hf_template=options.hf_template, dtype=options.dtype,
                                    max_shard_size_mb=options.max_shard_size_mb, overwrite=options.overwrite)
     except ValueError as err:
-        return fail(PROG, err)
+        fail(err, PROG)  # one line, exit 2
     print(f"saved {done.path} ({done.model_cfg.model_type}, {done.dtype}, {done.count} tensors)")
     return 0
 

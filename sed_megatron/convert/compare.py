@@ -65,16 +65,16 @@ def compare_hf_mcore(hf_dir, load, tp=1, pp=1, ep=1, atol=None, batch_size=2, se
     import torch
     import torch.distributed as dist
 
-    from sed_megatron.compat import apply_cpu_training_runtime
+    from sed_megatron.runtime import prepare
     from sed_megatron.training.setup import model_provider, parse_run_args
 
-    on_cpu = apply_cpu_training_runtime()
+    runtime = prepare(training=True)  # the device check; on a machine without a GPU, Megatron's CPU layer
     args, _ = parse_run_args(
         ["--load", load, "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
          "--expert-model-parallel-size", str(ep), "--micro-batch-size", str(batch_size),
          "--global-batch-size", str(batch_size * world_size // (tp * pp)), "--seq-length", str(seq_length),
          "--train-iters", "1", "--finetune", "--no-load-optim", "--no-load-rng", *precision],
-        on_cpu, need_loss_config=False)
+        runtime, need_loss_config=False)
     from megatron.core import parallel_state
     from megatron.core.enums import ModelType
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -82,7 +82,7 @@ def compare_hf_mcore(hf_dir, load, tp=1, pp=1, ep=1, atol=None, batch_size=2, se
     from megatron.training.initialize import initialize_megatron
     from megatron.training.training import get_model
 
-    initialize_megatron(allow_no_cuda=on_cpu)
+    initialize_megatron(allow_no_cuda=runtime.on_cpu)
     try:
         model = get_model(functools.partial(model_provider, args), ModelType.encoder_or_decoder, wrap_with_ddp=False)
         load_checkpoint(model, None, None)

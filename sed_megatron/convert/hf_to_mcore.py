@@ -134,9 +134,9 @@ def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=Tr
 
     import torch
 
-    from sed_megatron.compat import apply_cpu_training_runtime
+    from sed_megatron.runtime import prepare
 
-    on_cpu = apply_cpu_training_runtime()
+    runtime = prepare(training=True)  # the device check; on a machine without a GPU, Megatron's CPU layer
     from megatron.training.argument_utils import core_transformer_config_from_args
     from megatron.training.checkpointing import save_checkpoint
     from megatron.training.initialize import initialize_megatron
@@ -149,8 +149,8 @@ def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=Tr
 
     dtype_ = getattr(torch, dtype_name)
     with staged_output(save) as tmp_dir:  # nothing at `save` unless everything succeeds
-        args, _ = parse_run_args(megatron_argv(model_cfg, tmp_dir, dtype_name), on_cpu, need_loss_config=False)
-        initialize_megatron(allow_no_cuda=on_cpu)
+        args, _ = parse_run_args(megatron_argv(model_cfg, tmp_dir, dtype_name), runtime, need_loss_config=False)
+        initialize_megatron(allow_no_cuda=runtime.on_cpu)
         args.padded_vocab_size = model_cfg.padded_vocab_size  # saved with the checkpoint's args
         model_cfg = model_cfg.replace(transformer_impl=args.transformer_impl)  # TE names where TE builds the layers
         with torch.device("meta"):  # no memory, no random init: the weights come from the checkpoint

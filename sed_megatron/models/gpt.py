@@ -13,14 +13,6 @@ with the ModelConfig on the architecture, which is checked.
 import dataclasses
 
 
-def transformer_engine_available():
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # an absent or broken install both mean "use the local layers"
-        return False
-    return True
-
-
 def gpt_block_spec(model_cfg, transformer_config, vp_stage=None, pp_rank=None):
     """Megatron's standard GPT decoder block of one pipeline stage (Transformer Engine or local layers).
 

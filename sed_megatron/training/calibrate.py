@@ -1,8 +1,9 @@
 """τ calibration on Megatron models: forward only, any TP x PP x DP, exact across DP ranks.
 
 The calibration samples are split over data-parallel ranks (rank d takes samples d, d + D, ...),
-run one per micro-batch through the model without gradients, and the global top-k mass of
-the chosen tokens is gathered from every DP rank before the quantile is taken.
+run one per micro-batch without gradients through the same batch pipeline and model call as
+training (so packed THD rows keep their samples apart here too), and the global top-k mass
+of the chosen tokens is gathered from every DP rank before the quantile is taken.
 """
 
 import dataclasses
@@ -10,52 +11,54 @@ import functools
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from sed_megatron.calibration import gather_values, select_tokens, tau_from_topk_mass
 from sed_megatron.loss import LossConfig, sft_token_loss
 
-from .step import StepConfig, get_batch
+from .batch import get_batch, pipeline_stage
+from .step import StepConfig, model_forward, model_groups
 
 
-def _calibration_loss(step_cfg, top_k, token_set, sink, labels, loss_mask, logits):
-    _, stats = sft_token_loss(logits, labels, LossConfig(kind="ce", top_k=top_k),
-                              parallel_state.get_tensor_model_parallel_group(), inplace=True,
-                              vocab_size=step_cfg.vocab_size)
+def _calibration_loss(loss_cfg, vocab_size, token_set, tp_group, sink, labels, loss_mask, logits):
+    _, stats = sft_token_loss(logits, labels, loss_cfg, tp_group, inplace=True, vocab_size=vocab_size)
     sink.append(select_tokens(stats["topk_mass"], labels, loss_mask, token_set).float())
     return logits.new_zeros(()), torch.ones((), dtype=torch.int), {}
 
 
-def _calibration_step(step_cfg, top_k, token_set, sink, data_iterator, model):
-    batch = get_batch(data_iterator, step_cfg)
-    if batch is None:
-        return model(None, None, None), functools.partial(_calibration_loss, step_cfg, top_k, token_set, sink, None, None)
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
-    return output, functools.partial(_calibration_loss, step_cfg, top_k, token_set, sink, batch["labels"],
-                                     batch["loss_mask"])
+def _calibration_step(step_cfg: StepConfig, token_set, sink, data_iterator, model):
+    groups = model_groups(model)
+    batch = get_batch(data_iterator, step_cfg.batch, groups)
+    output = model_forward(model, batch)
+    labels, loss_mask = (batch["labels"], batch["loss_mask"]) if batch is not None else (None, None)
+    return output, functools.partial(_calibration_loss, step_cfg.loss, step_cfg.vocab_size, token_set, groups.tp, sink,
+                                     labels, loss_mask)
 
 
-def local_topk_masses(model_chunks, dataset, num_samples, step_cfg: StepConfig, top_k, token_set):
-    """This rank's share of the calibration values (empty except on the last pipeline stage)."""
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
+def local_topk_masses(model_chunks, dataset, num_samples, step_cfg: StepConfig, token_set):
+    """This rank's share of the calibration values (empty except on the last pipeline stage).
+
+    The top-k mass uses k = step_cfg.loss.top_k, the k of training."""
+    dp_group = model_groups(model_chunks[0]).dp
+    dp_rank, dp_size = dist.get_rank(group=dp_group), dist.get_world_size(group=dp_group)
     if num_samples < dp_size:
         raise ValueError(f"{num_samples} calibration samples cannot be split over {dp_size} data-parallel ranks")
     indices = range(dp_rank, num_samples, dp_size)
     samples = iter([{key: value.unsqueeze(0) for key, value in dataset[i].items()} for i in indices])
-    step_cfg = dataclasses.replace(step_cfg, micro_batch_size=1)  # no partial micro-batches
+    # One sample per micro-batch (no partial micro-batches); the loss kind does not matter: CE.
+    step_cfg = dataclasses.replace(step_cfg, loss=LossConfig(kind="ce", top_k=step_cfg.loss.top_k),
+                                   batch=dataclasses.replace(step_cfg.batch, micro_batch_size=1))
     sink = []
     was_training = [chunk.training for chunk in model_chunks]
     for chunk in model_chunks:
         chunk.eval()
     with torch.no_grad():
         get_forward_backward_func()(
-            forward_step_func=functools.partial(_calibration_step, step_cfg, top_k, token_set, sink),
+            forward_step_func=functools.partial(_calibration_step, step_cfg, token_set, sink),
             data_iterator=samples,
             model=model_chunks,
             num_microbatches=len(indices),
-            seq_length=step_cfg.seq_length,
+            seq_length=step_cfg.batch.seq_length,
             micro_batch_size=1,
             forward_only=True,
         )
@@ -64,13 +67,36 @@ def local_topk_masses(model_chunks, dataset, num_samples, step_cfg: StepConfig, 
     return torch.cat(sink) if sink else torch.empty(0)
 
 
-def calibrate_tau(model_chunks, dataset, num_samples, step_cfg, top_k, mask_ratio, token_set):
-    """τ from the model as it is now; the same float on every rank."""
-    values = local_topk_masses(model_chunks, dataset, num_samples, step_cfg, top_k, token_set)
+def calibrate_tau(model_chunks, dataset, num_samples, step_cfg: StepConfig, mask_ratio, token_set):
+    """τ from the model as it is now, with k = step_cfg.loss.top_k; the same float on every rank."""
+    groups = model_groups(model_chunks[0])
+    values = local_topk_masses(model_chunks, dataset, num_samples, step_cfg, token_set)
     # On the communication device (the current GPU; the CPU under the CPU runtime layer).
     tau = torch.zeros(1, dtype=torch.float64, device=torch.cuda.current_device())
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        all_values = gather_values(values, parallel_state.get_data_parallel_group())
-        tau[0] = tau_from_topk_mass(all_values, mask_ratio)
-    dist.broadcast(tau, src=dist.get_world_size() - 1)  # the last rank is on the last stage
+    _, last = pipeline_stage(groups.pp)
+    if last:
+        tau[0] = tau_from_topk_mass(gather_values(values, groups.dp), mask_ratio)
+    # Every last-stage rank now holds the same tau; it reaches the other stages of its pipeline.
+    dist.broadcast(tau, src=dist.get_global_rank(groups.pp, dist.get_world_size(group=groups.pp) - 1), group=groups.pp)
     return float(tau[0])
+
+
+def calibrate_from_args(args, runtime, mask_ratio, num_samples, token_set, split="valid"):
+    """τ of the run that Megatron's parsed `args` describe: its model (random init, or the weights
+    of args.load), its data split, its k (--sed-top-k). Initializes Megatron; every rank returns τ."""
+    from megatron.core.enums import ModelType
+    from megatron.training.checkpointing import load_checkpoint
+    from megatron.training.initialize import initialize_megatron
+    from megatron.training.training import get_model
+
+    from .setup import build_datasets, model_provider, step_config
+
+    initialize_megatron(allow_no_cuda=runtime.on_cpu)
+    model = get_model(functools.partial(model_provider, args), ModelType.encoder_or_decoder, wrap_with_ddp=False)
+    if args.load:
+        # Weights only: no optimizer, scheduler or RNG state, whatever the checkpoint holds.
+        args.finetune, args.no_load_optim, args.no_load_rng = True, True, True
+        load_checkpoint(model, None, None)
+    dataset = build_datasets(args, [num_samples, num_samples, 0])[0 if split == "train" else 1]
+    step_cfg = step_config(args, LossConfig(kind="ce", top_k=args.sed_top_k))
+    return calibrate_tau(model, dataset, num_samples, step_cfg, mask_ratio, token_set)

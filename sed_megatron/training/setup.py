@@ -3,24 +3,16 @@
 import argparse
 import sys
 
-def runtime_defaults(on_cpu):
-    """Flags that come before the YAML and the command line (so either can override them)."""
-    from sed_megatron.models.gpt import transformer_engine_available
+from sed_megatron.utils import fail as _fail
 
-    defaults = ["--calculate-per-token-loss", "--tokenizer-type", "NullTokenizer"]
-    if on_cpu:
-        defaults += ["--distributed-backend", "gloo", "--use-cpu-initialization", "--no-persist-layer-norm",
-                     "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion",
-                     "--no-rope-fusion"]
-    if on_cpu or not transformer_engine_available():
-        defaults += ["--transformer-impl", "local"]
-    return defaults
+
+def run_defaults(runtime):
+    """Flags that come before the YAML and the command line (so either can override them)."""
+    return ["--calculate-per-token-loss", "--tokenizer-type", "NullTokenizer", *runtime.megatron_flags()]
 
 
 def fail(message, prog="sed_megatron.train"):
-    """One line on stderr and exit 2: the way every bad input ends."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    _fail(message, prog)
 
 
 def _escape_bare_percent(parser):
@@ -33,7 +25,7 @@ def _escape_bare_percent(parser):
                 action.help = action.help.replace("%", "%%")
 
 
-def parse_run_args(argv, on_cpu, need_loss_config=True, extra_args_provider=None, precheck=None):
+def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=None, precheck=None):
     """(Megatron's validated args, LossConfig or None) from defaults + YAML + command line.
 
     precheck(namespace), if given, sees the parsed flags before Megatron validates them, so a
@@ -42,6 +34,8 @@ def parse_run_args(argv, on_cpu, need_loss_config=True, extra_args_provider=None
     import os
 
     from megatron.training.arguments import add_megatron_arguments, parse_and_validate_args
+
+    from sed_megatron.runtime import missing_kernel_flags
 
     # Megatron requires it with tensor parallelism (kernel ordering on one CUDA stream queue).
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
@@ -59,13 +53,20 @@ def parse_run_args(argv, on_cpu, need_loss_config=True, extra_args_provider=None
     try:
         expanded = expand_config(argv, parser)
         # A converted checkpoint carries its architecture: its flags come before the YAML's.
-        model_info = read_model_file(parser.parse_known_args(runtime_defaults(on_cpu) + expanded)[0].load)
+        model_info = read_model_file(parser.parse_known_args(run_defaults(runtime) + expanded)[0].load)
         model_argv = [] if model_info is None else yaml_flags_to_argv(model_info["model"], parser, MODEL_FILE)
     except (ConfigError, ValueError) as err:
         fail(str(err))
-    full_argv = runtime_defaults(on_cpu) + model_argv + expanded
+    full_argv = run_defaults(runtime) + model_argv + expanded
     # Our errors first, before Megatron's checks.
     namespace = parser.parse_args(full_argv)
+    missing = [flag for flag in missing_kernel_flags(namespace.transformer_impl) if flag not in full_argv]
+    if missing:
+        full_argv += missing
+        namespace = parser.parse_args(full_argv)
+        if not runtime.on_cpu and os.environ.get("RANK", "0") == "0":
+            print(f"sed_megatron: kernels for these Megatron fusions are not installed (Transformer Engine / apex), "
+                  f"so they are off: {' '.join(missing)}", flush=True)
     loss_cfg = loss_config(namespace) if need_loss_config else None
     check_data_args(namespace)
     if precheck is not None:
@@ -206,15 +207,13 @@ def model_provider(args, pre_process=True, post_process=True, vp_stage=None, con
 
 
 def step_config(args, loss_cfg):
+    from .batch import BatchSpec
     from .step import StepConfig
 
-    return StepConfig(
-        loss=loss_cfg,
+    batch = BatchSpec(
         micro_batch_size=args.micro_batch_size,
         seq_length=args.seq_length,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         create_attention_mask=args.create_attention_mask_in_dataloader and not packs_thd(args),
         packed_thd=packs_thd(args),
-        with_entropy=args.log_entropy,
-        vocab_size=args.vocab_size,
     )
+    return StepConfig(loss=loss_cfg, batch=batch, with_entropy=args.log_entropy, vocab_size=args.vocab_size)

@@ -8,7 +8,9 @@ from sed_megatron.convert.hf_to_mcore import convert_hf_to_mcore
 from sed_megatron.testing.isolated import run_isolated
 from sed_megatron.testing.tiny_hf import tiny_hf_model
 
-from ..training.launch import REPO, _env, _free_port
+from sed_megatron.utils import free_port
+
+from ..training.launch import REPO, _env
 
 TOOLS = os.path.join(REPO, "tools")
 
@@ -28,7 +30,7 @@ def compare(hf_dir, ckpt, tp=1, pp=1):
     """max_abs_logit_diff of `torchrun tools/compare_hf_mcore.py` (the contract command), which must exit 0."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     layout = ["--tp", str(tp)] + (["--pp", str(pp)] if pp > 1 else [])
-    out = subprocess.run([torchrun, "--nproc_per_node", str(tp * pp), "--master_port", str(_free_port()),
+    out = subprocess.run([torchrun, "--nproc_per_node", str(tp * pp), "--master_port", str(free_port()),
                           os.path.join(TOOLS, "compare_hf_mcore.py"), "--hf-dir", str(hf_dir), "--load", str(ckpt),
                           *layout], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

@@ -53,10 +53,12 @@ def test_compare_wants_as_many_processes_as_the_layout(tmp_path, capsys):
     from ..models.test_config import EARLIER_MODEL_FILE
 
     (tmp_path / MODEL_FILE).write_text(EARLIER_MODEL_FILE)
-    assert compare_hf_mcore.main(["--hf-dir", str(tmp_path), "--load", str(tmp_path), "--tp", "2", "--pp", "2"]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        compare_hf_mcore.main(["--hf-dir", str(tmp_path), "--load", str(tmp_path), "--tp", "2", "--pp", "2"])
     assert capsys.readouterr().err.strip() == ("compare_hf_mcore.py: error: --tp 2 --pp 2 needs 4 processes "
                                                "(torchrun --nproc_per_node 4), got 1")
-    assert compare_hf_mcore.main(["--hf-dir", str(tmp_path), "--load", str(tmp_path), "--ep", "2"]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        compare_hf_mcore.main(["--hf-dir", str(tmp_path), "--load", str(tmp_path), "--ep", "2"])
     assert "describes a dense model (no num_experts)" in capsys.readouterr().err
 
 

@@ -96,7 +96,7 @@ def test_thd_rows_describe_the_same_attention_as_the_block_mask():
     forward_step hands it to Transformer Engine. Attention computed segment by segment from
     the merged cu_seqlens must equal dense attention under each row's mask. RoPE positions
     that restart at every segment must equal the rows' position ids on the sample tokens."""
-    from sed_megatron.training.step import thd_params
+    from sed_megatron.training.batch import to_thd
 
     seq_length = 16
     masked = [packed_sample(r, seq_length) for r in THD_ROWS]
@@ -106,7 +106,8 @@ def test_thd_rows_describe_the_same_attention_as_the_block_mask():
     for key in ("tokens", "labels", "loss_mask", "position_ids"):
         assert all(torch.equal(t[key], m[key]) for t, m in zip(thd, masked))
 
-    flat, params = thd_params(_thd_batch(seq_length))
+    flat = to_thd(_thd_batch(seq_length))
+    params = flat["packed_seq_params"]
     assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 4, 10, 16, 32]
     assert params.max_seqlen_q == 16 and flat["tokens"].shape == (1, 2 * seq_length)
 
@@ -133,23 +134,28 @@ def _thd_batch(seq_length=16):
 def check_thd_batch_reaches_every_stage(seq_length):
     """forward_step on every rank: TP rank 0 of each stage reads, the others get the broadcast."""
     from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
+    from sed_megatron.training.batch import BatchSpec
     from sed_megatron.training.step import StepConfig, forward_step
 
-    cfg = StepConfig(loss=LossConfig(kind="ce"), micro_batch_size=2, seq_length=seq_length,
-                     pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-                     create_attention_mask=False, with_entropy=False, packed_thd=True)
+    cfg = StepConfig(loss=LossConfig(kind="ce"),
+                     batch=BatchSpec(micro_batch_size=2, seq_length=seq_length, create_attention_mask=False,
+                                     packed_thd=True))
     expected = _thd_batch(seq_length)
     calls = []
 
-    def model(tokens, position_ids, attention_mask, packed_seq_params=None):
-        calls.append((tokens, position_ids, attention_mask, packed_seq_params))
-        return torch.zeros(1)
+    class Model:  # records what the model chunk is called with
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+
+        def __call__(self, tokens, position_ids, attention_mask, packed_seq_params=None):
+            calls.append((tokens, position_ids, attention_mask, packed_seq_params))
+            return torch.zeros(1)
 
     first = parallel_state.is_pipeline_first_stage()
     last = parallel_state.is_pipeline_last_stage()
     data = iter([_thd_batch(seq_length)]) if parallel_state.get_tensor_model_parallel_rank() == 0 else None
-    _, loss_fn = forward_step(cfg, data, model)
+    _, loss_fn = forward_step(cfg, data, Model())
     tokens, position_ids, attention_mask, params = calls[0]
     assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 4, 10, 16, 32]
     assert params.cu_seqlens_kv.tolist() == [0, 4, 10, 16, 32] and params.max_seqlen_q == 16
@@ -159,7 +165,7 @@ def check_thd_batch_reaches_every_stage(seq_length):
         assert torch.equal(position_ids, expected["position_ids"].reshape(1, -1))
     else:
         assert tokens is None and position_ids is None
-    labels, loss_mask = loss_fn.args[1:3]
+    labels, loss_mask = loss_fn.args[2:4]
     if last:
         assert torch.equal(labels, expected["labels"].reshape(1, -1))
         assert torch.equal(loss_mask, expected["loss_mask"].reshape(1, -1))

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from sed_megatron.utils import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "examples", "tiny_cpu.yaml")
 # The tiny example for tests: every iteration logged, no evaluation, constant LR.
@@ -18,16 +20,8 @@ TEST_FLAGS = ["--log-interval", "1", "--eval-iters", "0", "--save-interval", "10
 
 def _command(nproc, flags, config):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    return [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
+    return [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
             "-m", "sed_megatron.train", "--config", config, *TEST_FLAGS, *flags]
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env():

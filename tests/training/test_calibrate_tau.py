@@ -6,14 +6,16 @@ import sys
 
 import yaml
 
-from .launch import REPO, TINY, _env, _free_port, train
+from sed_megatron.utils import free_port
+
+from .launch import REPO, TINY, _env, train
 
 TOOL = os.path.join(REPO, "tools", "calibrate_tau.py")
 
 
 def calibrate(nproc, *flags):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    out = subprocess.run([torchrun, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), TOOL,
+    out = subprocess.run([torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), TOOL,
                           "--config", TINY, "--mask-ratio", "0.7", *flags],
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

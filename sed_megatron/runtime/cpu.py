@@ -1,9 +1,11 @@
-"""Run Megatron-Core on a machine without CUDA (tests, CPU quickstart) over gloo.
+"""The CPU layer: Megatron-Core on a machine without a GPU (tests, the CPU quickstart), over gloo.
 
 Megatron-Core hard-codes CUDA devices, CUDA RNG states and CUDA type strings in many places.
-`apply_cpu_runtime()` adjusts those, only when CUDA is absent, and only when an entry point or
-a test calls it: importing this module changes nothing. On a GPU machine it returns False and
-leaves torch and Megatron untouched, so production keeps NCCL, CUDA RNG and fused kernels.
+`apply_cpu_runtime()` adjusts those process-wide. It is an explicit choice: entry points take
+it through `sed_megatron.runtime.prepare()` when no GPU is visible (and the device check has
+ruled out a GPU that torch cannot see), tests take it for their gloo workers. Importing this
+module changes nothing; on a GPU run it is never applied, so production keeps NCCL, CUDA RNG
+and fused kernels.
 """
 
 import logging
@@ -116,7 +118,6 @@ def _patch_megatron_training():
     """megatron.training (Megatron-LM's loop) asserts or queries CUDA in a few more places."""
     import functools
 
-    import megatron.core.datasets.utils as dataset_utils
     import megatron.training.arguments as training_arguments
     import megatron.training.training as training_loop
 
@@ -125,8 +126,6 @@ def _patch_megatron_training():
     training_arguments.get_device_arch_version = lambda: 9
     # pretrain() calls initialize_megatron() without allow_no_cuda, which asserts CUDA.
     training_loop.initialize_megatron = functools.partial(training_loop.initialize_megatron, allow_no_cuda=True)
-    # The wheel ships the built dataset helpers but not their Makefile; `make` would fail.
-    dataset_utils.compile_helpers = lambda: None
     # The fusion warm-up draws random numbers between seeding and model init; on CPU they come
     # from the generator the CPU initialization uses, so shield it to keep the weights reproducible.
     warmup = training_loop.set_jit_fusion_options
@@ -139,30 +138,25 @@ def _patch_megatron_training():
 
 
 def apply_cpu_runtime():
-    """Make Megatron-Core run on CPU if CUDA is absent; idempotent. Returns whether it applied."""
+    """Make Megatron-Core run on the CPU, process-wide; idempotent."""
     global _applied
     if _applied:
-        return True
-    if torch.cuda.is_available():
-        return False
+        return
     _patch_torch_cuda()
     _patch_megatron_rng()
     # Entered for the life of the process: Megatron allocates on "cuda" at import, init and step.
     _CudaToCpuMode().__enter__()
     _applied = True
-    logger.info("CUDA is absent: Megatron-Core runs on the CPU runtime layer")
-    return True
+    logger.info("no GPU: Megatron-Core runs on the CPU layer over gloo")
 
 
 def apply_cpu_training_runtime():
-    """apply_cpu_runtime() plus what Megatron-LM's training loop needs; returns whether it applied."""
+    """apply_cpu_runtime() plus what Megatron-LM's training loop needs; idempotent."""
     global _training_applied
-    if not apply_cpu_runtime():
-        return False
+    apply_cpu_runtime()
     if not _training_applied:
         _patch_megatron_training()
         _training_applied = True
-    return True
 
 
 def cpu_runtime_applied():

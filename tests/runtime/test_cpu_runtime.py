@@ -1,8 +1,6 @@
-"""The CPU runtime layer: Megatron's GPTModel trains at TP=2 over gloo, and it is inert with CUDA."""
+"""The CPU layer: Megatron's GPTModel trains at TP=2 over gloo as at TP=1."""
 
 import os
-import subprocess
-import sys
 import tempfile
 
 import torch
@@ -58,35 +56,3 @@ def test_gpt_model_tp2_matches_tp1():
     assert abs(loss1 - loss2) <= 1e-5 * abs(loss1), (loss1, loss2)
     assert abs(norm1 - norm2) <= 1e-4 * norm1, (norm1, norm2)
     assert loss1 > 0 and norm1 > 0
-
-
-def test_inert_when_cuda_is_available():
-    """With CUDA reported available, apply_cpu_runtime() changes nothing (run in a fresh process)."""
-    code = (
-        "import torch\n"
-        "torch.cuda.is_available = lambda: True\n"
-        "before = (torch.cuda.current_device, torch.cuda.get_rng_state, torch.cuda.synchronize)\n"
-        "from sed_megatron.compat import apply_cpu_runtime, cpu_runtime_applied\n"
-        "assert apply_cpu_runtime() is False and not cpu_runtime_applied()\n"
-        "assert before == (torch.cuda.current_device, torch.cuda.get_rng_state, torch.cuda.synchronize)\n"
-        "assert torch.overrides._get_current_function_mode_stack() == []\n"
-        "import sed_megatron.loss\n"
-        "print('inert')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "inert"
-
-
-def test_import_changes_nothing_until_applied():
-    code = (
-        "import torch\n"
-        "import sed_megatron.compat, sed_megatron.loss\n"
-        "assert torch.overrides._get_current_function_mode_stack() == []\n"
-        "assert not sed_megatron.compat.cpu_runtime_applied()\n"
-        "from sed_megatron.compat import apply_cpu_runtime\n"
-        "assert apply_cpu_runtime() is True\n"
-        "assert torch.zeros(2, device='cuda').device.type == 'cpu'\n"
-        "print('ok')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "ok"

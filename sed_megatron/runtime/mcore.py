@@ -1,0 +1,87 @@
+"""What every run of the pip-installed megatron-core needs, on GPUs and on the CPU alike.
+
+- The version: our hooks on Megatron-LM's loop are written against megatron-core 0.19.x.
+- The dataset helpers: Megatron-LM's `initialize` runs `compile_helpers()` on rank 0, which
+  runs `make` in megatron/core/datasets and exits the process when that fails. The wheel ships
+  the built `helpers_cpp` extension but no Makefile, so `make` fails on every machine. The
+  replacement imports the built extension and only falls back to `make` where a source tree
+  (a Makefile) is there.
+- Hooks: `check_signature` holds a Megatron function against the parameters a wrapper of ours
+  relies on, so a Megatron that changed them stops with one line instead of misbehaving.
+"""
+
+import inspect
+import os
+
+SUPPORTED_VERSIONS = ((0, 19, 2), (0, 20, 0))
+"""[lowest, first unsupported) megatron-core versions the hooks and the CPU layer were written for."""
+
+
+class MegatronVersionError(RuntimeError):
+    """The installed megatron-core is outside what this project supports; one line."""
+
+
+def _version_tuple(text):
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        release = Version(text).release
+    except InvalidVersion:
+        raise MegatronVersionError(f"megatron-core reports an unreadable version {text!r}") from None
+    return tuple(release[:3]) + (0,) * (3 - len(release[:3]))
+
+
+def installed_version():
+    from megatron.core.package_info import __version__
+
+    return __version__
+
+
+def check_version(version=None):
+    """MegatronVersionError unless `version` (default: the installed one) is in SUPPORTED_VERSIONS."""
+    version = version or installed_version()
+    low, high = SUPPORTED_VERSIONS
+    if not low <= _version_tuple(version) < high:
+        supported = f">={'.'.join(map(str, low))},<{'.'.join(map(str, high[:2]))}"
+        raise MegatronVersionError(f"megatron-core {version} is installed; sed_megatron supports megatron-core{supported} "
+                                   f"(pip install 'megatron-core{supported}', or use requirements/lock.txt)")
+    return version
+
+
+def check_signature(func, expected, purpose):
+    """MegatronVersionError unless func's leading parameters are named `expected` (in order)."""
+    names = list(inspect.signature(func).parameters)
+    if names[: len(expected)] != list(expected):
+        where = f"{func.__module__}.{func.__qualname__}"
+        raise MegatronVersionError(f"{where}({', '.join(names)}) does not start with ({', '.join(expected)}), which "
+                                   f"{purpose} relies on: megatron-core {installed_version()} is not supported")
+
+
+def use_prebuilt_dataset_helpers():
+    """compile_helpers() that imports the wheel's built extension instead of running `make`."""
+    import megatron.core.datasets.utils as dataset_utils
+
+    if getattr(dataset_utils.compile_helpers, "_sed_megatron", False):
+        return
+    compile_with_make = dataset_utils.compile_helpers
+    source_dir = os.path.dirname(os.path.abspath(dataset_utils.__file__))
+
+    def compile_helpers():
+        try:
+            from megatron.core.datasets import helpers_cpp  # noqa: F401
+            return
+        except ImportError:
+            pass
+        if os.path.exists(os.path.join(source_dir, "Makefile")):
+            return compile_with_make()  # a source checkout: build it as Megatron does
+        raise RuntimeError(f"{source_dir}: megatron-core's dataset helpers (helpers_cpp) are neither built nor "
+                           f"buildable (no Makefile); reinstall megatron-core from its wheel")
+
+    compile_helpers._sed_megatron = True
+    dataset_utils.compile_helpers = compile_helpers
+
+
+def prepare_megatron():
+    """Every machine: check the version, use the built dataset helpers. Idempotent."""
+    check_version()
+    use_prebuilt_dataset_helpers()

@@ -1,0 +1,104 @@
+"""The one batch pipeline: how a micro-batch of training data reaches the model on every rank.
+
+Training, τ calibration and every other forward pass over training data take their batches
+from `get_batch`, in four steps:
+  1. read: tensor-parallel rank 0 draws the micro-batch from the data iterator and moves it to
+     the compute device;
+  2. broadcast: the rest of its tensor-parallel group receive it (Megatron's
+     `get_batch_on_this_tp_rank`); middle pipeline stages need no data, or only the packed
+     sequence boundaries;
+  3. context-parallel slice: each CP rank keeps its share of the sequence (a no-op at CP=1);
+  4. THD: packed rows with sample boundaries (`cu_seqlens`) are flattened into one sequence
+     with Megatron's `PackedSeqParams`, so Transformer Engine's attention keeps samples apart.
+
+Process groups come from the caller (a Megatron `ProcessGroupCollection`: `.tp`, `.pp`, `.cp`).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.utils import flatten_batch_for_packed_sequences, get_batch_on_this_tp_rank
+
+_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask", "cu_seqlens", "max_seqlen")
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What every rank must know of a micro-batch before it arrives."""
+
+    micro_batch_size: int
+    seq_length: int
+    create_attention_mask: bool
+    """The data loader gives a bool [b, 1, s, s] attention mask (True = masked): the local layers."""
+    packed_thd: bool = False
+    """Rows are packed and carry cu_seqlens: Transformer Engine's packed-sequence (THD) attention."""
+
+
+def pipeline_stage(pp_group):
+    """(first stage, last stage) of this rank in its pipeline group (virtual stages ignored)."""
+    rank, size = dist.get_rank(group=pp_group), dist.get_world_size(group=pp_group)
+    return rank == 0, rank == size - 1
+
+
+def _to_device(batch):
+    """The data loader's tensors on the compute device (the CPU layer maps .cuda() to the CPU)."""
+    return {key: (value.cuda(non_blocking=True) if isinstance(value, torch.Tensor) else value)
+            for key, value in batch.items()}
+
+
+def broadcast_in_tensor_parallel_group(data_iterator, spec: BatchSpec, groups):
+    """Steps 1 and 2: the micro-batch on every rank of the TP group (None on a middle stage without THD)."""
+    first, last = pipeline_stage(groups.pp)
+    if not (first or last or spec.packed_thd):
+        return None
+    tp_rank = dist.get_rank(group=groups.tp)
+    batch = _to_device({key: value for key, value in next(data_iterator).items() if key in _KEYS}) if tp_rank == 0 else None
+    return get_batch_on_this_tp_rank(
+        batch,
+        has_cu_seqlens=spec.packed_thd,
+        is_hybrid_cp=False,
+        create_attention_mask_in_dataloader=spec.create_attention_mask,
+        broadcast_src_rank=dist.get_global_rank(groups.tp, 0),
+        broadcast_group=groups.tp,
+        cp_size=dist.get_world_size(group=groups.cp),
+        tp_rank=tp_rank,
+        micro_batch_size=spec.micro_batch_size,
+        seq_length=spec.seq_length,
+        mtp_on_this_rank=False,
+        pipeline_model_parallel_size=dist.get_world_size(group=groups.pp),
+        is_pipeline_first_stage=first,
+        is_pipeline_last_stage=last,
+    )
+
+
+def slice_for_context_parallel(batch, cp_group):
+    """Step 3: this CP rank's share of the sequence dimension; the batch itself at CP=1."""
+    if dist.get_world_size(group=cp_group) == 1:
+        return batch
+    raise NotImplementedError("context parallelism: the per-rank slice is not implemented yet")
+
+
+def to_thd(batch):
+    """Step 4: rows [b, s] -> one packed sequence [1, b*s] and its PackedSeqParams (format thd)."""
+    batch = flatten_batch_for_packed_sequences(batch)
+    cu_seqlens = batch["cu_seqlens"].reshape(-1)
+    max_seqlen = int(batch["max_seqlen"].max())
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                             max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+    return {**batch, "packed_seq_params": params}
+
+
+def get_batch(data_iterator, spec: BatchSpec, groups):
+    """The micro-batch as this rank's model chunk needs it, or None on a middle pipeline stage.
+
+    Keys: tokens, position_ids, attention_mask (or None), labels, loss_mask, each [b, s] (None
+    where this stage does not use it), and packed_seq_params (None unless spec.packed_thd)."""
+    batch = broadcast_in_tensor_parallel_group(data_iterator, spec, groups)
+    if batch is None:
+        return None
+    batch = slice_for_context_parallel(batch, groups.cp)
+    if spec.packed_thd:
+        return to_thd(batch)
+    return {**batch, "packed_seq_params": None}

@@ -1,0 +1,63 @@
+"""The two places where sed_megatron hooks into Megatron-LM's training loop.
+
+- `train` receives the built (and possibly loaded) model once, before the first step: there we
+  learn the model's process groups, calibrate τ if asked, and hand the forward step to Megatron.
+- `training_log` runs after every iteration with that iteration's reduced report: there we
+  append the metrics.jsonl record.
+
+Each wrapped function is checked against the parameters the wrapper relies on (on every
+machine), so a megatron-core whose loop changed stops with one line instead of misbehaving.
+"""
+
+import functools
+
+import torch.distributed as dist
+
+from sed_megatron.runtime import check_signature
+
+from .batch import pipeline_stage
+from .step import model_groups
+
+TRAIN_PARAMS = ("forward_step_func", "model", "optimizer", "opt_param_scheduler", "train_data_iterator")
+TRAINING_LOG_PARAMS = ("loss_dict", "total_loss_dict", "learning_rate", "iteration", "loss_scale",
+                       "report_memory_flag", "skipped_iter", "grad_norm")
+
+
+def writes_metrics(groups):
+    """One rank writes the metrics: the first of TP, CP and DP on the last pipeline stage (where
+    Megatron fills the report)."""
+    _, last = pipeline_stage(groups.pp)
+    return last and all(dist.get_rank(group=group) == 0 for group in (groups.tp, groups.cp, groups.dp))
+
+
+def install(before_training, metrics_log, log_interval):
+    """Wrap Megatron's train and training_log.
+
+    before_training(model_chunks) -> forward_step_func: runs once, with the model, before the
+    first step (τ calibration goes here). metrics_log.write(iteration, report, lr, grad_norm,
+    extra) appends one record every log_interval iterations, on one rank."""
+    import megatron.training.training as training_loop
+
+    train, training_log = training_loop.train, training_loop.training_log
+    check_signature(train, TRAIN_PARAMS, "sed_megatron's hook on the training loop (sed_megatron/training/hooks.py)")
+    check_signature(training_log, TRAINING_LOG_PARAMS, "sed_megatron's metrics.jsonl (sed_megatron/training/hooks.py)")
+    writer = []  # decided once the model, and so its process groups, exist
+
+    @functools.wraps(train)
+    def train_with_hooks(forward_step_func, model, *rest, **kwargs):
+        writer.append(writes_metrics(model_groups(model[0])))
+        return train(before_training(model), model, *rest, **kwargs)
+
+    @functools.wraps(training_log)
+    def training_log_with_metrics(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
+                                  report_memory_flag, skipped_iter, grad_norm, *rest, **kwargs):
+        result = training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
+                              report_memory_flag, skipped_iter, grad_norm, *rest, **kwargs)
+        # loss_dict holds this iteration's values, already reduced over micro-batches and DP.
+        if writer and writer[0] and loss_dict and iteration % log_interval == 0:
+            metrics_log.write(iteration, {key: float(value) for key, value in loss_dict.items()}, learning_rate,
+                              grad_norm, extra={"skipped": int(skipped_iter)})
+        return result
+
+    training_loop.train = train_with_hooks
+    training_loop.training_log = training_log_with_metrics

@@ -1,0 +1,46 @@
+"""Small helpers every layer uses: one-line failures, atomic writes, free ports."""
+
+import contextlib
+import os
+import socket
+import sys
+
+
+class UsageError(ValueError):
+    """Bad input from the user; the message is one line naming the file, line, flag or field."""
+
+
+def fail(message, prog):
+    """One line on stderr and exit 2: the way every bad input ends."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path beside `path` that replaces it when the block completes; removed on failure.
+
+    Readers never see a half-written file: they find the old file or the whole new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    root, ext = os.path.splitext(os.path.basename(path))
+    tmp = os.path.join(directory, f".{root}.tmp-{os.getpid()}{ext}")  # keep the extension (matplotlib reads it)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path, text):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

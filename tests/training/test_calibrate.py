@@ -1,0 +1,90 @@
+"""τ calibration through the shared batch pipeline: packed THD rows give the τ of unpacked rows.
+
+Transformer Engine's packed-sequence attention needs a GPU, so the model here runs the local
+layers under the block-diagonal causal mask that the micro-batch's cu_seqlens describe: if the
+pipeline dropped or garbled the boundaries, samples would attend to each other and the top-k
+masses would change (the test checks that too).
+"""
+
+import torch
+
+from sed_megatron.data.packing import packed_sample
+from sed_megatron.data.simple import sample_from_tokens
+from sed_megatron.loss import LossConfig
+from sed_megatron.testing.distributed import run_distributed
+from sed_megatron.testing.models import tiny_gpt
+
+VOCAB, SEQ = 96, 24
+
+
+def samples():
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    for length, prompt in ((7, 3), (9, 2), (5, 2), (11, 4), (6, 1), (8, 5)):
+        ids = torch.randint(0, VOCAB, (length,), generator=gen).tolist()
+        out.append((ids, [0] * prompt + [1] * (length - prompt)))
+    return out
+
+
+class ThdAsBlockMask(torch.nn.Module):
+    """A local-layer model chunk that takes THD inputs: attention within each cu_seqlens segment.
+
+    ignore_boundaries=True attends across the whole flattened row (what a pipeline that lost
+    the boundaries would do)."""
+
+    def __init__(self, model, ignore_boundaries=False):
+        super().__init__()
+        self.model, self.ignore_boundaries = model, ignore_boundaries
+        self.pg_collection, self.config, self.model_type = model.pg_collection, model.config, model.model_type
+
+    def set_input_tensor(self, tensor):
+        self.model.set_input_tensor(tensor)
+
+    def forward(self, tokens, position_ids, attention_mask, packed_seq_params=None):
+        assert attention_mask is None and packed_seq_params.qkv_format == "thd"
+        cu = packed_seq_params.cu_seqlens_q.tolist()
+        if self.ignore_boundaries:
+            cu = [0, cu[-1]]
+        n = tokens.shape[1]
+        mask = torch.ones(1, 1, n, n, dtype=torch.bool)  # True = masked
+        for a, b in zip(cu[:-1], cu[1:]):
+            mask[..., a:b, a:b] = torch.triu(torch.ones(b - a, b - a, dtype=torch.bool), diagonal=1)
+        return self.model(tokens, position_ids, mask)
+
+
+def calibrate(model, rows, packed, token_set):
+    from sed_megatron.training.batch import BatchSpec
+    from sed_megatron.training.calibrate import calibrate_tau, local_topk_masses
+    from sed_megatron.training.step import StepConfig
+
+    spec = BatchSpec(micro_batch_size=1, seq_length=SEQ, create_attention_mask=not packed, packed_thd=packed)
+    cfg = StepConfig(loss=LossConfig(kind="ce", top_k=2), batch=spec, vocab_size=VOCAB)
+    values = local_topk_masses([model], rows, len(rows), cfg, token_set)
+    return torch.sort(values).values, calibrate_tau([model], rows, len(rows), cfg, 0.7, token_set)
+
+
+def check_packed_thd_calibration_equals_unpacked():
+    from megatron.core.enums import ModelType
+
+    model = tiny_gpt(vocab_size=VOCAB, max_sequence_length=2 * SEQ)
+    model.model_type = ModelType.encoder_or_decoder  # as Megatron's get_model sets it
+    causal = torch.triu(torch.ones(1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
+    unpacked = [{**sample_from_tokens(ids, mask, SEQ), "attention_mask": causal} for ids, mask in samples()]
+    data = samples()
+    packed = [packed_sample(data[i:i + 2], SEQ, thd=True) for i in range(0, len(data), 2)]  # 3 rows of 2 samples
+    assert all(row["cu_seqlens"][2] > 0 for row in packed)
+    for token_set in ("response", "all"):
+        values, tau = calibrate(model, unpacked, False, token_set)
+        packed_values, packed_tau = calibrate(ThdAsBlockMask(model), packed, True, token_set)
+        assert values.numel() == packed_values.numel() > 10
+        # RoPE turns a packed sample by another absolute angle (same relative angles): fp32
+        # rounding only, ~1e-7 relative.
+        torch.testing.assert_close(packed_values, values, rtol=1e-5, atol=1e-6)
+        assert abs(packed_tau - tau) <= 1e-5 * tau, (packed_tau, tau)
+        leaky_values, _ = calibrate(ThdAsBlockMask(model, ignore_boundaries=True), packed, True, token_set)
+        # Attending across samples moves the masses by far more than the tolerance above.
+        assert (leaky_values - values).abs().max() > 100 * 1e-6, "the check must see samples attend to each other"
+
+
+def test_packed_thd_calibration_equals_unpacked():
+    run_distributed(check_packed_thd_calibration_equals_unpacked, world_size=1)
