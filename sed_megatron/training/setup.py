@@ -158,7 +158,7 @@ class _with_attention_mask:
 
 
 def model_config_from_args(args):
-    """The typed ModelConfig of Megatron's validated args (read once, by the model provider).
+    """The typed ModelConfig of Megatron's validated args: the model code never reads the Namespace.
 
     The Hugging Face model_type (which picks the family's layers) comes from the model file of a
     converted checkpoint in --load; a model defined by flags alone has none."""
