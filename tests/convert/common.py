@@ -21,9 +21,37 @@ def save_hf(directory, variant, shard="50KB"):
     return str(directory)
 
 
-def convert(hf_dir, save, **kwargs):
-    """The import in a fresh process (it initializes Megatron's global state); returns Converted."""
+def to_mcore(hf_dir, save, **kwargs):
+    """convert_hf_to_mcore in a fresh process (it initializes Megatron's global state); returns Converted."""
     return run_isolated(convert_hf_to_mcore, str(hf_dir), str(save), progress=False, **kwargs)
+
+
+def to_hf(ckpt, save, **kwargs):
+    """convert_mcore_to_hf in this process: it sets up (and tears down) a one-process world of its own."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from sed_megatron.convert.mcore_to_hf import convert_mcore_to_hf
+
+    done = convert_mcore_to_hf(str(ckpt), str(save), progress=False, **kwargs)
+    assert not dist.is_initialized() and not parallel_state.model_parallel_is_initialized()  # nothing left behind
+    return done
+
+
+def tool(name, *flags):
+    """`python tools/<name>.py FLAGS` (the contract command line); the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(TOOLS, f"{name}.py"), *map(str, flags)], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def convert(hf_dir, save, *flags):
+    """python tools/convert_hf_to_mcore.py --hf-dir HF_DIR --save CKPT_DIR [flags]."""
+    return tool("convert_hf_to_mcore", "--hf-dir", hf_dir, "--save", save, *flags)
+
+
+def export(ckpt, save, *flags):
+    """python tools/convert_mcore_to_hf.py --load CKPT_DIR --save HF_DIR [flags]."""
+    return tool("convert_mcore_to_hf", "--load", ckpt, "--save", save, *flags)
 
 
 def compare(hf_dir, ckpt, tp=1, pp=1):

@@ -4,31 +4,23 @@
 import importlib
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from ..training.launch import REPO, _env
-from .common import TOOLS, save_hf, tensors
+from ..training.launch import REPO
+from .common import TOOLS, convert, export, save_hf, tensors, tool
 
 CLIS = {"convert_hf_to_mcore": "sed-convert-hf-to-mcore", "convert_mcore_to_hf": "sed-convert-mcore-to-hf",
         "compare_hf_mcore": "sed-compare-hf-mcore"}
 
 
-def tool(name, *flags):
-    return subprocess.run([sys.executable, os.path.join(TOOLS, f"{name}.py"), *flags], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=300)
-
-
 def test_tools_convert_both_ways(tmp_path):
     """python tools/convert_hf_to_mcore.py, then tools/convert_mcore_to_hf.py: the same weights back."""
     hf_dir = save_hf(tmp_path / "hf", "llama_gqa_untied")
-    out = tool("convert_hf_to_mcore", "--hf-dir", hf_dir, "--save", str(tmp_path / "ckpt"))
+    out = convert(hf_dir, tmp_path / "ckpt")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == f"saved {tmp_path / 'ckpt'} (llama, float32, padded vocab 1024)"
-    out = tool("convert_mcore_to_hf", "--load", str(tmp_path / "ckpt"), "--save", str(tmp_path / "out"),
-               "--hf-template", hf_dir)
+    out = export(tmp_path / "ckpt", tmp_path / "out", "--hf-template", hf_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == f"saved {tmp_path / 'out'} (llama, float32, 21 tensors)"
     original, exported = tensors(hf_dir), tensors(tmp_path / "out")
@@ -36,10 +28,10 @@ def test_tools_convert_both_ways(tmp_path):
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
-    out = tool("convert_hf_to_mcore", "--hf-dir", str(tmp_path / "absent"), "--save", str(tmp_path / "a"))
+    out = convert(tmp_path / "absent", tmp_path / "a")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == f"convert_hf_to_mcore.py: error: {tmp_path / 'absent'}: no config.json"
-    out = tool("convert_mcore_to_hf", "--load", str(tmp_path), "--save", str(tmp_path / "b"))
+    out = export(tmp_path, tmp_path / "b")
     assert out.returncode == 2
     assert re.fullmatch(r"convert_mcore_to_hf\.py: error: .*: no sed_megatron_model\.yaml .*",
                         out.stderr.strip().splitlines()[-1])

@@ -11,7 +11,7 @@ from sed_megatron.convert.checkpoint import read_model_file
 from sed_megatron.convert.hf_to_mcore import convert_hf_to_mcore
 
 from ..training.launch import train
-from .common import compare, convert, save_hf, training_config
+from .common import compare, convert, save_hf, to_mcore, training_config  # noqa: F401  (convert: tests/examples)
 
 
 @pytest.mark.parametrize("variant,layouts", [("llama_gqa_untied", [(1, 1), (2, 1), (1, 2)]),
@@ -19,7 +19,7 @@ from .common import compare, convert, save_hf, training_config
                                              ("llama_rope_scaling", [(2, 1)])])
 def test_converted_logits_equal_transformers(tmp_path, variant, layouts):
     hf_dir = save_hf(tmp_path / "hf", variant)
-    done = convert(hf_dir, tmp_path / "ckpt")
+    done = to_mcore(hf_dir, tmp_path / "ckpt")
     assert done.model_cfg.model_type == read_model_file(str(tmp_path / "ckpt"))["model_type"]
     for tp, pp in layouts:
         # fp32 on both sides, another summation order: ~1e-6.
@@ -29,7 +29,7 @@ def test_converted_logits_equal_transformers(tmp_path, variant, layouts):
 def test_training_loads_the_converted_checkpoint_at_any_layout(tmp_path):
     hf_dir = save_hf(tmp_path / "hf", "llama_gqa_untied")
     ckpt = str(tmp_path / "ckpt")
-    convert(hf_dir, ckpt)
+    to_mcore(hf_dir, ckpt)
     flags = ["--load", ckpt, "--finetune", "--no-load-optim", "--no-load-rng", "--train-iters", "2", "--save", "",
              "--sed-tau", "0.05", "--sft-num-samples", "16"]
     first = {}
@@ -121,5 +121,5 @@ def test_shape_mismatch_is_found_before_anything_is_written(tmp_path):
     with open(os.path.join(mismatch, "config.json"), "w") as f:
         json.dump(config, f)
     with pytest.raises(ValueError, match="shape mismatch: decoder.layers.0.mlp.linear_fc1.weight is \\(192, 64\\)"):
-        convert(mismatch, tmp_path / "c")
+        to_mcore(mismatch, tmp_path / "c")
     assert not os.path.exists(tmp_path / "c") and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]

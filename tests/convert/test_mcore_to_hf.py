@@ -7,27 +7,16 @@ import os
 import pytest
 
 from sed_megatron.convert.checkpoint import read_model_file
-from sed_megatron.convert.mcore_to_hf import convert_mcore_to_hf
 
 from ..training.launch import train
-from .common import compare, convert, save_hf, tensors, training_config
-
-
-def export(ckpt, save, **kwargs):
-    """The export in this process: it sets up (and tears down) a one-process world of its own."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    done = convert_mcore_to_hf(str(ckpt), str(save), progress=False, **kwargs)
-    assert not dist.is_initialized() and not parallel_state.model_parallel_is_initialized()  # nothing left behind
-    return done
+from .common import compare, export, save_hf, tensors, to_hf, to_mcore, training_config  # noqa: F401  (export: tests/examples)
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_tied", "qwen2_bias", "mistral"])
 def test_hf_to_megatron_to_hf_is_bit_identical_and_a_fixed_point(tmp_path, variant):
     hf_dir = save_hf(tmp_path / "hf", variant, shard="40KB")
-    convert(hf_dir, tmp_path / "ckpt")
-    done = export(tmp_path / "ckpt", tmp_path / "out", hf_template=hf_dir, max_shard_size_mb=1)
+    to_mcore(hf_dir, tmp_path / "ckpt")
+    done = to_hf(tmp_path / "ckpt", tmp_path / "out", hf_template=hf_dir, max_shard_size_mb=1)
     original, exported = tensors(hf_dir), tensors(tmp_path / "out")
     assert original.keys() == exported.keys() and done.count == len(exported)
     for name in original:
@@ -38,8 +27,8 @@ def test_hf_to_megatron_to_hf_is_bit_identical_and_a_fixed_point(tmp_path, varia
                 "vocab_size", "tie_word_embeddings", "rms_norm_eps", "intermediate_size"):
         assert a[key] == b[key], key
     # export -> import -> export: the same files again
-    convert(tmp_path / "out", tmp_path / "ckpt2")
-    export(tmp_path / "ckpt2", tmp_path / "out2")
+    to_mcore(tmp_path / "out", tmp_path / "ckpt2")
+    to_hf(tmp_path / "ckpt2", tmp_path / "out2")
     again = tensors(tmp_path / "out2")
     assert again.keys() == exported.keys() and all((again[name] == exported[name]).all() for name in exported)
 
@@ -53,14 +42,14 @@ def test_bf16_stays_bf16_through_both_converters(tmp_path):
 
     hf_dir = str(tmp_path / "hf")
     tiny_hf_model("qwen2_bias").to(torch.bfloat16).save_pretrained(hf_dir, max_shard_size="40KB")
-    done = convert(hf_dir, tmp_path / "ckpt")
+    done = to_mcore(hf_dir, tmp_path / "ckpt")
     stored = FileSystemReader(str(tmp_path / "ckpt" / "iter_0000000")).read_metadata().state_dict_metadata
     dtypes = {md.properties.dtype for md in stored.values() if isinstance(md, TensorStorageMetadata)}
     assert dtypes == {torch.bfloat16}  # norms and biases too, as training saves them
     info = read_model_file(str(tmp_path / "ckpt"))
     assert (info["model_type"], info["dtype"], info["padded_vocab_size"]) == ("qwen2", "bfloat16", 1024)
     assert info["model"] == done.model_cfg.to_megatron_flags() and info["model"]["add_qkv_bias"] is True
-    export(tmp_path / "ckpt", tmp_path / "out")
+    to_hf(tmp_path / "ckpt", tmp_path / "out")
     original, exported = tensors(hf_dir), tensors(tmp_path / "out")
     assert original.keys() == exported.keys()
     assert all(exported[n].dtype == torch.bfloat16 and torch.equal(original[n], exported[n]) for n in original)
@@ -69,12 +58,12 @@ def test_bf16_stays_bf16_through_both_converters(tmp_path):
 
 def test_trained_at_tp2_exports_to_what_transformers_computes(tmp_path):
     hf_dir = save_hf(tmp_path / "hf", "llama_gqa_untied")
-    convert(hf_dir, tmp_path / "ckpt")
+    to_mcore(hf_dir, tmp_path / "ckpt")
     trained = str(tmp_path / "trained")
     train(str(tmp_path / "train"), 2, ["--load", str(tmp_path / "ckpt"), "--finetune", "--no-load-optim",
                                        "--no-load-rng", "--train-iters", "2", "--save", trained, "--save-interval", "2",
                                        "--sed-tau", "0.05", "--sft-num-samples", "16"], config=training_config(tmp_path))
-    export(trained, tmp_path / "out", hf_template=hf_dir)
+    to_hf(trained, tmp_path / "out", hf_template=hf_dir)
     # fp32 on both sides, another summation order: ~1e-6.
     assert compare(tmp_path / "out", trained, tp=2) < 1e-4
     moved = max(float((tensors(tmp_path / "out")[n] - t).abs().max()) for n, t in tensors(hf_dir).items())
@@ -83,16 +72,16 @@ def test_trained_at_tp2_exports_to_what_transformers_computes(tmp_path):
 
 def test_export_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="no sed_megatron_model.yaml"):
-        export(tmp_path, tmp_path / "x")
+        to_hf(tmp_path, tmp_path / "x")
     hf_dir = save_hf(tmp_path / "hf", "llama_gqa_tied")
-    convert(hf_dir, tmp_path / "ckpt")
+    to_mcore(hf_dir, tmp_path / "ckpt")
     with pytest.raises(ValueError, match="output directory is not empty \\(use --overwrite\\)"):
-        export(tmp_path / "ckpt", hf_dir)
+        to_hf(tmp_path / "ckpt", hf_dir)
     with pytest.raises(ValueError, match="nowhere: no config.json \\(--hf-template"):
-        export(tmp_path / "ckpt", tmp_path / "x", hf_template=str(tmp_path / "nowhere"))
+        to_hf(tmp_path / "ckpt", tmp_path / "x", hf_template=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="dtype 'fp8' is not one of auto, bfloat16, float16, float32"):
-        export(tmp_path / "ckpt", tmp_path / "x", dtype="fp8")
+        to_hf(tmp_path / "ckpt", tmp_path / "x", dtype="fp8")
     os.rename(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt", tmp_path / "tracker")
     with pytest.raises(ValueError, match="latest_checkpointed_iteration.txt: missing"):
-        export(tmp_path / "ckpt", tmp_path / "x")
+        to_hf(tmp_path / "ckpt", tmp_path / "x")
     assert not os.path.exists(tmp_path / "x")
