@@ -147,14 +147,14 @@ def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=Tr
 
     from .streaming import StreamingSaveStrategy, chunk_sources
 
-    dtype_ = getattr(torch, dtype_name)
+    torch_dtype = getattr(torch, dtype_name)
     with staged_output(save) as tmp_dir:  # nothing at `save` unless everything succeeds
         args, _ = parse_run_args(megatron_argv(model_cfg, tmp_dir, dtype_name), runtime, need_loss_config=False)
         initialize_megatron(allow_no_cuda=runtime.on_cpu)
         args.padded_vocab_size = model_cfg.padded_vocab_size  # saved with the checkpoint's args
         model_cfg = model_cfg.replace(transformer_impl=args.transformer_impl)  # TE names where TE builds the layers
         with torch.device("meta"):  # no memory, no random init: the weights come from the checkpoint
-            model = build_gpt_model(model_cfg, core_transformer_config_from_args(args)).to(dtype_)
+            model = build_gpt_model(model_cfg, core_transformer_config_from_args(args)).to(torch_dtype)
         sharded = model.sharded_state_dict()
         expected = {name: sh for name, sh in sharded.items() if not name.endswith("_extra_state")}
         rows = {row.megatron: row for row in family_for(model_cfg.model_type).rows(model_cfg)}
@@ -175,7 +175,7 @@ def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=Tr
         @functools.lru_cache(maxsize=1)  # a parameter saved as several chunks is converted once
         def converted(name):
             row = rows[name]
-            return row.mapping.to_megatron(model_cfg, *(tensors(n) for n in row.hf)).to(dtype_)
+            return row.mapping.to_megatron(model_cfg, *(tensors(n) for n in row.hf)).to(torch_dtype)
 
         def materialize(key, offset):
             name, cut = sources[(key, offset)]
