@@ -50,7 +50,7 @@ def main(argv=None):
     from sed_megatron.training.setup import parse_run_args
 
     args, _ = parse_run_args(argv, runtime, need_loss_config=False, extra_args_provider=add_calibration_arguments,
-                             precheck=check_arguments)
+                             precheck=check_arguments, prog=PROG)
 
     import torch.distributed as dist
 

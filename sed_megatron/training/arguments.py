@@ -96,6 +96,11 @@ def add_sed_arguments(parser):
     return parser
 
 
+def option_names(parser):
+    """{dest: its long option}, for messages that name a setting."""
+    return {action.dest: option for option, action in _option_actions(parser).values()}
+
+
 def _option_actions(parser):
     """'flag_name' (dashes as underscores) -> argparse action, for every long option."""
     actions = {}
@@ -124,19 +129,23 @@ def _value_to_argv(option, action, value, where):
     return [option, str(value)]
 
 
-def yaml_flags_to_argv(flags, parser, where):
-    """Command-line arguments for a mapping of Megatron-LM flags (YAML keys)."""
+def yaml_flags_to_argv(flags, parser, where, sources=None):
+    """Command-line arguments for a mapping of Megatron-LM flags (YAML keys).
+
+    sources, if given, records where each setting came from: {dest: "where.key"}."""
     actions = _option_actions(parser)
     argv = []
     for key, value in flags.items():
         if key not in actions or key in _OWN_KEYS:
             raise ConfigError(f"{where}.{key}: unknown Megatron-LM flag --{key.replace('_', '-')}")
         argv += _value_to_argv(*actions[key], value, f"{where}.{key}")
+        if sources is not None:
+            sources[actions[key][1].dest] = f"{where}.{key}"
     return argv
 
 
-def yaml_to_argv(path, parser):
-    """The command-line arguments equivalent to the YAML file at `path`."""
+def yaml_to_argv(path, parser, sources=None):
+    """The command-line arguments equivalent to the YAML file at `path` (sources: as above)."""
     try:
         with open(path) as f:
             doc = yaml.safe_load(f)
@@ -152,7 +161,10 @@ def yaml_to_argv(path, parser):
     argv = []
     for section, body in doc.items():
         if section in RUN_FLAGS:
-            argv += _value_to_argv(*actions[RUN_FLAGS[section][2:].replace("-", "_")], body, f"{path}: {section}")
+            option, action = actions[RUN_FLAGS[section][2:].replace("-", "_")]
+            argv += _value_to_argv(option, action, body, f"{path}: {section}")
+            if sources is not None:
+                sources[action.dest] = f"{path}: {section}"
             continue
         if section not in MEGATRON_SECTIONS + ("loss", "data"):
             known = ", ".join(MEGATRON_SECTIONS + ("loss", "data") + tuple(RUN_FLAGS))
@@ -165,9 +177,12 @@ def yaml_to_argv(path, parser):
                 table = LOSS_FLAGS if section == "loss" else DATA_FLAGS
                 if key not in table:
                     raise ConfigError(f"{where}: unknown key (known: {', '.join(table)})")
-                argv += _value_to_argv(*actions[table[key][2:].replace("-", "_")], value, where)
+                option, action = actions[table[key][2:].replace("-", "_")]
+                argv += _value_to_argv(option, action, value, where)
+                if sources is not None:
+                    sources[action.dest] = where
                 continue
-            argv += yaml_flags_to_argv({key: value}, parser, f"{path}: {section}")
+            argv += yaml_flags_to_argv({key: value}, parser, f"{path}: {section}", sources)
     return argv
 
 
@@ -181,12 +196,22 @@ def config_path_from_argv(argv):
     return None
 
 
-def expand_config(argv, parser):
-    """argv with the YAML of --config spliced in front, so the command line wins."""
+def expand_config(argv, parser, sources=None):
+    """argv with the YAML of --config spliced in front, so the command line wins.
+
+    sources, if given, records {dest: "path: section.key"} for the YAML's settings; settings
+    given on the command line are left out of it (their flag names them)."""
     path = config_path_from_argv(argv)
     if path is None:
         return list(argv)
-    return yaml_to_argv(path, parser) + list(argv)
+    yaml_argv = yaml_to_argv(path, parser, sources)
+    if sources is not None:
+        actions = _option_actions(parser)
+        for arg in argv:
+            if arg.startswith("--") and arg[2:].split("=")[0].replace("-", "_") in actions:
+                sources.pop(actions[arg[2:].split("=")[0].replace("-", "_")][1].dest, None)
+    return yaml_argv + list(argv)
+
 
 
 def calibrates_tau(args):
