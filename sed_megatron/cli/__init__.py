@@ -1,0 +1,1 @@
+"""Command-line entry points: each parses its arguments and calls one function of the package."""
