@@ -22,6 +22,11 @@ setup(
         # Transformer Engine: fused layers and parallel CE on GPUs. apex has no usable PyPI
         # package; it is used when importable.
         "gpu": ["transformer-engine[pytorch]"],
-        "test": ["pytest"],
+        # tools/gguf_to_hf.py: transformers reads GGUF files only with these two installed
+        "gguf": ["gguf>=0.10", "accelerate"],
+        "test": ["pytest", "gguf>=0.10", "accelerate"],  # tests/convert/test_gguf_to_hf.py
+    },
+    entry_points={
+        "console_scripts": ["sed-gguf-to-hf=sed_megatron.cli.gguf_to_hf:main"],
     },
 )

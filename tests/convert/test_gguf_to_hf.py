@@ -12,14 +12,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-pytest.importorskip("gguf")
-pytest.importorskip("accelerate")
-
-import torch  # noqa: E402
-
-from sed_megatron.cli.gguf_to_hf import main  # noqa: E402
-from sed_megatron.convert.gguf import llama3_rope_factors  # noqa: E402
+from sed_megatron.cli.gguf_to_hf import main
+from sed_megatron.convert.gguf import llama3_rope_factors
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "gguf_to_hf.py")
