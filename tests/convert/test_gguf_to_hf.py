@@ -48,22 +48,26 @@ def byte_level_vocab():
     return tokens, merges, types
 
 
-def tiny_llama(vocab_size, rope=None, seed=0):
+def tiny_model(vocab_size, family="llama", rope=None, seed=0):
+    """A random tiny transformers model: Llama with tied embeddings, or Qwen2 untied with QKV biases."""
     import transformers
 
-    config = transformers.LlamaConfig(
+    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
+    config = config_class(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=16384 if rope else 512, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, rope_parameters=rope or {"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=family == "llama", rope_parameters=rope or {"rope_type": "default", "rope_theta": 10000.0},
         bos_token_id=1, eos_token_id=2, pad_token_id=2)
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:  # away from 1, so that a mix-up of the two norms shows
                 param.uniform_(0.5, 1.5)
             elif "q_proj" in name or "k_proj" in name:  # peaked attention, so that RoPE matters
                 param.mul_(8.0)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.1)
     return model
 
 
@@ -88,16 +92,19 @@ def _layer_tensors(i):
     }
 
 
-def write_gguf(path, architecture="llama", rope=None, rope_freqs=None, chat_template=CHAT_TEMPLATE, quantize=True):
-    """A tiny Llama GGUF at path (quantize=False: every tensor F32); the transformers model it was made from."""
+def write_gguf(path, family="llama", architecture=None, rope=None, rope_freqs=None, chat_template=CHAT_TEMPLATE,
+               quantize=True):
+    """A tiny GGUF at path (quantize=False: every tensor F32); the transformers model it was made from.
+
+    architecture: general.architecture, if not the family's own name."""
     import gguf
     import numpy as np
 
     tokens, merges, types = byte_level_vocab()
-    model = tiny_llama(len(tokens), rope=rope)
+    model = tiny_model(len(tokens), family, rope=rope)
     config = model.config
     state = {name: t.detach().float().numpy() for name, t in model.state_dict().items()}
-    writer = gguf.GGUFWriter(str(path), architecture)
+    writer = gguf.GGUFWriter(str(path), architecture or family)
     writer.add_name("tiny-llama-test")
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -111,7 +118,7 @@ def write_gguf(path, architecture="llama", rope=None, rope_freqs=None, chat_temp
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
+    writer.add_tokenizer_pre("smollm" if family == "llama" else "qwen2")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -124,13 +131,17 @@ def write_gguf(path, architecture="llama", rope=None, rope_freqs=None, chat_temp
         writer.add_chat_template(chat_template)
 
     tensors = {"token_embd.weight": ("model.embed_tokens.weight", "Q8_0"), "output_norm.weight": ("model.norm.weight", "F32")}
+    if not config.tie_word_embeddings:
+        tensors["output.weight"] = ("lm_head.weight", "Q8_0")
     for i in range(config.num_hidden_layers):
         tensors.update(_layer_tensors(i))
+        if family == "qwen2":
+            tensors.update({f"blk.{i}.attn_{x}.bias": (f"model.layers.{i}.self_attn.{x}_proj.bias", "F32") for x in "qkv"})
     for gguf_name, (hf_name, kind) in tensors.items():
         data = state[hf_name]
-        if gguf_name.endswith("attn_q.weight"):
+        if family == "llama" and gguf_name.endswith("attn_q.weight"):  # llama.cpp permutes Llama's only
             data = _permute(data, config.num_attention_heads)
-        elif gguf_name.endswith("attn_k.weight"):
+        elif family == "llama" and gguf_name.endswith("attn_k.weight"):
             data = _permute(data, config.num_key_value_heads)
         if kind == "F32" or not quantize:
             writer.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float32))
@@ -206,12 +217,13 @@ def test_bf16_output_loads_and_matches_transformers_gguf_model(tiny_gguf, tmp_pa
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 2)
 
 
-def test_float32_output_equals_the_original_weights(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_float32_output_equals_the_original_weights(tmp_path, family):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     path = str(tmp_path / "tiny.gguf")
-    original = write_gguf(path)
+    original = write_gguf(path, family)
     save = str(tmp_path / "hf")
     assert main(["--gguf", path, "--save", save, "--dtype", "float32"]) == 0
     ours = AutoModelForCausalLM.from_pretrained(save).eval()
@@ -223,6 +235,12 @@ def test_float32_output_equals_the_original_weights(tmp_path):
             assert torch.equal(weights[hf_name], original.state_dict()[hf_name]), hf_name
     q = "model.layers.1.self_attn.q_proj.weight"  # Q4_1: within its quantization step, rows un-permuted
     assert (weights[q] - original.state_dict()[q]).abs().max() < 0.1 * original.state_dict()[q].abs().max()
+    assert ours.config.architectures == [type(original).__name__]
+    if family == "qwen2":  # untied output layer and QKV biases (F32)
+        assert not ours.config.tie_word_embeddings and "lm_head.weight" in weights
+        for name in ("q_proj.bias", "k_proj.bias", "v_proj.bias"):
+            name = f"model.layers.1.self_attn.{name}"
+            assert torch.equal(weights[name], original.state_dict()[name]), name
 
 
 def test_llama3_rope_scaling_comes_from_rope_freqs(tmp_path):
@@ -284,7 +302,7 @@ def test_bad_inputs_give_one_line_and_leave_nothing(tiny_gguf, tmp_path, capsys)
     assert nothing_left()
 
     gpt2 = str(tmp_path / "gpt2.gguf")
-    write_gguf(gpt2, architecture="gpt2")
+    write_gguf(gpt2, architecture="gpt2")  # a llama inside, but the architecture decides
     assert main(["--gguf", gpt2, "--save", str(save)]) == 2
     _one_error_line(capsys, gpt2, "general.architecture 'gpt2' is not supported", "llama")
     assert nothing_left()
