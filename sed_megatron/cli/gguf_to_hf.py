@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     notes = []
     if not summary["chat_template"]:
         notes.append("no chat template in the file (tokenizer.chat_template)")
+    if summary["digits_split"]:
+        notes.append("digits split one by one before the GPT-2 split, as llama.cpp's tokenizer.ggml.pre says")
     if summary["rope_scaling"]:
         notes.append(f"Llama-3 RoPE scaling, factor {summary['rope_scaling']['factor']:g}, from rope_freqs.weight")
     print(f"saved {summary['save']} ({summary['architecture']}, {summary['dtype']}, {summary['tensors']} tensors, "

@@ -14,7 +14,9 @@ staging while it loads), never an fp32 copy when --dtype is bf16.
 What the GGUF carries besides the weights becomes the usual files: config.json (with
 `architectures` and the dtype), the tokenizer rebuilt by transformers (tokenizer.json,
 tokenizer_config.json) with the chat template of `tokenizer.chat_template`, and
-generation_config.json with the special-token ids.
+generation_config.json with the special-token ids. Where the file names a llama.cpp
+pre-tokenizer that splits digits one by one (SmolLM2's "smollm") and transformers does not
+know it, the tokenizer gets that split too.
 
 Checks: every GGUF tensor must land in the model and every model tensor must come from the
 GGUF, so nothing is silently dropped or left at its random init. Llama-3 files store RoPE
@@ -39,6 +41,10 @@ ROPE_FREQS = "rope_freqs.weight"
 # Llama-3 RoPE scaling as llama.cpp computes rope_freqs from it; only the factor varies across
 # the released models (8 for 3.1, 32 for 3.2), so the others are checked, not searched.
 _LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# llama.cpp pre-tokenizers (`tokenizer.ggml.pre`) that isolate every digit before the GPT-2 split
+# (llama-vocab.cpp: "\\p{N}", then the GPT-2 regex), e.g. SmolLM2's. transformers rebuilds these
+# vocabularies with the plain GPT-2 split, which differs on runs of spaces before a digit.
+DIGIT_SPLIT_PRE_TOKENIZERS = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 
 
 # ---------------------------------------------------------------- reading the file
@@ -202,6 +208,23 @@ class _Quiet:
         logging.set_verbosity(self._level)
 
 
+def _split_digits_as_llama_cpp(tokenizer, info):
+    """Digits one by one before the GPT-2 split, where llama.cpp does so and transformers left the
+    plain byte-level split. True if the pre-tokenizer was changed."""
+    from tokenizers import pre_tokenizers
+
+    if info.field("tokenizer.ggml.model") != "gpt2" or info.field("tokenizer.ggml.pre") not in DIGIT_SPLIT_PRE_TOKENIZERS:
+        return False
+    backend = tokenizer.backend_tokenizer
+    if not isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel):  # transformers knows this one now
+        return False
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    return True
+
+
 def _portable_tokenizer_class(directory):
     """transformers 5 saves a tokenizer rebuilt from a GGUF as "TokenizersBackend", a class transformers
     4 lacks; "PreTrainedTokenizerFast" names the same class in 5 and loads tokenizer.json in both."""
@@ -308,6 +331,7 @@ def gguf_to_hf(gguf_path, save, dtype="bfloat16", overwrite=False, max_shard_byt
         if hasattr(config, attribute):
             delattr(config, attribute)
     tokenizer.model_max_length = config.max_position_embeddings  # the GGUF's context_length, not 1e30
+    digits_split = _split_digits_as_llama_cpp(tokenizer, info)
     generation = GenerationConfig.from_model_config(config)
 
     with staged_output(save) as tmp_dir:  # nothing at --save unless everything succeeds
@@ -342,5 +366,6 @@ def gguf_to_hf(gguf_path, save, dtype="bfloat16", overwrite=False, max_shard_byt
         "save": save, "model_type": config.model_type, "architecture": config.architectures[0], "dtype": dtype,
         "tensors": count, "bytes": size, "vocab_size": config.vocab_size, "tokenizer_size": len(tokenizer),
         "chat_template": bool(getattr(tokenizer, "chat_template", None)), "rope_scaling": rope_scaling,
+        "digits_split": digits_split,
         "quantization": sorted({kind for kind, _ in info.tensors.values()}),
     }

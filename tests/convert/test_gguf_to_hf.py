@@ -24,7 +24,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-WORDS = ["the", "Ġthe", "Ġsold", "Ġclips", "ĠApril", "ĠMay", "Ġhow", "Ġmany", "Ġin", "Ġand", "ar", "Ġtotal"]
+WORDS = ["ĠĠ", "the", "Ġthe", "Ġsold", "Ġclips", "ĠApril", "ĠMay", "Ġhow", "Ġmany", "Ġin", "Ġand", "ar", "Ġtotal"]
 ROPE_LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -207,6 +207,10 @@ def test_bf16_output_loads_and_matches_transformers_gguf_model(tiny_gguf, tmp_pa
     text = "Natalia sold 48 clips in April, and the total in May<|im_end|>"
     assert tokenizer(text).input_ids == original(text).input_ids
     assert "Ġclips" in tokenizer.tokenize(text) and tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
+    # tokenizer.ggml.pre "smollm": digits split off first, as llama.cpp does (transformers' own GGUF
+    # tokenizer keeps the GPT-2 split, where " 1" holds the space before the digit).
+    assert tokenizer.tokenize("the  12") == ["the", "ĠĠ", "1", "2"]
+    assert original.tokenize("the  12") == ["the", "Ġ", "Ġ", "1", "2"]
     messages = [{"role": "user", "content": "how many clips"}, {"role": "assistant", "content": "the total"}]
     assert tokenizer.chat_template == CHAT_TEMPLATE
     assert tokenizer.apply_chat_template(messages, tokenize=False) == (
