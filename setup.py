@@ -1,5 +1,12 @@
 from setuptools import find_packages, setup
 
+# examples/rl/grpo_trl.py and the parquet of examples/rl/prepare_data.py. TRL >= 1.15 ends a
+# completion at every eos id of generation_config.json (an instruct model's end of turn), not
+# only at the tokenizer's eos.
+RL_REQUIRES = ["trl>=1.15", "pyarrow"]
+# tools/gguf_to_hf.py: transformers reads GGUF files only with these two installed.
+GGUF_REQUIRES = ["gguf>=0.10", "accelerate"]
+
 setup(
     name="sed_megatron",
     version="0.1.0",
@@ -18,15 +25,26 @@ setup(
         "transformers",
         "numpy",
     ],
+    entry_points={
+        "console_scripts": [
+            "sed-train = sed_megatron.train:main",
+            "sed-preprocess-sft-data = sed_megatron.cli.preprocess_sft_data:main",
+            "sed-calibrate-tau = sed_megatron.cli.calibrate_tau:main",
+            "sed-convert-hf-to-mcore = sed_megatron.cli.convert_hf_to_mcore:main",
+            "sed-convert-mcore-to-hf = sed_megatron.cli.convert_mcore_to_hf:main",
+            "sed-compare-hf-mcore = sed_megatron.cli.compare_hf_mcore:main",
+            "sed-gguf-to-hf = sed_megatron.cli.gguf_to_hf:main",
+            "sed-eval-diversity = sed_megatron.cli.eval_diversity:main",
+            "sed-plot-metrics = sed_megatron.cli.plot_metrics:main",
+        ],
+    },
     extras_require={
         # Transformer Engine: fused layers and parallel CE on GPUs. apex has no usable PyPI
         # package; it is used when importable.
         "gpu": ["transformer-engine[pytorch]"],
-        # tools/gguf_to_hf.py: transformers reads GGUF files only with these two installed
-        "gguf": ["gguf>=0.10", "accelerate"],
-        "test": ["pytest", "gguf>=0.10", "accelerate"],  # tests/convert/test_gguf_to_hf.py
-    },
-    entry_points={
-        "console_scripts": ["sed-gguf-to-hf=sed_megatron.cli.gguf_to_hf:main"],
+        "rl": RL_REQUIRES,
+        "gguf": GGUF_REQUIRES,
+        # tests/examples/test_rl.py runs 2 GRPO steps with TRL; tests/convert/test_gguf_to_hf.py writes GGUF files
+        "test": ["pytest", *RL_REQUIRES, *GGUF_REQUIRES],
     },
 )

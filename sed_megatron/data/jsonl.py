@@ -12,12 +12,16 @@ def read_jsonl(path, parse, limit=None):
             if not line.strip():
                 continue
             try:
-                values.append(parse(json.loads(line)))
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not JSON ({err.msg})") from None
+            try:
+                values.append(parse(record))
             except (ValueError, KeyError, TypeError) as err:
                 detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
                 raise ValueError(f"{path}:{line_no}: {detail}") from None
             if limit and len(values) == limit:
                 break
     if not values:
-        raise ValueError(f"{path}: no samples")
+        raise ValueError(f"{path}: no records")
     return values

@@ -22,7 +22,15 @@ FORMATS = ("auto", "chat", "prompt_response")
 
 
 class SampleError(ValueError):
-    """A bad sample; the message says what is wrong (the caller adds file and line)."""
+    """A bad sample; the message says what is wrong (the caller adds file and line).
+
+    reason: the kind of problem, the same for every sample it hits (the skipped-sample report
+    counts per reason); length: the sample's token count where it matters."""
+
+    def __init__(self, message, reason=None, length=None):
+        super().__init__(message)
+        self.reason = reason or message
+        self.length = length
 
 
 @dataclass(frozen=True)
@@ -88,13 +96,15 @@ def record_to_messages(record, cfg: PreprocessConfig):
             raise SampleError(f"field {cfg.messages_key!r} must be a non-empty list of messages")
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise SampleError(f"message {i} must be an object with 'role' and 'content'")
+                raise SampleError(f"message {i} must be an object with 'role' and 'content'",
+                                  "a message without 'role' and 'content'")
             if message["role"] not in ROLES:
-                raise SampleError(f"message {i}: unknown role {message['role']!r} (known: {', '.join(ROLES)})")
+                raise SampleError(f"message {i}: unknown role {message['role']!r} (known: {', '.join(ROLES)})",
+                                  "unknown role")
             if not isinstance(message["content"], str):
-                raise SampleError(f"message {i}: content must be a string")
+                raise SampleError(f"message {i}: content must be a string", "content that is not a string")
             if message["role"] == "assistant" and not message["content"].strip():
-                raise SampleError(f"message {i}: empty assistant response")
+                raise SampleError(f"message {i}: empty assistant response", "empty assistant response")
         if not any(m["role"] == "assistant" for m in messages):
             raise SampleError("no assistant message: nothing to learn")
         return [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -112,7 +122,7 @@ def _render(tokenizer, messages, add_generation_prompt):
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as err:  # jinja raises its own errors (e.g. "roles must alternate")
-        raise SampleError(f"the chat template rejects this chat: {err}") from None
+        raise SampleError(f"the chat template rejects this chat: {err}", "the chat template rejects the chat") from None
 
 
 def _encode(tokenizer, text):
@@ -163,13 +173,13 @@ def process_line(tokenizer, cfg: PreprocessConfig, raw):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise SampleError(f"not valid UTF-8 (byte {err.start})") from None
+        raise SampleError(f"not valid UTF-8 (byte {err.start})", "not valid UTF-8") from None
     if not text.strip():
         return None
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
-        raise SampleError(f"malformed JSON: {err.msg} (column {err.colno})") from None
+        raise SampleError(f"malformed JSON: {err.msg} (column {err.colno})", "malformed JSON") from None
     messages = record_to_messages(record, cfg)
     is_chat = cfg.format == "chat" or (cfg.format == "auto" and cfg.messages_key in record)
     if is_chat or cfg.use_chat_template:
@@ -178,14 +188,15 @@ def process_line(tokenizer, cfg: PreprocessConfig, raw):
         ids, mask = tokenize_plain(tokenizer, messages)
     vocab_size = cfg.vocab_size or len(tokenizer)
     if ids and max(ids) >= vocab_size:
-        raise SampleError(f"token id {max(ids)} >= vocabulary size {vocab_size}")
+        raise SampleError(f"token id {max(ids)} >= vocabulary size {vocab_size}", "token id >= vocabulary size")
     limit = None if cfg.seq_length is None else cfg.seq_length + 1
     if limit is not None and len(ids) > limit:
         if cfg.truncation == "truncate" and any(mask[:limit]):
             ids, mask = ids[:limit], mask[:limit]
         else:
             raise SampleError(f"sample of {len(ids)} tokens exceeds --seq-length + 1 = {limit}"
-                              + (" (and its prompt alone fills it)" if cfg.truncation == "truncate" else ""))
+                              + (" (and its prompt alone fills it)" if cfg.truncation == "truncate" else ""),
+                              f"longer than --seq-length + 1 = {limit} tokens", length=len(ids))
     if not any(mask):
         raise SampleError("no token carries loss")
     return ids, mask
@@ -204,7 +215,7 @@ def _process(item):
     try:
         return line_no, process_line(_worker_state["tokenizer"], _worker_state["cfg"], raw), None
     except SampleError as err:
-        return line_no, None, str(err)
+        return line_no, None, (str(err), err.reason, err.length)
 
 
 def _lines(path):
@@ -242,6 +253,7 @@ def preprocess(cfg: PreprocessConfig, progress=True):
     with open(cfg.input, "rb") as f:
         total_lines = sum(1 for _ in f)
     summary = {"samples": 0, "tokens": 0, "loss_tokens": 0, "skipped": 0, "skipped_lines": [], "reasons": {}}
+    lengths = []
     try:
         tokens_out = IndexedDatasetBuilder(tmp_paths[0], dtype=DType.optimal_dtype(vocab_size))
         mask_out = IndexedDatasetBuilder(tmp_paths[2], dtype=numpy.uint8)
@@ -259,13 +271,13 @@ def preprocess(cfg: PreprocessConfig, progress=True):
         try:
             for line_no, sample, error in results:
                 if error is not None:
-                    skippable = cfg.skip_bad or (cfg.truncation == "skip" and "exceeds --seq-length" in error)
+                    message, reason, length = error
+                    skippable = cfg.skip_bad or (cfg.truncation == "skip" and length is not None)
                     if not skippable:
-                        raise ValueError(f"{cfg.input}:{line_no}: {error}")
+                        raise ValueError(f"{cfg.input}:{line_no}: {message}")
                     summary["skipped"] += 1
                     summary["skipped_lines"].append(line_no)
-                    reason = error.split(" (")[0].split(":")[0]
-                    summary["reasons"][reason] = summary["reasons"].get(reason, 0) + 1
+                    _count_skip(summary["reasons"], reason, line_no, length)
                     continue
                 if sample is None:
                     continue
@@ -277,6 +289,7 @@ def preprocess(cfg: PreprocessConfig, progress=True):
                 summary["samples"] += 1
                 summary["tokens"] += len(ids)
                 summary["loss_tokens"] += sum(mask)
+                lengths.append(len(ids))
         finally:
             if pool is not None:
                 pool.terminate()
@@ -291,7 +304,42 @@ def preprocess(cfg: PreprocessConfig, progress=True):
             if os.path.exists(path):
                 os.remove(path)
     summary["skipped_lines"] = summary["skipped_lines"][:20]
+    summary["lengths"] = length_distribution(lengths)
     return summary
+
+
+FIRST_LINES = 5
+"""Line numbers kept per skip reason."""
+
+
+def _count_skip(reasons, reason, line_no, length):
+    entry = reasons.setdefault(reason, {"count": 0, "first_lines": [], "min_length": None, "max_length": None})
+    entry["count"] += 1
+    if len(entry["first_lines"]) < FIRST_LINES:
+        entry["first_lines"].append(line_no)
+    if length is not None:
+        entry["min_length"] = length if entry["min_length"] is None else min(entry["min_length"], length)
+        entry["max_length"] = length if entry["max_length"] is None else max(entry["max_length"], length)
+
+
+def length_distribution(lengths):
+    """p50, p90 and max of the kept samples' token counts (nearest rank)."""
+    if not lengths:
+        return {"p50": None, "p90": None, "max": None}
+    ordered = sorted(lengths)
+    rank = lambda q: ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]  # noqa: E731
+    return {"p50": rank(0.5), "p90": rank(0.9), "max": ordered[-1]}
+
+
+def skip_report(summary):
+    """One line per skip reason: the count, the length range (where it applies), the first lines."""
+    lines = []
+    for reason, entry in summary["reasons"].items():
+        lengths = (f", {entry['min_length']}-{entry['max_length']} tokens" if entry["min_length"] is not None else "")
+        more = ", ..." if entry["count"] > len(entry["first_lines"]) else ""
+        lines.append(f"skipped {entry['count']} sample(s): {reason}{lengths} "
+                     f"(lines {', '.join(map(str, entry['first_lines']))}{more})")
+    return lines
 
 
 def read_indexed_sft(prefix):

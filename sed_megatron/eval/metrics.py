@@ -118,7 +118,8 @@ def evaluate(samples_per_prompt, references, k, last_number=True):
     per_prompt = []
     for samples, reference in zip(samples_per_prompt, references, strict=True):
         reference_answer = extract_answer(reference) if reference is not None else None
-        correct = sum(answers_match(extract_answer(s, last_number), reference_answer) for s in samples)
+        predicted = [extract_answer(s, last_number) for s in samples]
+        correct = sum(answers_match(p, reference_answer) for p in predicted)
         per_prompt.append({
             "self_bleu": self_bleu(samples) if n > 1 else None,
             "distinct_1": distinct_n(samples, 1),
@@ -126,9 +127,11 @@ def evaluate(samples_per_prompt, references, k, last_number=True):
             "distinct_3": distinct_n(samples, 3),
             "pass_at_1": correct / n,
             "pass_at_k": pass_at_k(n, correct, k),
+            "answered": sum(p is not None for p in predicted) / n,  # share of samples with an answer
             "correct": correct,
         })
     mean = lambda key: sum(p[key] for p in per_prompt) / len(per_prompt) if per_prompt[0][key] is not None else None  # noqa: E731
-    result = {key: mean(key) for key in ("self_bleu", "distinct_1", "distinct_2", "distinct_3", "pass_at_1", "pass_at_k")}
+    result = {key: mean(key) for key in ("self_bleu", "distinct_1", "distinct_2", "distinct_3", "pass_at_1", "pass_at_k",
+                                            "answered")}
     result.update(k=k, num_samples=n, num_prompts=len(per_prompt))
     return result, per_prompt

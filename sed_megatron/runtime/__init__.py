@@ -17,6 +17,7 @@ from .mcore import MegatronVersionError, check_signature, check_version, prepare
 __all__ = [
     "DEVICE_ENV", "DeviceError", "MegatronVersionError", "Runtime", "apply_cpu_runtime",
     "apply_cpu_training_runtime", "check_signature", "check_version", "cpu_runtime_applied", "prepare",
+    "missing_kernel_flags", "prepare_megatron",
     "select_device", "transformer_engine_available",
 ]
 
@@ -46,6 +47,36 @@ class Runtime:
         if self.on_cpu or not transformer_engine_available():
             flags += ["--transformer-impl", "local"]
         return flags
+
+
+def _importable(module):
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_kernel_flags(transformer_impl):
+    """The --no-... flags of Megatron-LM fusions that are on by default but whose kernels this
+    machine lacks (Megatron would fail at the first forward or at model build otherwise).
+
+    Fused RoPE comes from Transformer Engine; with the local layers, fused weight-gradient
+    accumulation, the persistent layer norm and the fused masked softmax come from apex's CUDA
+    extensions. None of these fusions can be switched on by a flag, so turning them off never
+    overrides a user's choice."""
+    flags = []
+    if not transformer_engine_available():
+        flags.append("--no-rope-fusion")
+    if transformer_impl == "local":
+        if not _importable("fused_weight_gradient_mlp_cuda"):
+            flags.append("--no-gradient-accumulation-fusion")
+        if not _importable("apex"):
+            flags.append("--no-persist-layer-norm")
+        if not _importable("scaled_masked_softmax_cuda"):
+            flags.append("--no-masked-softmax-fusion")
+    return flags
 
 
 def transformer_engine_available():

@@ -22,6 +22,8 @@ import argparse
 
 import yaml
 
+from sed_megatron.loss import LOSS_KINDS, SED_MASKS
+
 MEGATRON_SECTIONS = ("model", "parallel", "training", "optimizer", "checkpoint", "logging")
 
 LOSS_FLAGS = {  # LossConfig field -> flag
@@ -62,11 +64,11 @@ def add_sed_arguments(parser):
     """The SED-SFT argument group (Megatron's extra_args_provider)."""
     group = parser.add_argument_group("sed-sft")
     group.add_argument("--config", default=None, help="YAML run configuration (flags on the command line win)")
-    group.add_argument("--loss-type", default="ce", choices=["ce", "dft", "sed", "gem"], help="token loss")
+    group.add_argument("--loss-type", default="ce", choices=LOSS_KINDS, help="token loss")
     group.add_argument("--sed-top-k", type=int, default=2, help="k of the top-k mass that decides the SED mask")
     group.add_argument("--sed-tau", type=float, default=None, help="SED threshold on the top-k mass")
     group.add_argument("--sed-lambda", type=float, default=1.0, help="weight of the SED penalty")
-    group.add_argument("--sed-mask", default="topk_mass", choices=["topk_mass", "none"], help="where SED applies")
+    group.add_argument("--sed-mask", default="topk_mass", choices=SED_MASKS, help="where SED applies")
     group.add_argument("--gem-beta", type=float, default=0.7, help="GEM temperature")
     group.add_argument("--sed-calibrate-ratio", type=float, default=None,
                        help="calibrate tau before the first step as the (1 - r) quantile of the initial "
@@ -209,3 +211,13 @@ def loss_config_from_args(args):
         kind=args.loss_type, top_k=args.sed_top_k, tau=tau, lam=args.sed_lambda,
         mask=args.sed_mask, gem_beta=args.gem_beta,
     )
+
+
+def write_config_with_tau(source, target, tau):
+    """The YAML at source with loss.tau set, written to target (whole or not at all)."""
+    from sed_megatron.utils import atomic_write_text
+
+    with open(source) as f:
+        config = yaml.safe_load(f) or {}
+    config.setdefault("loss", {})["tau"] = tau
+    atomic_write_text(target, yaml.safe_dump(config, sort_keys=False))

@@ -79,3 +79,24 @@ def calibrate_tau(model_chunks, dataset, num_samples, step_cfg: StepConfig, mask
     # Every last-stage rank now holds the same tau; it reaches the other stages of its pipeline.
     dist.broadcast(tau, src=dist.get_global_rank(groups.pp, dist.get_world_size(group=groups.pp) - 1), group=groups.pp)
     return float(tau[0])
+
+
+def calibrate_from_args(args, runtime, mask_ratio, num_samples, token_set, split="valid"):
+    """τ of the run that Megatron's parsed `args` describe: its model (random init, or the weights
+    of args.load), its data split, its k (--sed-top-k). Initializes Megatron; every rank returns τ."""
+    from megatron.core.enums import ModelType
+    from megatron.training.checkpointing import load_checkpoint
+    from megatron.training.initialize import initialize_megatron
+    from megatron.training.training import get_model
+
+    from .setup import build_datasets, model_provider, step_config
+
+    initialize_megatron(allow_no_cuda=runtime.on_cpu)
+    model = get_model(functools.partial(model_provider, args), ModelType.encoder_or_decoder, wrap_with_ddp=False)
+    if args.load:
+        # Weights only: no optimizer, scheduler or RNG state, whatever the checkpoint holds.
+        args.finetune, args.no_load_optim, args.no_load_rng = True, True, True
+        load_checkpoint(model, None, None)
+    dataset = build_datasets(args, [num_samples, num_samples, 0])[0 if split == "train" else 1]
+    step_cfg = step_config(args, LossConfig(kind="ce", top_k=args.sed_top_k))
+    return calibrate_tau(model, dataset, num_samples, step_cfg, mask_ratio, token_set)

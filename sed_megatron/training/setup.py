@@ -35,6 +35,8 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
 
     from megatron.training.arguments import add_megatron_arguments, parse_and_validate_args
 
+    from sed_megatron.runtime import missing_kernel_flags
+
     # Megatron requires it with tensor parallelism (kernel ordering on one CUDA stream queue).
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
@@ -58,6 +60,13 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
     full_argv = run_defaults(runtime) + model_argv + expanded
     # Our errors first, before Megatron's checks.
     namespace = parser.parse_args(full_argv)
+    missing = [flag for flag in missing_kernel_flags(namespace.transformer_impl) if flag not in full_argv]
+    if missing:
+        full_argv += missing
+        namespace = parser.parse_args(full_argv)
+        if not runtime.on_cpu and os.environ.get("RANK", "0") == "0":
+            print(f"sed_megatron: kernels for these Megatron fusions are not installed (Transformer Engine / apex), "
+                  f"so they are off: {' '.join(missing)}", flush=True)
     loss_cfg = loss_config(namespace) if need_loss_config else None
     check_data_args(namespace)
     if precheck is not None:

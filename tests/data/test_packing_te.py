@@ -15,18 +15,19 @@ from sed_megatron.testing.models import tiny_gpt
 
 from .test_packing import SEQ, VOCAB, make_samples
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None,
-                                reason="needs a GPU with Transformer Engine")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None, reason="needs Transformer Engine")]
 
 
 def _losses_and_grads(model, packed, cfg):
-    from sed_megatron.training.step import thd_params
+    from sed_megatron.training.batch import to_thd
 
     model.zero_grad()
     sums = []
     if packed:
         row = packed_sample(make_samples(), SEQ, thd=True)
-        batch, params = thd_params({key: value.unsqueeze(0).cuda() for key, value in row.items()})
+        batch = to_thd({key: value.unsqueeze(0).cuda() for key, value in row.items()})
+        params = batch["packed_seq_params"]
         logits = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=params)
         loss, _ = sft_token_loss(logits.float(), batch["labels"], cfg)
         start = 0
@@ -57,4 +58,4 @@ def check_thd_equals_unpacked():
 
 
 def test_thd_equals_unpacked():
-    run_distributed(check_thd_equals_unpacked, world_size=1)
+    run_distributed(check_thd_equals_unpacked, world_size=1, device="cuda")

@@ -127,6 +127,27 @@ def test_skip_bad_and_truncation_policies(tmp_path, tokenizer_dir):
     assert summary["samples"] == 1 and summary["skipped"] == 1
 
 
+def test_skip_summary_counts_per_reason(tmp_path, tokenizer_dir):
+    """The report: one entry per reason with its count, the length range and the first lines."""
+    from sed_megatron.data.sft_preprocess import skip_report
+
+    records = [CHAT] + [{"prompt": "hello", "response": "hi " * n} for n in (30, 41, 35, 38, 50, 33)] + [b"{oops", CHAT]
+    summary, _ = run(tmp_path, tokenizer_dir, records, skip_bad=True, seq_length=24)
+    assert summary["samples"] == 2 and summary["skipped"] == 7
+    too_long = summary["reasons"]["longer than --seq-length + 1 = 25 tokens"]
+    assert too_long["count"] == 6 and too_long["first_lines"] == [2, 3, 4, 5, 6]
+    assert too_long["min_length"] < too_long["max_length"] and too_long["min_length"] > 25
+    assert summary["reasons"]["malformed JSON"] == {"count": 1, "first_lines": [8], "min_length": None,
+                                                    "max_length": None}
+    lengths = summary["lengths"]
+    assert lengths["p50"] == lengths["p90"] == lengths["max"] > 0  # the two kept samples are the same chat
+    report = skip_report(summary)
+    assert len(report) == 2
+    assert report[0] == (f"skipped 6 sample(s): longer than --seq-length + 1 = 25 tokens, {too_long['min_length']}-"
+                         f"{too_long['max_length']} tokens (lines 2, 3, 4, 5, 6, ...)")
+    assert report[1] == "skipped 1 sample(s): malformed JSON (lines 8)"
+
+
 def test_cli_contract(tmp_path, tokenizer_dir):
     tool = os.path.join(REPO, "tools", "preprocess_sft_data.py")
     good = write_jsonl(tmp_path / "good.jsonl", [CHAT])

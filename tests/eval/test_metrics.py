@@ -71,11 +71,14 @@ def test_evaluate_aggregates_per_prompt():
     assert metrics["pass_at_1"] == pytest.approx(2 / 3)
     assert metrics["pass_at_k"] == pytest.approx(1.0)  # one wrong sample cannot fill a 2-subset
     assert metrics["num_samples"] == 3 and metrics["k"] == 2
-    _, strict = evaluate(samples, ["2+2 makes 4\n#### 4", "#### 9"], k=2, last_number=False)
+    assert [p["answered"] for p in per_prompt] == [1.0, pytest.approx(2 / 3)]  # "ten" has no number
+    strict_metrics, strict = evaluate(samples, ["2+2 makes 4\n#### 4", "#### 9"], k=2, last_number=False)
     assert [p["correct"] for p in strict] == [2, 1]  # "so 9" states no answer
+    assert strict_metrics["answered"] == pytest.approx((1 + 1 / 3) / 2)
 
 
-def test_tool_end_to_end(tmp_path):
+def test_tool_end_to_end(tmp_path, capsys):
+    from sed_megatron.cli.eval_diversity import main
     from sed_megatron.testing.tiny_hf import make_tokenizer, tiny_hf_model
 
     hf_dir = str(tmp_path / "hf")
@@ -87,19 +90,24 @@ def test_tool_end_to_end(tmp_path):
     prompts.write_text("\n".join(json.dumps({"question": f"what is {a} plus {a}", "answer": f"#### {2 * a}"})
                                  for a in range(3)) + "\n")
     out = str(tmp_path / "result.json")
-    run = subprocess.run([sys.executable, os.path.join(REPO, "tools", "eval_diversity.py"), "--hf-dir", hf_dir,
-                          "--prompts", str(prompts), "--prompt-key", "question", "--num-samples", "4",
-                          "--max-new-tokens", "8", "--out", out], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert main(["--hf-dir", hf_dir, "--prompts", str(prompts), "--prompt-key", "question", "--num-samples", "4",
+                 "--max-new-tokens", "8", "--out", out, "--quiet"]) == 0
     with open(out) as f:
         result = json.load(f)
-    for key in ("self_bleu", "distinct_2", "pass_at_1", "pass_at_k"):
+    for key in ("self_bleu", "distinct_1", "distinct_2", "distinct_3", "pass_at_1", "pass_at_k", "answered"):
         assert isinstance(result[key], float) and 0.0 <= result[key] <= 1.0 and math.isfinite(result[key])
     assert len(result["prompts"]) == 3 and all(len(p["samples"]) == 4 for p in result["prompts"])
+    table = capsys.readouterr().out
+    assert "| Self-BLEU (lower = more diverse) |" in table and "| pass@4 |" in table and "| distinct-3 |" in table
+    with pytest.raises(SystemExit) as stop:  # bad input: one line, exit 2
+        main(["--hf-dir", hf_dir, "--prompts", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x.json")])
+    assert stop.value.code == 2 and not (tmp_path / "x.json").exists()
+    assert capsys.readouterr().err.startswith("eval_diversity.py: error: ")
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(tmp_path):
     """Left padding: a prompt's continuation does not depend on the other prompts of its batch (greedy)."""
+    from sed_megatron.eval.diversity import EvalConfig, evaluate_checkpoint
     from sed_megatron.testing.tiny_hf import make_tokenizer, tiny_hf_model
 
     hf_dir = str(tmp_path / "hf")
@@ -112,14 +120,9 @@ def test_batched_generation_equals_one_prompt_at_a_time(tmp_path):
     prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in questions))
     samples = {}
     for batch in (1, 3):
-        out = str(tmp_path / f"result{batch}.json")
-        run = subprocess.run([sys.executable, os.path.join(REPO, "tools", "eval_diversity.py"), "--hf-dir", hf_dir,
-                              "--prompts", str(prompts), "--prompt-key", "question", "--num-samples", "2",
-                              "--top-p", "1e-9", "--max-new-tokens", "6", "--batch-prompts", str(batch), "--out", out],
-                             capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
-        with open(out) as f:
-            samples[batch] = [p["samples"] for p in json.load(f)["prompts"]]
+        cfg = EvalConfig(hf_dir=hf_dir, prompts=str(prompts), prompt_key="question", num_samples=2, top_p=1e-9,
+                         max_new_tokens=6, batch_prompts=batch, quiet=True)
+        samples[batch] = [p["samples"] for p in evaluate_checkpoint(cfg)["prompts"]]
     assert samples[1] == samples[3]
     assert len({s[0] for s in samples[1]}) > 1 and all(len(s[0].split()) >= 3 for s in samples[1])
 

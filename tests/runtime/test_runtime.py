@@ -155,3 +155,24 @@ def test_hooks_match_the_installed_megatron():
 
     check_signature(loop.train, TRAIN_PARAMS, "train")
     check_signature(loop.training_log, TRAINING_LOG_PARAMS, "training_log")
+
+
+GPU_WITHOUT_KERNELS = """
+from sed_megatron.runtime import Runtime, missing_kernel_flags
+from sed_megatron.training.setup import parse_run_args
+assert missing_kernel_flags("transformer_engine") == ["--no-rope-fusion"]
+args, _ = parse_run_args(["--config", "examples/tiny_cpu.yaml", "--tensor-model-parallel-size", "1"], Runtime("cuda"))
+assert args.distributed_backend == "nccl" and not args.use_cpu_initialization and args.transformer_impl == "local"
+assert not (args.gradient_accumulation_fusion or args.apply_rope_fusion or args.masked_softmax_fusion)
+assert args.no_persist_layer_norm
+print("ok")
+"""
+
+
+def test_gpu_run_without_te_or_apex_turns_off_the_fusions_it_lacks():
+    """Megatron's defaults fuse RoPE, weight-gradient accumulation, the layer norm and the masked
+    softmax; without Transformer Engine and apex the local layers would fail at build or first step."""
+    out = run_python(GPU_WITHOUT_KERNELS, env={"RANK": "0", "WORLD_SIZE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "ok"
+    assert "kernels for these Megatron fusions are not installed" in out.stdout

@@ -1,0 +1,72 @@
+"""Set SED's τ from the initial model: the (1 - r) quantile of the top-k mass on a calibration set.
+
+    torchrun --nproc_per_node 2 tools/calibrate_tau.py --config examples/tiny_cpu.yaml --mask-ratio 0.7
+    torchrun ... tools/calibrate_tau.py --config CFG.yaml --load CKPT --mask-ratio 0.7 --write-config CFG_tau.yaml
+
+Runs the model of the run configuration (random init, or the weights of --load) forward only
+at any TP x PP x DP on --calibration-samples samples of the validation split (or the training
+split), collects the global top-k mass (k = the run's --sed-top-k) of the response tokens (or of
+all tokens, as the published code did), and takes the published quantile exactly over all
+data-parallel ranks. Prints `tau=<value>` as its last line; --write-config writes the run
+configuration with loss.tau set.
+"""
+
+import sys
+
+from sed_megatron.calibration import TOKEN_SETS
+from sed_megatron.runtime import DeviceError, MegatronVersionError, prepare
+from sed_megatron.utils import fail
+
+PROG = "calibrate_tau.py"
+
+
+def add_calibration_arguments(parser):
+    group = parser.add_argument_group("tau calibration")
+    group.add_argument("--mask-ratio", type=float, required=True,
+                       help="r: the share of tokens left without the SED penalty (paper: 0.7)")
+    group.add_argument("--calibration-samples", type=int, default=100, help="samples to score (published: 100)")
+    group.add_argument("--calibration-tokens", choices=TOKEN_SETS, default="response",
+                       help="response: the loss tokens; all: every position (the published code)")
+    group.add_argument("--calibration-split", choices=["valid", "train"], default="valid")
+    group.add_argument("--write-config", default=None, help="write the --config YAML with loss.tau set here")
+    return parser
+
+
+def check_arguments(args):
+    if not 0.0 <= args.mask_ratio <= 1.0:
+        fail(f"--mask-ratio must lie in [0, 1], got {args.mask_ratio}", PROG)
+    if args.calibration_samples < 1:
+        fail(f"--calibration-samples must be >= 1, got {args.calibration_samples}", PROG)
+    if args.write_config and not args.config:
+        fail("--write-config needs --config (the YAML to copy)", PROG)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        runtime = prepare(training=True)
+    except (DeviceError, MegatronVersionError) as err:
+        fail(err, PROG)
+    from sed_megatron.training.setup import parse_run_args
+
+    args, _ = parse_run_args(argv, runtime, need_loss_config=False, extra_args_provider=add_calibration_arguments,
+                             precheck=check_arguments)
+
+    import torch.distributed as dist
+
+    from sed_megatron.training.arguments import write_config_with_tau
+    from sed_megatron.training.calibrate import calibrate_from_args
+
+    tau = calibrate_from_args(args, runtime, args.mask_ratio, args.calibration_samples, args.calibration_tokens,
+                              args.calibration_split)
+    if dist.get_rank() == 0:
+        if args.write_config:
+            write_config_with_tau(args.config, args.write_config, tau)
+        print(f"tau={tau!r}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

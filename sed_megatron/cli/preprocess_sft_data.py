@@ -1,0 +1,67 @@
+"""SFT data -> Megatron indexed dataset with assistant-only loss masks.
+
+    python tools/preprocess_sft_data.py --input chats.jsonl --tokenizer HF_DIR --output-prefix data/sft --seq-length 1024
+    python tools/preprocess_sft_data.py --input gsm8k.jsonl --prompt-key question --response-key answer \\
+        --tokenizer HF_DIR --output-prefix data/gsm8k --seq-length 1024 --workers 8
+
+Input: JSON lines with a `messages` list ({"role": system|user|assistant|tool, "content": ...};
+every assistant turn carries loss) or prompt/response fields (names configurable), tokenized
+with the tokenizer's chat template. Writes PREFIX.bin/.idx (tokens) and
+PREFIX_loss_mask.bin/.idx. Bad input stops with one line naming file and line (or, with
+--skip-bad, is counted and reported); a failure leaves no file at PREFIX.
+"""
+
+import argparse
+import json
+import sys
+
+from sed_megatron.data.sft_preprocess import FORMATS, TRUNCATION, PreprocessConfig, preprocess, skip_report
+from sed_megatron.utils import fail
+
+PROG = "preprocess_sft_data.py"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="JSONL file")
+    parser.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory (with its chat template)")
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx and PREFIX_loss_mask.bin/.idx")
+    parser.add_argument("--seq-length", type=int, default=None,
+                        help="training sequence length (samples: seq_length + 1 tokens)")
+    parser.add_argument("--truncation", choices=TRUNCATION, default="error",
+                        help="longer samples: error (default), skip (counted), truncate (cut the end)")
+    parser.add_argument("--format", choices=FORMATS, default="auto", help="auto: chat when the messages field is present")
+    parser.add_argument("--messages-key", default="messages")
+    parser.add_argument("--prompt-key", default="prompt")
+    parser.add_argument("--response-key", default="response")
+    parser.add_argument("--system-key", default=None)
+    parser.add_argument("--no-chat-template", action="store_true",
+                        help="prompt/response: plain prompt + response + EOS instead of the chat template")
+    parser.add_argument("--skip-bad", action="store_true", help="count and report bad samples instead of failing")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="the model's vocabulary size (default: the tokenizer's)")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (output is the same for any number)")
+    parser.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = PreprocessConfig(
+            input=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix, seq_length=args.seq_length,
+            format=args.format, messages_key=args.messages_key, prompt_key=args.prompt_key,
+            response_key=args.response_key, system_key=args.system_key, use_chat_template=not args.no_chat_template,
+            truncation=args.truncation, skip_bad=args.skip_bad, vocab_size=args.vocab_size, workers=args.workers,
+        )
+        summary = preprocess(cfg, progress=not args.quiet and sys.stderr.isatty())
+    except ValueError as err:
+        fail(err, PROG)
+    for line in skip_report(summary):
+        print(f"{PROG}: {line}", file=sys.stderr)
+    print(json.dumps({k: summary[k] for k in ("samples", "tokens", "loss_tokens", "skipped", "lengths")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
