@@ -102,7 +102,8 @@ def main(argv=None):
     metrics = MetricsLog(args.metrics_file or os.path.join(args.save or ".", "metrics.jsonl"),
                          tokens_per_iteration=args.global_batch_size * args.seq_length)
     try:
-        hooks.install(functools.partial(_before_training, args, step_cfg), metrics, args.log_interval)
+        hooks.install(functools.partial(_before_training, args, step_cfg), metrics, args.log_interval,
+                      current_iteration=lambda: args.curr_iteration + 1)
     except MegatronVersionError as err:
         fail(str(err), PROG)
     _keep_model_file(args)

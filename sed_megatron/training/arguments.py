@@ -91,6 +91,9 @@ def add_sed_arguments(parser):
                        help="synthetic: seed of the samples; indexed: seed of the split and the shuffling")
     group.add_argument("--log-entropy", action="store_true",
                        help="report the entropy of the predicted distribution (one more pass in the loss)")
+    group.add_argument("--inject-non-finite", default=None, metavar="ITERATION:loss|grad",
+                       help="testing: make the loss (or only its gradients) NaN at that iteration, to see the run "
+                            "stop before the optimizer step")
     group.add_argument("--metrics-file", default=None,
                        help="JSON-lines metrics (default: metrics.jsonl in --save, else in the working directory)")
     return parser

@@ -10,12 +10,14 @@ machine), so a megatron-core whose loop changed stops with one line instead of m
 """
 
 import functools
+import sys
 
 import torch.distributed as dist
 
 from sed_megatron.runtime import check_signature
 
 from .batch import pipeline_stage
+from .nonfinite import describe
 from .step import model_groups
 
 TRAIN_PARAMS = ("forward_step_func", "model", "optimizer", "opt_param_scheduler", "train_data_iterator")
@@ -30,12 +32,13 @@ def writes_metrics(groups):
     return last and all(dist.get_rank(group=group) == 0 for group in (groups.tp, groups.cp, groups.dp))
 
 
-def install(before_training, metrics_log, log_interval):
+def install(before_training, metrics_log, log_interval, current_iteration, prog="sed_megatron.train"):
     """Wrap Megatron's train and training_log.
 
     before_training(model_chunks) -> forward_step_func: runs once, with the model, before the
     first step (τ calibration goes here). metrics_log.write(iteration, report, lr, grad_norm,
-    extra) appends one record every log_interval iterations, on one rank."""
+    extra) appends one record every log_interval iterations, on one rank. A NaN or Inf loss or
+    gradient stops the run with one line naming current_iteration() and exit code 3."""
     import megatron.training.training as training_loop
 
     train, training_log = training_loop.train, training_loop.training_log
@@ -46,7 +49,17 @@ def install(before_training, metrics_log, log_interval):
     @functools.wraps(train)
     def train_with_hooks(forward_step_func, model, *rest, **kwargs):
         writer.append(writes_metrics(model_groups(model[0])))
-        return train(before_training(model), model, *rest, **kwargs)
+        try:
+            return train(before_training(model), model, *rest, **kwargs)
+        except RuntimeError as err:
+            what = describe(err)
+            if what is None:
+                raise
+            iteration = current_iteration()
+            # Raised before the optimizer step: the weights and every checkpoint are clean.
+            print(f"{prog}: error: iteration {iteration}: {what}; stopped before the optimizer step, no checkpoint "
+                  f"holds this iteration (resume from the last one in --save)", file=sys.stderr, flush=True)
+            sys.exit(3)
 
     @functools.wraps(training_log)
     def training_log_with_metrics(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,

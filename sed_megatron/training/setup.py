@@ -7,8 +7,13 @@ from sed_megatron.utils import fail as _fail
 
 
 def run_defaults(runtime):
-    """Flags that come before the YAML and the command line (so either can override them)."""
-    return ["--calculate-per-token-loss", "--tokenizer-type", "NullTokenizer", *runtime.megatron_flags()]
+    """Flags that come before the YAML and the command line (so either can override them).
+
+    --rerun-mode disabled: a NaN or Inf loss or gradient stops the run at once, before the
+    optimizer step, with one line (nonfinite.py), instead of Megatron's re-run diagnosis, which
+    saves, exits with a code for a scheduler and wants the iteration re-run on another GPU."""
+    return ["--calculate-per-token-loss", "--tokenizer-type", "NullTokenizer", "--rerun-mode", "disabled",
+            *runtime.megatron_flags()]
 
 
 def fail(message, prog="sed_megatron.train"):
@@ -209,4 +214,13 @@ def step_config(args, loss_cfg):
         create_attention_mask=args.create_attention_mask_in_dataloader and not packs_thd(args),
         packed_thd=packs_thd(args),
     )
-    return StepConfig(loss=loss_cfg, batch=batch, with_entropy=args.log_entropy, vocab_size=args.vocab_size)
+    inject = None
+    if args.inject_non_finite:
+        from .nonfinite import Injection
+
+        try:  # Megatron's loop counts finished iterations in args.curr_iteration
+            inject = Injection.parse(args.inject_non_finite, clock=lambda: args.curr_iteration + 1)
+        except ValueError as err:
+            fail(str(err))
+    return StepConfig(loss=loss_cfg, batch=batch, with_entropy=args.log_entropy, vocab_size=args.vocab_size,
+                      check_non_finite=args.check_for_nan_in_loss_and_grad, inject=inject)
