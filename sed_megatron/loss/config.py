@@ -3,10 +3,13 @@
 import math
 from dataclasses import dataclass
 
+from .kinds import get_kind, kind_names
+
 IGNORE_INDEX = -100
 """Target id of positions that carry no loss (prompt tokens, padding)."""
 
-LOSS_KINDS = ("ce", "dft", "sed", "gem")
+LOSS_KINDS = kind_names()
+"""The kinds registered by sed_megatron.loss.kinds: ("ce", "dft", "sed", "gem")."""
 SED_MASKS = ("topk_mass", "none")
 
 
@@ -14,8 +17,9 @@ SED_MASKS = ("topk_mass", "none")
 class LossConfig:
     """Which token loss to compute and its hyper-parameters.
 
-    The SED fields (top_k, tau, lam, mask) are read only when kind == "sed", except top_k,
-    which also sets the top-k mass reported in the stats of every kind.
+    The SED fields (top_k, tau, lam, mask) are read only by kind "sed", except top_k, which
+    also sets the top-k mass reported in the stats of every kind; gem_beta only by "gem".
+    Each kind checks the fields it reads (`LossKind.validate`).
     """
 
     kind: str = "ce"
@@ -32,8 +36,8 @@ class LossConfig:
     """GEM temperature beta of q = softmax(z / beta) (published code: 0.7)."""
 
     def __post_init__(self):
-        if self.kind not in LOSS_KINDS:
-            raise ValueError(f"LossConfig.kind: unknown loss kind {self.kind!r}; expected one of {LOSS_KINDS}")
+        if self.kind not in kind_names():
+            raise ValueError(f"LossConfig.kind: unknown loss kind {self.kind!r}; expected one of {kind_names()}")
         if self.mask not in SED_MASKS:
             raise ValueError(f"LossConfig.mask: unknown SED mask {self.mask!r}; expected one of {SED_MASKS}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
@@ -42,10 +46,6 @@ class LossConfig:
             raise ValueError(f"LossConfig.lam: must be a finite number >= 0, got {self.lam!r}")
         if self.tau is not None and not (isinstance(self.tau, (int, float)) and 0.0 < self.tau <= 1.0):
             raise ValueError(f"LossConfig.tau: must lie in (0, 1], got {self.tau!r}")
-        if self.kind == "sed" and self.mask == "topk_mass" and self.tau is None:
-            raise ValueError(
-                "LossConfig.tau: SED with mask='topk_mass' needs tau "
-                "(calibrate it with tools/calibrate_tau.py, or use mask='none')"
-            )
         if not (isinstance(self.gem_beta, (int, float)) and math.isfinite(self.gem_beta) and self.gem_beta > 0):
             raise ValueError(f"LossConfig.gem_beta: must be a finite number > 0, got {self.gem_beta!r}")
+        get_kind(self.kind).validate(self)

@@ -90,7 +90,7 @@ def test_config_errors_name_the_field(kwargs, message):
         (torch.zeros(2, 1, 8), torch.zeros(2, 2, dtype=torch.int64), LossConfig(), ValueError, "does not match"),
         (torch.zeros(2, 1, 8), torch.tensor([[3], [8]]), LossConfig(), ValueError, "target id 8"),
         (torch.zeros(2, 1, 8), torch.tensor([[3], [-5]]), LossConfig(), ValueError, "target id -5"),
-        (torch.zeros(2, 8), torch.zeros(2, dtype=torch.int64), LossConfig(), ValueError, r"\[s, b, V/tp\]"),
+        (torch.zeros(8), torch.zeros((), dtype=torch.int64), LossConfig(), ValueError, r"\[s, b, V/tp\] or \[b, s, V/tp\]"),
     ],
 )
 def test_input_errors(logits, target, cfg, error, message):
