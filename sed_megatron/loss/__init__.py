@@ -5,13 +5,14 @@ collective-free; `vocab_parallel.py` holds the autograd Function that owns the c
 the public `sft_token_loss`; `reduce.py` applies the loss mask and the global token count.
 """
 
-from .config import IGNORE_INDEX, LOSS_KINDS, SED_MASKS, LossConfig
+from .config import GEM_H, IGNORE_INDEX, LOSS_KINDS, SED_MASKS, LossConfig
 from .kinds import LossKind, get_kind, register
 from .math import STAT_NAMES
 from .reduce import masked_sum_and_count, masked_token_mean
 from .vocab_parallel import sft_token_loss
 
 __all__ = [
+    "GEM_H",
     "IGNORE_INDEX",
     "LOSS_KINDS",
     "SED_MASKS",

@@ -11,6 +11,7 @@ IGNORE_INDEX = -100
 LOSS_KINDS = kind_names()
 """The kinds registered by sed_megatron.loss.kinds: ("ce", "dft", "sed", "gem")."""
 SED_MASKS = ("topk_mass", "none")
+GEM_H = ("linear", "logsigmoid")
 
 
 @dataclass(frozen=True)
@@ -18,12 +19,12 @@ class LossConfig:
     """Which token loss to compute and its hyper-parameters.
 
     The SED fields (top_k, tau, lam, mask) are read only by kind "sed", except top_k, which
-    also sets the top-k mass reported in the stats of every kind; gem_beta only by "gem".
+    also sets the top-k mass reported in the stats of every kind; gem_beta and gem_h only by "gem".
     Each kind checks the fields it reads (`LossKind.validate`).
     """
 
     kind: str = "ce"
-    """ce: -log p; dft: -sg(p) log p; sed: -log p + lam * M * (p - 0.5)^2; gem: GEM (linear h)."""
+    """ce: -log p; dft: -sg(p) log p; sed: -log p + lam * M * (p - 0.5)^2; gem: GEM (h = gem_h)."""
     top_k: int = 2
     """k of the top-k probability mass P_topk that decides the SED mask (paper: 2)."""
     tau: float | None = None
@@ -34,6 +35,9 @@ class LossConfig:
     """topk_mass: penalty where P_topk < tau; none: penalty on every token."""
     gem_beta: float = 0.7
     """GEM temperature beta of q = softmax(z / beta) (published code: 0.7)."""
+    gem_h: str = "linear"
+    """GEM's function h: linear (SED-SFT's GEM baseline) or logsigmoid (weights sigmoid(0.01 (z_j - z_y)),
+    GEM's own training scripts)."""
 
     def __post_init__(self):
         if self.kind not in kind_names():
@@ -48,4 +52,6 @@ class LossConfig:
             raise ValueError(f"LossConfig.tau: must lie in (0, 1], got {self.tau!r}")
         if not (isinstance(self.gem_beta, (int, float)) and math.isfinite(self.gem_beta) and self.gem_beta > 0):
             raise ValueError(f"LossConfig.gem_beta: must be a finite number > 0, got {self.gem_beta!r}")
+        if self.gem_h not in GEM_H:
+            raise ValueError(f"LossConfig.gem_h: unknown GEM function {self.gem_h!r}; expected one of {GEM_H}")
         get_kind(self.kind).validate(self)

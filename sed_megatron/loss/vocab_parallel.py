@@ -11,7 +11,7 @@ Collectives per call over `tp_group` (none when it is None or has one rank):
   1. all-gather of each rank's top-k logits and its part of the target logit: `[t, k + 1]`
      fp32 per rank; the global top-k, the global max and z_y (the one nonzero part) follow.
   2. all-reduce (sum) of the packed per-token partial sums: `[n, t]` fp32, n = 1 (sum of exp)
-     + 1 with the entropy + the kind's extra sums (GEM: 2).
+     + 1 with the entropy + the kind's extra sums (GEM: 2, or 3 with h = logsigmoid).
 Megatron's vocab_parallel_cross_entropy does three all-reduces of `[t]`.
 
 Memory: one fp32 `[t, V/tp]` buffer, as in Megatron's CE. It holds exp(z - m) from forward

@@ -10,10 +10,11 @@ from sed_megatron.loss import chunks
 from sed_megatron.loss.kinds import kind_names
 
 from .reference import REFERENCE_KINDS
-from .test_loss_parity import KINDS
+from .test_loss_parity import VARIANTS
 
 CONFIGS = {"ce": LossConfig(kind="ce"), "dft": LossConfig(kind="dft"), "sed": LossConfig(kind="sed", tau=0.5),
-           "gem": LossConfig(kind="gem", gem_beta=0.6)}
+           "gem": LossConfig(kind="gem", gem_beta=0.6),
+           "gem/h=logsigmoid": LossConfig(kind="gem", gem_beta=0.6, gem_h="logsigmoid")}
 
 
 @pytest.mark.parametrize("name", ["ce", "dft", "sed", "gem"])
@@ -21,7 +22,7 @@ def test_builtin_kind_is_registered(name):
     kind = get_kind(name)
     assert isinstance(kind, LossKind) and kind.name == name
     assert name in LOSS_KINDS and name in REFERENCE_KINDS  # a kind comes with its float64 reference
-    assert name in {kind for kind, _ in KINDS}  # and with its parity cases
+    assert name in {kind for kind, _ in VARIANTS.values()}  # and with its parity cases
 
 
 def test_loss_kinds_is_the_registry():
@@ -32,6 +33,8 @@ def test_loss_kinds_is_the_registry():
 def test_extra_sums_and_reports_per_kind():
     sums = {name: get_kind(name).sum_names(CONFIGS[name]) for name in LOSS_KINDS}
     assert sums == {"ce": (), "dft": (), "sed": (), "gem": ("tempered_sum", "tempered_dot")}
+    logsigmoid = LossConfig(kind="gem", gem_h="logsigmoid")
+    assert get_kind("gem").sum_names(logsigmoid) == ("tempered_sum", "weighted_sum", "weighted_dot")
     assert {name: get_kind(name).reports for name in LOSS_KINDS} == {"ce": (), "dft": (), "sed": ("penalty",), "gem": ()}
 
 
@@ -63,7 +66,7 @@ def test_sed_reports_its_penalty_as_a_stat():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["ce", "dft", "sed", "gem"])
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_both_layouts_give_identical_values_and_gradients(name, dtype):
     """[s, b, V/tp] and [b, s, V/tp] hold the same tokens: per-token results must not depend on the layout."""
     gen = torch.Generator().manual_seed(4)
@@ -122,7 +125,7 @@ class LargestAllocations(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("shape", [(1, 1024), (1024, 1)])  # [b, s] with b = 1 (the trainer's) and [s, b]
-@pytest.mark.parametrize("name,with_entropy", [("gem", False), ("gem", True), ("sed", True)])
+@pytest.mark.parametrize("name,with_entropy", [("gem", False), ("gem", True), ("sed", True), ("gem/h=logsigmoid", True)])
 def test_temporaries_are_bounded_by_one_chunk_of_tokens(monkeypatch, shape, name, with_entropy):
     """A [1, 1024, V] shard with a 16-token budget: the GEM and entropy passes allocate one chunk, not the shard.
 

@@ -75,6 +75,7 @@ def test_inplace_matches_and_reuses_storage():
         (dict(kind="sed", tau=1.5), "LossConfig.tau"),
         (dict(kind="sed"), "needs tau"),
         (dict(kind="gem", gem_beta=0.0), "LossConfig.gem_beta"),
+        (dict(kind="gem", gem_h="sigmoid"), "LossConfig.gem_h"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, message):
