@@ -5,15 +5,16 @@ A kind is collective-free math on one rank's vocab shard. The autograd Function
 
   1. partial sums: `partial_sums(cfg, x, x_target)` on a chunk of tokens of the shifted shard
      x = z - m (m: the token's global max), for the extra per-token sums the kind needs
-     (`sum_names(cfg)`) beyond the base ones every kind gets (the target logit, sum_j exp(x_j));
-     the caller sums them over the tensor-parallel group with the base ones.
+     (`sum_names(cfg)`) beyond sum_j exp(x_j), which every kind gets; the caller sums them over
+     the tensor-parallel group with it. x_target = x_y is already global (it comes with the
+     top-k all-gather), so a sum may depend on it.
   2. loss: `token_loss(cfg, terms)` from the globally reduced TokenTerms: the per-token loss,
      the per-token scale of the gradient form, the SED mask, and the kind's extra per-token
      reports (`reports`, e.g. SED's penalty), which the caller returns among the stats.
   3. gradient: `gradient_(cfg, exp_x, sums, coef, index, in_shard)` turns the kept exp(x)
      buffer, or a chunk of tokens of it, into coef * d loss / d z in place. The default form is
      the CE gradient times one number per token, coef * (softmax(z) - onehot(y)); GEM's is its
-     tempered softmax, coef * (softmax(z / beta) - onehot(y)).
+     tempered softmax, coef * (softmax(z / beta) - onehot(y)) (weighted with h = logsigmoid).
 
 Shapes: t tokens (the caller's leading dims, flattened), V/tp the shard; `[r, ...]` a chunk of
 r tokens. A kind sees only the LossConfig it is given, never a process group.
