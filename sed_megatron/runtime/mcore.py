@@ -48,13 +48,15 @@ def check_version(version=None):
     return version
 
 
-def check_signature(func, expected, purpose):
-    """MegatronVersionError unless func's leading parameters are named `expected` (in order)."""
+def check_signature(func, expected, purpose, keywords=()):
+    """MegatronVersionError unless func's leading parameters are named `expected` (in order) and it
+    takes the `keywords` too."""
     names = list(inspect.signature(func).parameters)
-    if names[: len(expected)] != list(expected):
+    if names[: len(expected)] != list(expected) or not set(keywords) <= set(names):
         where = f"{func.__module__}.{func.__qualname__}"
-        raise MegatronVersionError(f"{where}({', '.join(names)}) does not start with ({', '.join(expected)}), which "
-                                   f"{purpose} relies on: megatron-core {installed_version()} is not supported")
+        wanted = ", ".join([*expected, *(f"{k}=" for k in keywords)])
+        raise MegatronVersionError(f"{where}({', '.join(names)}) does not take ({wanted}), which {purpose} relies on: "
+                                   f"megatron-core {installed_version()} is not supported")
 
 
 def use_prebuilt_dataset_helpers():

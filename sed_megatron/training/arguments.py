@@ -22,7 +22,7 @@ import argparse
 
 import yaml
 
-from sed_megatron.loss import LOSS_KINDS, SED_MASKS
+from sed_megatron.loss import GEM_H, LOSS_KINDS, SED_MASKS
 
 MEGATRON_SECTIONS = ("model", "parallel", "training", "optimizer", "checkpoint", "logging")
 
@@ -33,6 +33,7 @@ LOSS_FLAGS = {  # LossConfig field -> flag
     "lam": "--sed-lambda",
     "mask": "--sed-mask",
     "gem_beta": "--gem-beta",
+    "gem_h": "--gem-h",
     "calibrate_ratio": "--sed-calibrate-ratio",
     "calibrate_samples": "--sed-calibrate-samples",
     "calibrate_tokens": "--sed-calibrate-tokens",
@@ -70,6 +71,8 @@ def add_sed_arguments(parser):
     group.add_argument("--sed-lambda", type=float, default=1.0, help="weight of the SED penalty")
     group.add_argument("--sed-mask", default="topk_mass", choices=SED_MASKS, help="where SED applies")
     group.add_argument("--gem-beta", type=float, default=0.7, help="GEM temperature")
+    group.add_argument("--gem-h", default="linear", choices=GEM_H,
+                       help="GEM's h: linear (SED-SFT's GEM baseline) or logsigmoid (GEM's own repository)")
     group.add_argument("--sed-calibrate-ratio", type=float, default=None,
                        help="calibrate tau before the first step as the (1 - r) quantile of the initial "
                             "model's top-k mass, r = this masking ratio (--sed-tau, if given, wins)")
@@ -237,7 +240,7 @@ def loss_config_from_args(args):
         tau = 1.0
     return LossConfig(
         kind=args.loss_type, top_k=args.sed_top_k, tau=tau, lam=args.sed_lambda,
-        mask=args.sed_mask, gem_beta=args.gem_beta,
+        mask=args.sed_mask, gem_beta=args.gem_beta, gem_h=args.gem_h,
     )
 
 

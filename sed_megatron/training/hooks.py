@@ -25,6 +25,15 @@ TRAINING_LOG_PARAMS = ("loss_dict", "total_loss_dict", "learning_rate", "iterati
                        "report_memory_flag", "skipped_iter", "grad_norm")
 
 
+def _reset_interval(total_loss_dict):
+    """What Megatron's training_log does after every line but the first."""
+    for key, value in total_loss_dict.items():
+        if hasattr(value, "zero_"):
+            value.zero_()
+        else:
+            total_loss_dict[key] = 0
+
+
 def writes_metrics(groups):
     """One rank writes the metrics: the first of TP, CP and DP on the last pipeline stage (where
     Megatron fills the report)."""
@@ -43,14 +52,17 @@ def install(before_training, metrics_log, log_interval, current_iteration, prog=
 
     train, training_log = training_loop.train, training_loop.training_log
     check_signature(train, TRAIN_PARAMS, "sed_megatron's hook on the training loop (sed_megatron/training/hooks.py)")
-    check_signature(training_log, TRAINING_LOG_PARAMS, "sed_megatron's metrics.jsonl (sed_megatron/training/hooks.py)")
+    check_signature(training_log, TRAINING_LOG_PARAMS, "sed_megatron's metrics.jsonl (sed_megatron/training/hooks.py)",
+                    keywords=("is_first_iteration",))
     writer = []  # decided once the model, and so its process groups, exist
 
     @functools.wraps(train)
     def train_with_hooks(forward_step_func, model, *rest, **kwargs):
         writer.append(writes_metrics(model_groups(model[0])))
+        forward_step = before_training(model)
+        metrics_log.start(current_iteration() - 1)
         try:
-            return train(before_training(model), model, *rest, **kwargs)
+            return train(forward_step, model, *rest, **kwargs)
         except RuntimeError as err:
             what = describe(err)
             if what is None:
@@ -66,10 +78,17 @@ def install(before_training, metrics_log, log_interval, current_iteration, prog=
                                   report_memory_flag, skipped_iter, grad_norm, *rest, **kwargs):
         result = training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
                               report_memory_flag, skipped_iter, grad_norm, *rest, **kwargs)
-        # loss_dict holds this iteration's values, already reduced over micro-batches and DP.
-        if writer and writer[0] and loss_dict and iteration % log_interval == 0:
-            metrics_log.write(iteration, {key: float(value) for key, value in loss_dict.items()}, learning_rate,
-                              grad_norm, extra={"skipped": int(skipped_iter)})
+        first = kwargs.get("is_first_iteration", False)
+        if first:
+            # Megatron prints the first iteration but keeps its sums, so its next line would
+            # average that iteration in again; start the next interval afresh instead.
+            _reset_interval(total_loss_dict)
+        # loss_dict holds this iteration's values, already reduced over micro-batches and DP;
+        # it is filled on the last pipeline stage.
+        if writer and writer[0] and loss_dict:
+            metrics_log.add(loss_dict, skipped_iter)
+            if iteration % log_interval == 0 or first:  # when Megatron prints its line
+                metrics_log.write(iteration, learning_rate, grad_norm)
         return result
 
     training_loop.train = train_with_hooks

@@ -62,7 +62,7 @@ def loss_func(cfg: StepConfig, tp_group, labels, loss_mask, logits):
         loss_sum = cfg.inject(loss_sum)
     if cfg.check_non_finite:
         check_loss(loss_sum)
-    return loss_sum, num_tokens.to(torch.int), token_metric_report(loss, stats, loss_mask, cfg.loss.kind)
+    return loss_sum, num_tokens.to(torch.int), token_metric_report(loss, stats, loss_mask)
 
 
 def forward_step(cfg: StepConfig, data_iterator, model):
