@@ -90,6 +90,7 @@ def main(argv=None):
         fail(str(err), PROG)
     args, loss_cfg = parse_run_args(argv, runtime)
 
+    from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
@@ -108,13 +109,31 @@ def main(argv=None):
         fail(str(err), PROG)
     _keep_model_file(args)
     cfg = pretrain_cfg_container_from_args(args, model_cfg=None)  # None: our model provider builds it
-    pretrain(
-        cfg,
-        functools.partial(build_datasets, args),
-        ModelType.encoder_or_decoder,
-        functools.partial(forward_step, step_cfg),  # replaced by _before_training's once the model exists
-        model_provider=functools.partial(model_provider, args),
-    )
+    try:
+        pretrain(
+            cfg,
+            functools.partial(build_datasets, args),
+            ModelType.encoder_or_decoder,
+            functools.partial(forward_step, step_cfg),  # replaced by _before_training's once the model exists
+            model_provider=functools.partial(model_provider, args),
+        )
+    except (OSError, CheckpointingException) as err:
+        if not args.save:
+            raise
+        # A save that fails leaves the tracker on the previous complete checkpoint (written last).
+        print(f"{PROG}: error: iteration {args.curr_iteration + 1}: {type(err).__name__}: {err}".splitlines()[0]
+              + f" (the newest complete checkpoint in {args.save}: {_latest(args.save)})", file=sys.stderr, flush=True)
+        sys.exit(4)
+
+
+def _latest(save_dir):
+    from megatron.training.checkpointing import get_checkpoint_tracker_filename
+
+    try:
+        with open(get_checkpoint_tracker_filename(save_dir)) as f:
+            return f"iteration {f.read().strip()}"
+    except OSError:
+        return "none"
 
 
 if __name__ == "__main__":
