@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from sed_megatron.runtime import DeviceError, MegatronVersionError, prepare
 from sed_megatron.training.arguments import calibrates_tau
-from sed_megatron.training.setup import build_datasets, model_provider, parse_run_args, step_config
+from sed_megatron.training.setup import build_datasets, model_provider, parse_run_args, print_help_if_asked, step_config
 from sed_megatron.utils import fail
 
 PROG = "sed_megatron.train"
@@ -84,11 +84,12 @@ def _keep_model_file(args):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    print_help_if_asked(argv, PROG, __doc__)
     try:
-        runtime = prepare(training=True)
+        runtime = prepare(training=True, verbose="--verbose" in argv)
     except (DeviceError, MegatronVersionError) as err:
         fail(str(err), PROG)
-    args, loss_cfg = parse_run_args(argv, runtime)
+    args, loss_cfg = parse_run_args(argv, runtime, description=__doc__)
 
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.enums import ModelType

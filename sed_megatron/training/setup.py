@@ -30,12 +30,30 @@ def _escape_bare_percent(parser):
                 action.help = action.help.replace("%", "%%")
 
 
+def print_help_if_asked(argv, prog, description=None, extra_args_provider=None):
+    """-h/--help: the tool's own options, then SED-SFT's, on one screen (Megatron-LM's ~900 flags
+    are behind --help-megatron); exit 0. Entry points call it before anything else."""
+    if "-h" not in argv and "--help" not in argv:
+        return
+    from .arguments import add_sed_arguments
+
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Every Megatron-LM flag (parallelism, precision, checkpoints, logging, "
+                                            "...) is accepted too: --help-megatron lists them.")
+    if extra_args_provider is not None:
+        parser = extra_args_provider(parser)
+    add_sed_arguments(parser).print_help()
+    sys.exit(0)
+
+
 def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=None, precheck=None,
-                   prog="sed_megatron.train"):
+                   prog="sed_megatron.train", description=None):
     """(Megatron's validated args, LossConfig or None) from defaults + YAML + command line.
 
     precheck(namespace), if given, sees the parsed flags before Megatron validates them, so a
-    tool's own bad input is reported first.
+    tool's own bad input is reported first. -h/--help prints the tool's and SED-SFT's options
+    (with `description` above them) and exits; --help-megatron prints Megatron-LM's too.
     """
     import os
 
@@ -53,12 +71,20 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
 
     rank_zero = os.environ.get("RANK", "0") == "0"
 
-    def add_arguments(parser):
-        parser = add_sed_arguments(parser)
-        return extra_args_provider(parser) if extra_args_provider else parser
+    def add_arguments(parser):  # a tool's own options first, then SED-SFT's
+        parser = extra_args_provider(parser) if extra_args_provider else parser
+        return add_sed_arguments(parser)
 
-    parser = add_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    print_help_if_asked(argv, prog, description, extra_args_provider)
+    parser = add_arguments(add_megatron_arguments(argparse.ArgumentParser(prog=prog, allow_abbrev=False)))
     _escape_bare_percent(parser)
+    if "--help-megatron" in argv:
+        parser.print_help()
+        sys.exit(0)
+    if "--verbose" not in argv:
+        import megatron.training.arguments as megatron_arguments
+
+        megatron_arguments._print_args = lambda *args, **kwargs: None  # the ~900-line argument dump
     sources = {}  # where each setting came from, for the error messages
     try:
         expanded = expand_config(argv, parser, sources)
