@@ -4,6 +4,8 @@ from setuptools import find_packages, setup
 # completion at every eos id of generation_config.json (an instruct model's end of turn), not
 # only at the tokenizer's eos.
 RL_REQUIRES = ["trl>=1.15", "pyarrow"]
+# tools/gguf_to_hf.py: transformers reads GGUF files only with these two installed.
+GGUF_REQUIRES = ["gguf>=0.10", "accelerate"]
 
 setup(
     name="sed_megatron",
@@ -41,6 +43,8 @@ setup(
         # package; it is used when importable.
         "gpu": ["transformer-engine[pytorch]"],
         "rl": RL_REQUIRES,
-        "test": ["pytest", *RL_REQUIRES],  # tests/examples/test_rl.py runs 2 GRPO steps with TRL
+        "gguf": GGUF_REQUIRES,
+        # tests/examples/test_rl.py runs 2 GRPO steps with TRL; tests/convert/test_gguf_to_hf.py writes GGUF files
+        "test": ["pytest", *RL_REQUIRES, *GGUF_REQUIRES],
     },
 )

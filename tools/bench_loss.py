@@ -2,6 +2,10 @@
 
     python tools/bench_loss.py                        # the table of docs/PERFORMANCE.md
     python tools/bench_loss.py --shapes 2048x76032 --dtypes bf16 --methods megatron_ce sed
+    python tools/bench_loss.py --shapes 1x1024x76032 --methods sed gem sed_entropy   # [b, s, V/tp], b = 1
+
+Shapes: TOKENSxSHARD is logits [tokens, 1, V/tp] ([s, b] with b = 1); AxBxSHARD is logits
+[A, B, V/tp] as written, so 1x1024x76032 is the trainer's [b, s, V/tp] at micro-batch 1.
 
 Methods, each on the same [tokens, V/tp] logits shard and targets:
   megatron_ce    megatron.core.tensor_parallel.vocab_parallel_cross_entropy (the baseline)
@@ -94,11 +98,22 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_one(method, tokens, shard, dtype_name, repeats, device):
+def _logits_shape(shape):
+    """"TxV" -> (T, 1, V); "AxBxV" -> (A, B, V)."""
+    dims = tuple(int(dim) for dim in shape.split("x"))
+    if len(dims) == 2:
+        return dims[0], 1, dims[1]
+    if len(dims) == 3:
+        return dims
+    raise ValueError(f"bench_loss: shape {shape!r} is neither TOKENSxSHARD nor AxBxSHARD")
+
+
+def run_one(method, shape, dtype_name, repeats, device):
     """Time and peak memory of one method in this process; returns a dict."""
     torch.manual_seed(0)
-    base = (torch.randn(tokens, 1, shard, device=device) * 3).to(DTYPES[dtype_name])
-    target = torch.randint(0, shard, (tokens, 1), device=device)
+    dims = _logits_shape(shape)
+    base = (torch.randn(*dims, device=device) * 3).to(DTYPES[dtype_name])
+    target = torch.randint(0, dims[-1], dims[:-1], device=device)
     loss_fn = _loss_fn(method)
 
     def call():
@@ -117,7 +132,7 @@ def run_one(method, tokens, shard, dtype_name, repeats, device):
     results = [call() for _ in range(repeats)]
     return {
         "method": method,
-        "shape": f"{tokens}x{shard}",
+        "shape": shape,
         "dtype": dtype_name,
         "time_s": statistics.median(r[0] for r in results),
         "peak_bytes": max(r[1] for r in results),
@@ -130,8 +145,7 @@ def _child(args):
         torch.distributed.init_process_group(
             "nccl" if device.type == "cuda" else "gloo", init_method="tcp://127.0.0.1:%d" % args.port, rank=0, world_size=1
         )
-    tokens, shard = map(int, args.shape.split("x"))
-    print(json.dumps(run_one(args.method, tokens, shard, args.dtype, args.repeats, device)))
+    print(json.dumps(run_one(args.method, args.shape, args.dtype, args.repeats, device)))
 
 
 def _free_port():
@@ -144,7 +158,7 @@ def _free_port():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["2048x76032", "2048x64128"], help="TOKENSxSHARD")
+    parser.add_argument("--shapes", nargs="+", default=["2048x76032", "2048x64128"], help="TOKENSxSHARD or AxBxSHARD")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--repeats", type=int, default=3)
@@ -177,7 +191,7 @@ def main():
 
 
 def _print_table(rows):
-    print("| shape (tokens x V/tp) | dtype | method | fwd+bwd ms | peak rise MiB | time / Megatron CE | peak / Megatron CE |")
+    print("| logits shape | dtype | method | fwd+bwd ms | peak rise MiB | time / Megatron CE | peak / Megatron CE |")
     print("|---|---|---|---:|---:|---:|---:|")
     for row in rows:
         ref = next(r for r in rows if r["shape"] == row["shape"] and r["dtype"] == row["dtype"] and r["method"] == "megatron_ce") \

@@ -43,14 +43,17 @@ def check_arguments(args):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    from sed_megatron.training.setup import print_help_if_asked
+
+    print_help_if_asked(argv, PROG, __doc__, add_calibration_arguments)
     try:
-        runtime = prepare(training=True)
+        runtime = prepare(training=True, verbose="--verbose" in argv)
     except (DeviceError, MegatronVersionError) as err:
         fail(err, PROG)
     from sed_megatron.training.setup import parse_run_args
 
     args, _ = parse_run_args(argv, runtime, need_loss_config=False, extra_args_provider=add_calibration_arguments,
-                             precheck=check_arguments)
+                             precheck=check_arguments, prog=PROG, description=__doc__)
 
     import torch.distributed as dist
 

@@ -1,17 +1,27 @@
-"""The SFT token loss family: CE, DFT, SED-SFT and GEM, exact under tensor parallelism."""
+"""The SFT token loss family: CE, DFT, SED-SFT and GEM, exact under tensor parallelism.
 
-from .config import IGNORE_INDEX, LOSS_KINDS, SED_MASKS, LossConfig
+Layers: `kinds/` (one strategy per loss kind, registered by name) and `math.py` are
+collective-free; `vocab_parallel.py` holds the autograd Function that owns the collectives and
+the public `sft_token_loss`; `reduce.py` applies the loss mask and the global token count.
+"""
+
+from .config import GEM_H, IGNORE_INDEX, LOSS_KINDS, SED_MASKS, LossConfig
+from .kinds import LossKind, get_kind, register
 from .math import STAT_NAMES
 from .reduce import masked_sum_and_count, masked_token_mean
 from .vocab_parallel import sft_token_loss
 
 __all__ = [
+    "GEM_H",
     "IGNORE_INDEX",
     "LOSS_KINDS",
     "SED_MASKS",
     "STAT_NAMES",
     "LossConfig",
+    "LossKind",
+    "get_kind",
     "masked_sum_and_count",
     "masked_token_mean",
+    "register",
     "sft_token_loss",
 ]

@@ -1,42 +1,50 @@
-"""Collective-free math of the vocab-parallel SFT losses.
+"""Collective-free math of the vocab-parallel SFT losses, shared by every loss kind.
 
 Every function here sees one rank's vocabulary shard and returns per-token partial results
 that are either final or summed across the tensor-parallel group by the caller
-(`vocab_parallel.py`). Shapes: logits `[s, b, V/tp]`, per-token tensors `[s, b]`.
-
-The gradient of CE, SED and DFT with respect to the logits is the CE gradient times one number
-per token (p = exp(-CE), M the SED mask):
-
-    d/dz [CE + lam M (p - 0.5)^2] = (1 - 2 lam M p (p - 0.5)) (softmax(z) - onehot(y))
-    d/dz [sg(p) CE]               = p (softmax(z) - onehot(y))
-
-so one softmax buffer serves all three; GEM (linear h) has the gradient q - onehot(y) with
-q = softmax(z / beta), which the same buffer gives as q ∝ exp(z - m)^(1 / beta).
+(`vocab_parallel.py`); what differs between kinds lives in `kinds/`. Tokens are flat: logits
+`[t, V/tp]`, per-token tensors `[t]`, whatever the caller's layout (`[s, b]` or `[b, s]`).
+Passes that need temporaries of the shard's shape run chunk by chunk of tokens (`chunks.py`).
 """
 
 import torch
 
-from .config import IGNORE_INDEX, LossConfig
+from .chunks import token_chunks
+from .config import IGNORE_INDEX
+from .kinds import KindLoss, LossKind, TokenSums, TokenTerms
 
 STAT_NAMES = ("ce", "p_target", "topk_mass", "mask", "correct")
-"""Per-token stats every loss kind reports, in this order ("entropy" follows when asked for)."""
+"""Per-token stats every loss kind reports, in this order ("entropy" follows when asked for,
+then the kind's own reports, e.g. SED's "penalty")."""
 
-_CHUNK_ELEMENTS = 1 << 22
-"""Elements per chunk of the passes that need temporaries of the shard's size (16 MiB fp32)."""
+
+def stat_names(kind: LossKind, with_entropy):
+    """The stats' names in the order the loss returns them."""
+    return STAT_NAMES + (("entropy",) if with_entropy else ()) + kind.reports
 
 
 def shard_target_index(target, vocab_start, vocab_end):
-    """Index of each target inside this shard ([s, b] int64, 0 where absent) and where it is present."""
+    """Index of each target inside this shard (`[t]` int64, 0 where absent) and where it is present."""
     in_shard = (target >= vocab_start) & (target < vocab_end)
     index = torch.where(in_shard, target - vocab_start, torch.zeros_like(target))
     return index, in_shard
 
 
-def local_topk_candidates(logits, top_k, shard_size):
-    """The k largest logits of this shard as fp32, `[s, b, min(k, V/tp)]`: candidates of the global top-k.
+def local_target_logit(logits, index, in_shard):
+    """z_y as fp32 where the target lies in this shard, else 0 (`[t]`): summed over ranks, z_y exactly."""
+    return torch.where(in_shard, logits.gather(-1, index.unsqueeze(-1)).squeeze(-1).float(), 0.0)
 
-    logits may be a narrower view than the shard (padding ids cut off); missing candidates are
-    -inf, so every rank contributes the same number to the all-gather.
+
+def shifted_target_logit(target, target_logit, logits_max):
+    """x_y = z_y - m `[t]` from the global z_y and max m, 0 at ignored positions."""
+    return torch.where(target != IGNORE_INDEX, target_logit - logits_max, 0.0)
+
+
+def local_topk_candidates(logits, top_k, shard_size):
+    """The k largest logits of this shard as fp32, `[t, min(k, V/tp)]`: candidates of the global top-k.
+
+    logits `[t, V']` may be a narrower view than the shard (padding ids cut off); missing
+    candidates are -inf, so every rank contributes the same number to the all-gather.
     """
     count = min(top_k, shard_size)
     if logits.size(-1) == 0:
@@ -52,101 +60,71 @@ def local_topk_candidates(logits, top_k, shard_size):
 
 
 def global_topk(candidates, top_k):
-    """The k largest of all ranks' candidates `[s, b, tp * k']` -> `[s, b, k]`."""
+    """The k largest of all ranks' candidates `[t, tp * k']` -> `[t, k]`."""
     if candidates.size(-1) == top_k:
         return candidates
     return candidates.topk(top_k, dim=-1, sorted=False).values
 
 
-def exp_and_partial_sums_(shifted, with_entropy, gem_beta):
-    """In place x -> exp(x) for x = z - m `[s, b, V/tp]`; returns this shard's partial sums `[n, s, b]`.
+def exp_and_partial_sums_(shifted, target_shifted, kind: LossKind, cfg, with_entropy):
+    """In place x -> exp(x) for x = z - m `[t, V/tp]`; returns this shard's partial sums `[n, t]`.
 
-    Rows: sum_j e_j; then sum_j e_j x_j (the entropy's, if with_entropy); then
-    sum_j exp(x_j / beta) and sum_j exp(x_j / beta) x_j (GEM's, if gem_beta is not None).
-    The extra sums need x and its exponential at once, so they run chunk by chunk along s with
-    chunk-sized temporaries; without them the exponential is a single in-place pass.
+    Rows: sum_j exp(x_j); then sum_j exp(x_j) x_j (the entropy's, if with_entropy); then the
+    kind's extra sums (`kind.sum_names(cfg)`), which may need x_y (target_shifted `[t]`).
+    The extra sums need x and a function of it at once, so they run chunk by chunk of tokens
+    with chunk-sized temporaries; without them the exponential is a single in-place pass.
     """
-    if not with_entropy and gem_beta is None:
+    num_extra = len(kind.sum_names(cfg))
+    if not with_entropy and num_extra == 0:
         return shifted.exp_().sum(dim=-1).unsqueeze(0)
-    num_sums = 1 + int(with_entropy) + 2 * int(gem_beta is not None)
-    sums = torch.empty((num_sums,) + shifted.shape[:-1], dtype=torch.float32, device=shifted.device)
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, shifted[0].numel()))
-    for start in range(0, shifted.size(0), rows_per_chunk):
-        rows = slice(start, start + rows_per_chunk)
-        chunk = shifted[rows]
-        row = 1
-        if gem_beta is not None:
-            weights = torch.exp(chunk / gem_beta)
-            sums[-2, rows] = weights.sum(dim=-1)
-            sums[-1, rows] = torch.linalg.vecdot(weights, chunk)
-            del weights
-        exp_chunk = torch.exp(chunk)
+    num_tokens, shard_size = shifted.shape
+    sums = torch.empty((1 + int(with_entropy) + num_extra, num_tokens), dtype=torch.float32, device=shifted.device)
+    for rows in token_chunks(num_tokens, shard_size):
+        chunk = shifted[rows]  # [r, V/tp], a view
+        sums[1 + int(with_entropy):, rows] = kind.partial_sums(cfg, chunk, target_shifted[rows])
         if with_entropy:
-            sums[row, rows] = torch.linalg.vecdot(exp_chunk, chunk)
-        chunk.copy_(exp_chunk)
-        sums[0, rows] = exp_chunk.sum(dim=-1)
+            exp_chunk = torch.exp(chunk)
+            sums[1, rows] = torch.linalg.vecdot(exp_chunk, chunk)
+            chunk.copy_(exp_chunk)
+            del exp_chunk
+        else:
+            chunk.exp_()
+        sums[0, rows] = chunk.sum(dim=-1)
     return sums
 
 
-def token_losses(cfg: LossConfig, target, log_sum_exp, target_logit, topk_shifted, sum_exp_x=None, gem_sums=None):
-    """Per-token loss, per-token gradient scale and stats from globally reduced partial results.
+def split_sums(partial, with_entropy):
+    """The reduced `[n, t]` of exp_and_partial_sums_ -> (sum_exp `[t]`, entropy's sum `[t]` or None, extra `[n', t]`)."""
+    sum_exp_x = partial[1] if with_entropy else None
+    return partial[0], sum_exp_x, partial[1 + int(with_entropy):]
 
-    All inputs are global (already summed over the tensor-parallel group) and shifted by the
-    global max m: log_sum_exp = log sum_j exp(z_j - m), target_logit = z_y - m,
-    topk_shifted = the global top-k logits minus m `[s, b, k]`, sum_exp_x = sum_j e_j (z_j - m)
-    (gives the entropy stat) or None, gem_sums = (sum_j exp((z_j - m) / beta),
-    sum_j exp((z_j - m) / beta) (z_j - m)) for GEM, else None.
 
-    Returns loss `[s, b]`, grad_scale `[s, b]` (the CE-gradient multiplier; for GEM the
-    multiplier of q - onehot), and the stats dict. Ignored positions get loss 0 and scale 0.
-    """
+def token_terms(target, sums: TokenSums, topk_shifted) -> TokenTerms:
+    """The per-token terms every kind reads, from the global sums and top-k logits minus m `[t, k]`."""
     valid = target != IGNORE_INDEX
-    zero = torch.zeros_like(log_sum_exp)
-    ce = torch.where(valid, log_sum_exp - target_logit, zero)
-    p_target = torch.where(valid, torch.exp(-ce), zero)
-    sum_exp = torch.exp(log_sum_exp)
-    topk_mass = torch.exp(topk_shifted - log_sum_exp.unsqueeze(-1)).sum(dim=-1)
+    log_sum_exp = torch.log(sums.sum_exp)
+    ce = torch.where(valid, log_sum_exp - sums.target_logit, 0.0)
+    return TokenTerms(
+        sums=sums,
+        valid=valid,
+        log_sum_exp=log_sum_exp,
+        ce=ce,
+        p_target=torch.where(valid, torch.exp(-ce), 0.0),
+        topk_mass=torch.exp(topk_shifted - log_sum_exp.unsqueeze(-1)).sum(dim=-1),
+    )
 
-    if cfg.kind == "sed":
-        mask = valid if cfg.mask == "none" else valid & (topk_mass < cfg.tau)
-        mask = mask.float()
-    else:
-        mask = zero
 
-    if cfg.kind == "ce":
-        loss, grad_scale = ce.clone(), valid.float()  # a stat must not alias the loss
-    elif cfg.kind == "dft":
-        loss, grad_scale = p_target * ce, p_target
-    elif cfg.kind == "sed":
-        weight = cfg.lam * mask
-        penalty = weight * (p_target - 0.5) ** 2
-        loss = ce + penalty
-        grad_scale = torch.where(valid, 1.0 - 2.0 * weight * p_target * (p_target - 0.5), zero)
-    else:  # gem: sum_j q_j z_j - z_y
-        loss = torch.where(valid, gem_sums[1] / gem_sums[0] - target_logit, zero)
-        grad_scale = valid.float()
-
+def token_stats(terms: TokenTerms, kind_loss: KindLoss, sum_exp_x=None):
+    """The stats dict (detach them before use outside the loss): STAT_NAMES, entropy, the kind's reports."""
     stats = {
-        "ce": ce,
-        "p_target": p_target,
-        "topk_mass": topk_mass,
-        "mask": mask,
+        "ce": terms.ce,
+        "p_target": terms.p_target,
+        "topk_mass": terms.topk_mass,
+        "mask": kind_loss.mask,
         # The target is the argmax iff its logit equals the global max (ties count as correct).
-        "correct": (valid & (target_logit >= 0)).float(),
+        "correct": (terms.valid & (terms.sums.target_logit >= 0)).float(),
     }
     if sum_exp_x is not None:
-        stats["entropy"] = log_sum_exp - sum_exp_x / sum_exp
-    return loss, grad_scale, stats
-
-
-def scale_softmax_gradient_(exp_shifted, sum_exp, coef, index, in_shard):
-    """In place: exp(z - m) -> coef * (softmax(z) - onehot(y)) on this shard; returns the buffer."""
-    exp_shifted.mul_((coef / sum_exp).unsqueeze(-1))
-    exp_shifted.scatter_add_(-1, index.unsqueeze(-1), -(coef * in_shard).unsqueeze(-1))
-    return exp_shifted
-
-
-def gem_gradient_(exp_shifted, gem_weight_sum, beta, coef, index, in_shard):
-    """In place: exp(z - m) -> coef * (softmax(z / beta) - onehot(y)) on this shard; returns the buffer."""
-    exp_shifted.pow_(1.0 / beta)
-    return scale_softmax_gradient_(exp_shifted, gem_weight_sum, coef, index, in_shard)
+        stats["entropy"] = terms.log_sum_exp - sum_exp_x / terms.sums.sum_exp
+    stats.update(kind_loss.reports)
+    return stats

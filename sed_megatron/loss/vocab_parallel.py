@@ -1,15 +1,24 @@
 """The vocab-parallel SFT token loss: one autograd Function that owns the collectives.
 
-Collectives per call over `tp_group` (none when it is None or has one rank):
-  1. all-gather of each rank's top-k logits: `[s, b, k]` fp32 per rank (k values per token);
-     the global top-k and the global max come from the gathered candidates.
-  2. all-reduce (sum) of the packed per-token partial sums: `[3, s, b]` fp32 (target logit,
-     sum of exp), one more row with the entropy, two more for GEM.
-Megatron's vocab_parallel_cross_entropy does three all-reduces of `[s, b]`.
+The loss is per token, so every leading dim of the logits is a token dim: Megatron's
+`[s, b, V/tp]` and the `[b, s, V/tp]` that GPTModel returns without labels are both accepted
+(and any `[..., V/tp]`); sft_token_loss flattens them to `[t, V/tp]` (a view when contiguous)
+and chunks every pass that needs temporaries along tokens, never along a leading dim that may
+be 1. What differs between the loss kinds is a strategy from `kinds/` (looked up by
+LossConfig.kind): the Function runs the same steps for every kind.
 
-Memory: one fp32 `[s, b, V/tp]` buffer, as in Megatron's CE. It holds exp(z - m) from forward
-to backward and becomes the gradient in place. With fp32 logits and inplace=True the buffer is
-the caller's logits tensor (Megatron's convention: the logits are overwritten), otherwise a copy.
+Collectives per call over `tp_group` (none when it is None or has one rank):
+  1. all-gather of each rank's top-k logits and its part of the target logit: `[t, k + 1]`
+     fp32 per rank; the global top-k, the global max and z_y (the one nonzero part) follow.
+  2. all-reduce (sum) of the packed per-token partial sums: `[n, t]` fp32, n = 1 (sum of exp)
+     + 1 with the entropy + the kind's extra sums (GEM: 2, or 3 with h = logsigmoid).
+Megatron's vocab_parallel_cross_entropy does three all-reduces of `[t]`.
+
+Memory: one fp32 `[t, V/tp]` buffer, as in Megatron's CE. It holds exp(z - m) from forward
+to backward and becomes the gradient in place. With fp32 contiguous logits and inplace=True
+the buffer is the caller's logits tensor (Megatron's convention: the logits are overwritten),
+otherwise a copy. Passes with extra sums (GEM, the entropy) add temporaries of one chunk of
+tokens (`chunks.CHUNK_ELEMENTS` elements), whatever the shard's size.
 """
 
 import torch
@@ -17,6 +26,7 @@ import torch.distributed as dist
 
 from . import math as loss_math
 from .config import IGNORE_INDEX, LossConfig
+from .kinds import TokenSums, get_kind
 
 
 def _group_rank_and_size(tp_group):
@@ -25,84 +35,94 @@ def _group_rank_and_size(tp_group):
     return dist.get_rank(group=tp_group), dist.get_world_size(group=tp_group)
 
 
-def _all_gather_last_dim(tensor, tp_group, world_size):
-    """[..., n] on every rank -> [..., world_size * n] in rank order."""
-    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(gathered, tensor.contiguous(), group=tp_group)
-    return torch.cat(gathered, dim=-1)
+def _all_gather_candidates(candidates, target_part, tp_group, world_size):
+    """Each rank's candidates `[t, k']` and target-logit part `[t]` -> all candidates `[t, tp * k']`, z_y `[t]`.
+
+    Only the rank that holds the target contributes a nonzero part, so the sum is exact.
+    """
+    num_tokens, count = candidates.shape
+    packed = torch.cat([candidates, target_part.unsqueeze(-1)], dim=-1)  # [t, k' + 1]
+    gathered = [torch.empty_like(packed) for _ in range(world_size)]
+    dist.all_gather(gathered, packed, group=tp_group)
+    gathered = torch.stack(gathered, dim=1)  # [t, tp, k' + 1], rank order
+    return gathered[..., :count].reshape(num_tokens, world_size * count), gathered[..., count].sum(dim=-1)
 
 
 class _VocabParallelSFTLoss(torch.autograd.Function):
+    """logits `[t, V/tp]`, target `[t]` -> loss `[t]` and the stats `[t]` (t tokens, flattened by the caller)."""
+
     @staticmethod
     def forward(ctx, logits, target, cfg: LossConfig, tp_group, inplace, with_entropy, vocab_size):
+        kind = get_kind(cfg.kind)
         rank, world_size = _group_rank_and_size(tp_group)
         distributed = world_size > 1
         shard_size = logits.size(-1)
         vocab_start = rank * shard_size
         # Ids >= vocab_size are padding rows of the embedding (TP divisibility): not tokens.
         real = max(0, min(shard_size, vocab_size - vocab_start))
+        index, in_shard = loss_math.shard_target_index(target, vocab_start, vocab_start + shard_size)
 
-        # Top-k candidates straight from the input dtype (exact: bf16 values are fp32 values).
-        candidates = loss_math.local_topk_candidates(logits[..., :real], cfg.top_k, shard_size)  # [s, b, k']
+        # Top-k candidates and z_y straight from the input dtype (exact: bf16 values are fp32 values).
+        candidates = loss_math.local_topk_candidates(logits[:, :real], cfg.top_k, shard_size)  # [t, k']
+        target_logit = loss_math.local_target_logit(logits, index, in_shard)  # [t]
         if distributed:
-            candidates = _all_gather_last_dim(candidates, tp_group, world_size)  # [s, b, tp*k']
-        topk_logits = loss_math.global_topk(candidates, cfg.top_k)  # [s, b, k]
-        logits_max = topk_logits.amax(dim=-1, keepdim=True)  # [s, b, 1]
+            candidates, target_logit = _all_gather_candidates(candidates, target_logit, tp_group, world_size)
+        topk_logits = loss_math.global_topk(candidates, cfg.top_k)  # [t, k]
+        logits_max = topk_logits.amax(dim=-1)  # [t]
+        target_shifted = loss_math.shifted_target_logit(target, target_logit, logits_max)  # x_y, [t]
 
-        # The one fp32 [s, b, V/tp] buffer: x = z - m, then exp(x) in place, kept for backward.
+        # The one fp32 [t, V/tp] buffer: x = z - m, then exp(x) in place, kept for backward.
         # With fp32 logits and inplace it is the caller's tensor (Megatron's convention). A mixed
         # bf16 - fp32 subtraction would materialize a promoted copy on CPU: convert, then shift.
-        buffer = logits.to(torch.float32, copy=not inplace).sub_(logits_max)
+        buffer = logits.to(torch.float32, copy=not inplace).sub_(logits_max.unsqueeze(-1))
         if real < shard_size:
             # exp() = 0: no probability, no gradient. Finite, so 0 * x stays 0 in the sums.
-            buffer[..., real:] = torch.finfo(torch.float32).min
-        index, in_shard = loss_math.shard_target_index(target, vocab_start, vocab_start + shard_size)
-        target_logit = torch.where(in_shard, buffer.gather(-1, index.unsqueeze(-1)).squeeze(-1), 0.0)
-        gem_beta = cfg.gem_beta if cfg.kind == "gem" else None
-        sums = loss_math.exp_and_partial_sums_(buffer, with_entropy, gem_beta)  # [n, s, b]
-        partial = torch.cat([target_logit.unsqueeze(0), sums])
+            buffer[:, real:] = torch.finfo(torch.float32).min
+        partial = loss_math.exp_and_partial_sums_(buffer, target_shifted, kind, cfg, with_entropy)  # [n, t]
         if distributed:
             dist.all_reduce(partial, group=tp_group)
-        target_logit, sum_exp = partial[0], partial[1]
-        sum_exp_x = partial[2] if with_entropy else None
-        gem_sums = partial[-2:] if gem_beta is not None else None
+        sum_exp, sum_exp_x, extra = loss_math.split_sums(partial, with_entropy)
 
-        loss, grad_scale, stats = loss_math.token_losses(
-            cfg, target, torch.log(sum_exp), target_logit, topk_logits - logits_max, sum_exp_x, gem_sums
-        )
-        ctx.cfg = cfg
+        sums = TokenSums(sum_exp, target_shifted, extra)
+        terms = loss_math.token_terms(target, sums, topk_logits - logits_max.unsqueeze(-1))
+        kind_loss = kind.token_loss(cfg, terms)
+        stats = loss_math.token_stats(terms, kind_loss, sum_exp_x)
+        stat_values = tuple(stats[name] for name in loss_math.stat_names(kind, with_entropy))
+
+        ctx.kind, ctx.cfg = kind, cfg
         ctx.input_dtype = logits.dtype
-        norm = gem_sums[0] if gem_sums is not None else sum_exp
-        ctx.save_for_backward(buffer, norm, grad_scale, index, in_shard)
-        stat_values = tuple(stats.values())
+        ctx.save_for_backward(buffer, index, in_shard, kind_loss.grad_scale, *sums)
         ctx.mark_non_differentiable(*stat_values)
-        return (loss, *stat_values)
+        return (kind_loss.loss, *stat_values)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):
-        buffer, norm, grad_scale, index, in_shard = ctx.saved_tensors
-        coef = grad_loss.float() * grad_scale
-        if ctx.cfg.kind == "gem":
-            grad = loss_math.gem_gradient_(buffer, norm, ctx.cfg.gem_beta, coef, index, in_shard)
-        else:
-            grad = loss_math.scale_softmax_gradient_(buffer, norm, coef, index, in_shard)
+        buffer, index, in_shard, grad_scale, *sums = ctx.saved_tensors
+        coef = grad_loss.float() * grad_scale  # [t]
+        grad = ctx.kind.gradient_(ctx.cfg, buffer, TokenSums(*sums), coef, index, in_shard)
         return grad.to(ctx.input_dtype), None, None, None, None, None, None
 
 
-def _validate_inputs(logits, target, cfg, vocab_size):
+def _validate_inputs(logits, target, cfg):
     if not isinstance(cfg, LossConfig):
         raise TypeError(f"sft_token_loss: cfg must be a LossConfig, got {type(cfg).__name__}")
     if not logits.is_floating_point():
         raise TypeError(f"sft_token_loss: logits must be a float tensor, got {logits.dtype}")
-    if logits.dim() != 3:
-        raise ValueError(f"sft_token_loss: logits must be [s, b, V/tp], got shape {tuple(logits.shape)}")
+    if logits.dim() < 2:
+        raise ValueError(
+            f"sft_token_loss: logits must be [s, b, V/tp] or [b, s, V/tp] (any leading token dims, "
+            f"at least one, then the vocab shard), got shape {tuple(logits.shape)}"
+        )
     if target.dtype != torch.int64:
         raise TypeError(f"sft_token_loss: target must be int64 token ids, got {target.dtype}")
     if target.shape != logits.shape[:-1]:
         raise ValueError(
             f"sft_token_loss: target shape {tuple(target.shape)} does not match logits "
-            f"{tuple(logits.shape)} (expected target [s, b] = {tuple(logits.shape[:-1])})"
+            f"{tuple(logits.shape)} (expected the logits' token dims {tuple(logits.shape[:-1])})"
         )
+
+
+def _validate_target_ids(target, cfg, vocab_size):
     if cfg.top_k > vocab_size:
         raise ValueError(f"LossConfig.top_k: {cfg.top_k} exceeds the vocabulary size {vocab_size}")
     bad = ((target < 0) & (target != IGNORE_INDEX)) | (target >= vocab_size)
@@ -118,33 +138,46 @@ def sft_token_loss(logits, target, cfg: LossConfig, tp_group=None, *, inplace=Fa
                    vocab_size=None):
     """Per-token SFT loss of one vocab shard, exact under tensor parallelism.
 
+    Layouts: the loss is per token and treats every leading dim as a token dim, so
+    `[s, b, V/tp]` (Megatron's) and `[b, s, V/tp]` (GPTModel's logits without labels, what
+    the trainer passes) give the same per-token values; loss and stats come back in the
+    logits' leading shape. Passes with temporaries (GEM, the entropy) are chunked along tokens.
+
     Args:
-        logits: `[s, b, V/tp]` float (any dtype), this rank's contiguous vocab shard
-            (rank r holds ids [r V/tp, (r+1) V/tp)); may be an autograd non-leaf.
-        target: `[s, b]` int64 global token ids; IGNORE_INDEX (-100) gives loss 0 and no gradient.
+        logits: `[s, b, V/tp]` or `[b, s, V/tp]` (generally `[..., V/tp]`) float (any dtype),
+            this rank's contiguous vocab shard (rank r holds ids [r V/tp, (r+1) V/tp)); may be
+            an autograd non-leaf. Non-contiguous logits are copied once (inplace then has no effect).
+        target: the logits' leading shape (`[s, b]` or `[b, s]`), int64 global token ids;
+            IGNORE_INDEX (-100) gives loss 0 and no gradient.
         cfg: the LossConfig.
         tp_group: the tensor-parallel process group; None means a single process (no collectives).
         inplace: with fp32 logits, reuse the logits' storage as the working buffer (saves one
-            `[s, b, V/tp]` fp32 tensor; the logits are overwritten, as in Megatron's CE).
+            `[..., V/tp]` fp32 tensor; the logits are overwritten, as in Megatron's CE).
         with_entropy: also report the entropy of the predicted distribution (costs one more
             multiply-add pass over the shard and an fp32 element in the all-reduce).
         vocab_size: the real vocabulary when the logits carry padding rows (ids >= vocab_size,
             added for TP divisibility): they get no probability and no gradient. None: all ids.
 
     Returns:
-        loss: `[s, b]` fp32 per-token loss, differentiable w.r.t. logits; no masking, no reduction.
-        stats: dict of detached `[s, b]` fp32 tensors: ce, p_target, topk_mass (global top-k
-            probability mass), mask (1.0 where the SED penalty applies), correct (1.0 where the
-            target's logit is the largest), and entropy (nats) when asked for. Ignored
-            positions have ce = p_target = mask = correct = 0.
+        loss: fp32 per-token loss in the target's shape, differentiable w.r.t. logits; no
+            masking, no reduction.
+        stats: dict of detached fp32 tensors in the target's shape: ce, p_target, topk_mass
+            (global top-k probability mass), mask (1.0 where the SED penalty applies), correct
+            (1.0 where the target's logit is the largest), entropy (nats) when asked for, then
+            the kind's own reports (`LossKind.reports`; SED: penalty = lam * M * (p - 0.5)^2).
+            Ignored positions have 0 in every stat but topk_mass and entropy.
     """
+    _validate_inputs(logits, target, cfg)
     _, world_size = _group_rank_and_size(tp_group)
     padded_size = logits.size(-1) * world_size
     if vocab_size is None:
         vocab_size = padded_size
     elif not 0 < vocab_size <= padded_size:
         raise ValueError(f"sft_token_loss: vocab_size {vocab_size} must lie in (0, {padded_size}] (the logits' ids)")
-    _validate_inputs(logits, target, cfg, vocab_size)
-    loss, *stat_values = _VocabParallelSFTLoss.apply(logits, target, cfg, tp_group, inplace, with_entropy, vocab_size)
-    names = loss_math.STAT_NAMES + (("entropy",) if with_entropy else ())
-    return loss, dict(zip(names, stat_values))
+    _validate_target_ids(target, cfg, vocab_size)
+    # Tokens flat: a view when contiguous (so inplace still reaches the caller's storage), else a copy.
+    flat_logits, flat_target = logits.reshape(-1, logits.size(-1)), target.reshape(-1)  # [t, V/tp], [t]
+    loss, *stat_values = _VocabParallelSFTLoss.apply(flat_logits, flat_target, cfg, tp_group, inplace,
+                                                     with_entropy, vocab_size)
+    names = loss_math.stat_names(get_kind(cfg.kind), with_entropy)
+    return loss.view(target.shape), {name: value.view(target.shape) for name, value in zip(names, stat_values)}

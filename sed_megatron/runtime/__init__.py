@@ -88,10 +88,23 @@ def transformer_engine_available():
     return True
 
 
-def prepare(training=True, environ=None):
+def quiet_known_notices():
+    """Megatron's import-time warnings that Transformer Engine or apex are absent (one per module,
+    a dozen in all) and torch's CUDA_HOME notice: prepare() reports what matters of them once."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|transformer-engine)\b.*", category=UserWarning)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def prepare(training=True, environ=None, verbose=False):
     """Select the device (DeviceError on a mismatch), adjust Megatron for it; returns the Runtime.
 
-    training=True also adjusts Megatron-LM's training loop (megatron.training) on the CPU."""
+    training=True also adjusts Megatron-LM's training loop (megatron.training) on the CPU.
+    verbose=False hides Megatron's import-time notices about absent optional kernels."""
+    if not verbose:
+        quiet_known_notices()
     runtime = Runtime(select_device(environ))
     prepare_megatron()
     if runtime.on_cpu:

@@ -22,7 +22,7 @@ import argparse
 
 import yaml
 
-from sed_megatron.loss import LOSS_KINDS, SED_MASKS
+from sed_megatron.loss import GEM_H, LOSS_KINDS, SED_MASKS
 
 MEGATRON_SECTIONS = ("model", "parallel", "training", "optimizer", "checkpoint", "logging")
 
@@ -33,6 +33,7 @@ LOSS_FLAGS = {  # LossConfig field -> flag
     "lam": "--sed-lambda",
     "mask": "--sed-mask",
     "gem_beta": "--gem-beta",
+    "gem_h": "--gem-h",
     "calibrate_ratio": "--sed-calibrate-ratio",
     "calibrate_samples": "--sed-calibrate-samples",
     "calibrate_tokens": "--sed-calibrate-tokens",
@@ -53,7 +54,7 @@ RUN_FLAGS = {  # run-level keys at the top of the YAML -> flag
 
 
 _OWN_KEYS = {flag[2:].replace("-", "_") for table in (LOSS_FLAGS, DATA_FLAGS, RUN_FLAGS) for flag in table.values()}
-_OWN_KEYS.add("config")
+_OWN_KEYS.update({"config", "verbose", "help_megatron"})
 
 
 class ConfigError(ValueError):
@@ -64,12 +65,17 @@ def add_sed_arguments(parser):
     """The SED-SFT argument group (Megatron's extra_args_provider)."""
     group = parser.add_argument_group("sed-sft")
     group.add_argument("--config", default=None, help="YAML run configuration (flags on the command line win)")
+    group.add_argument("--verbose", action="store_true",
+                       help="also print Megatron-LM's argument dump and its notices about optional kernels")
+    group.add_argument("--help-megatron", action="store_true", help="list every Megatron-LM flag (about 900) and exit")
     group.add_argument("--loss-type", default="ce", choices=LOSS_KINDS, help="token loss")
     group.add_argument("--sed-top-k", type=int, default=2, help="k of the top-k mass that decides the SED mask")
     group.add_argument("--sed-tau", type=float, default=None, help="SED threshold on the top-k mass")
     group.add_argument("--sed-lambda", type=float, default=1.0, help="weight of the SED penalty")
     group.add_argument("--sed-mask", default="topk_mass", choices=SED_MASKS, help="where SED applies")
     group.add_argument("--gem-beta", type=float, default=0.7, help="GEM temperature")
+    group.add_argument("--gem-h", default="linear", choices=GEM_H,
+                       help="GEM's h: linear (SED-SFT's GEM baseline) or logsigmoid (GEM's own repository)")
     group.add_argument("--sed-calibrate-ratio", type=float, default=None,
                        help="calibrate tau before the first step as the (1 - r) quantile of the initial "
                             "model's top-k mass, r = this masking ratio (--sed-tau, if given, wins)")
@@ -91,9 +97,17 @@ def add_sed_arguments(parser):
                        help="synthetic: seed of the samples; indexed: seed of the split and the shuffling")
     group.add_argument("--log-entropy", action="store_true",
                        help="report the entropy of the predicted distribution (one more pass in the loss)")
+    group.add_argument("--inject-non-finite", default=None, metavar="ITERATION:loss|grad",
+                       help="testing: make the loss (or only its gradients) NaN at that iteration, to see the run "
+                            "stop before the optimizer step")
     group.add_argument("--metrics-file", default=None,
                        help="JSON-lines metrics (default: metrics.jsonl in --save, else in the working directory)")
     return parser
+
+
+def option_names(parser):
+    """{dest: its long option}, for messages that name a setting."""
+    return {action.dest: option for option, action in _option_actions(parser).values()}
 
 
 def _option_actions(parser):
@@ -124,19 +138,23 @@ def _value_to_argv(option, action, value, where):
     return [option, str(value)]
 
 
-def yaml_flags_to_argv(flags, parser, where):
-    """Command-line arguments for a mapping of Megatron-LM flags (YAML keys)."""
+def yaml_flags_to_argv(flags, parser, where, sources=None):
+    """Command-line arguments for a mapping of Megatron-LM flags (YAML keys).
+
+    sources, if given, records where each setting came from: {dest: "where.key"}."""
     actions = _option_actions(parser)
     argv = []
     for key, value in flags.items():
         if key not in actions or key in _OWN_KEYS:
             raise ConfigError(f"{where}.{key}: unknown Megatron-LM flag --{key.replace('_', '-')}")
         argv += _value_to_argv(*actions[key], value, f"{where}.{key}")
+        if sources is not None:
+            sources[actions[key][1].dest] = f"{where}.{key}"
     return argv
 
 
-def yaml_to_argv(path, parser):
-    """The command-line arguments equivalent to the YAML file at `path`."""
+def yaml_to_argv(path, parser, sources=None):
+    """The command-line arguments equivalent to the YAML file at `path` (sources: as above)."""
     try:
         with open(path) as f:
             doc = yaml.safe_load(f)
@@ -152,7 +170,10 @@ def yaml_to_argv(path, parser):
     argv = []
     for section, body in doc.items():
         if section in RUN_FLAGS:
-            argv += _value_to_argv(*actions[RUN_FLAGS[section][2:].replace("-", "_")], body, f"{path}: {section}")
+            option, action = actions[RUN_FLAGS[section][2:].replace("-", "_")]
+            argv += _value_to_argv(option, action, body, f"{path}: {section}")
+            if sources is not None:
+                sources[action.dest] = f"{path}: {section}"
             continue
         if section not in MEGATRON_SECTIONS + ("loss", "data"):
             known = ", ".join(MEGATRON_SECTIONS + ("loss", "data") + tuple(RUN_FLAGS))
@@ -165,9 +186,12 @@ def yaml_to_argv(path, parser):
                 table = LOSS_FLAGS if section == "loss" else DATA_FLAGS
                 if key not in table:
                     raise ConfigError(f"{where}: unknown key (known: {', '.join(table)})")
-                argv += _value_to_argv(*actions[table[key][2:].replace("-", "_")], value, where)
+                option, action = actions[table[key][2:].replace("-", "_")]
+                argv += _value_to_argv(option, action, value, where)
+                if sources is not None:
+                    sources[action.dest] = where
                 continue
-            argv += yaml_flags_to_argv({key: value}, parser, f"{path}: {section}")
+            argv += yaml_flags_to_argv({key: value}, parser, f"{path}: {section}", sources)
     return argv
 
 
@@ -181,12 +205,22 @@ def config_path_from_argv(argv):
     return None
 
 
-def expand_config(argv, parser):
-    """argv with the YAML of --config spliced in front, so the command line wins."""
+def expand_config(argv, parser, sources=None):
+    """argv with the YAML of --config spliced in front, so the command line wins.
+
+    sources, if given, records {dest: "path: section.key"} for the YAML's settings; settings
+    given on the command line are left out of it (their flag names them)."""
     path = config_path_from_argv(argv)
     if path is None:
         return list(argv)
-    return yaml_to_argv(path, parser) + list(argv)
+    yaml_argv = yaml_to_argv(path, parser, sources)
+    if sources is not None:
+        actions = _option_actions(parser)
+        for arg in argv:
+            if arg.startswith("--") and arg[2:].split("=")[0].replace("-", "_") in actions:
+                sources.pop(actions[arg[2:].split("=")[0].replace("-", "_")][1].dest, None)
+    return yaml_argv + list(argv)
+
 
 
 def calibrates_tau(args):
@@ -209,7 +243,7 @@ def loss_config_from_args(args):
         tau = 1.0
     return LossConfig(
         kind=args.loss_type, top_k=args.sed_top_k, tau=tau, lam=args.sed_lambda,
-        mask=args.sed_mask, gem_beta=args.gem_beta,
+        mask=args.sed_mask, gem_beta=args.gem_beta, gem_h=args.gem_h,
     )
 
 

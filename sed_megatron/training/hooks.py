@@ -10,17 +10,28 @@ machine), so a megatron-core whose loop changed stops with one line instead of m
 """
 
 import functools
+import sys
 
 import torch.distributed as dist
 
 from sed_megatron.runtime import check_signature
 
 from .batch import pipeline_stage
+from .nonfinite import describe
 from .step import model_groups
 
 TRAIN_PARAMS = ("forward_step_func", "model", "optimizer", "opt_param_scheduler", "train_data_iterator")
 TRAINING_LOG_PARAMS = ("loss_dict", "total_loss_dict", "learning_rate", "iteration", "loss_scale",
                        "report_memory_flag", "skipped_iter", "grad_norm")
+
+
+def _reset_interval(total_loss_dict):
+    """What Megatron's training_log does after every line but the first."""
+    for key, value in total_loss_dict.items():
+        if hasattr(value, "zero_"):
+            value.zero_()
+        else:
+            total_loss_dict[key] = 0
 
 
 def writes_metrics(groups):
@@ -30,33 +41,54 @@ def writes_metrics(groups):
     return last and all(dist.get_rank(group=group) == 0 for group in (groups.tp, groups.cp, groups.dp))
 
 
-def install(before_training, metrics_log, log_interval):
+def install(before_training, metrics_log, log_interval, current_iteration, prog="sed_megatron.train"):
     """Wrap Megatron's train and training_log.
 
     before_training(model_chunks) -> forward_step_func: runs once, with the model, before the
     first step (τ calibration goes here). metrics_log.write(iteration, report, lr, grad_norm,
-    extra) appends one record every log_interval iterations, on one rank."""
+    extra) appends one record every log_interval iterations, on one rank. A NaN or Inf loss or
+    gradient stops the run with one line naming current_iteration() and exit code 3."""
     import megatron.training.training as training_loop
 
     train, training_log = training_loop.train, training_loop.training_log
     check_signature(train, TRAIN_PARAMS, "sed_megatron's hook on the training loop (sed_megatron/training/hooks.py)")
-    check_signature(training_log, TRAINING_LOG_PARAMS, "sed_megatron's metrics.jsonl (sed_megatron/training/hooks.py)")
+    check_signature(training_log, TRAINING_LOG_PARAMS, "sed_megatron's metrics.jsonl (sed_megatron/training/hooks.py)",
+                    keywords=("is_first_iteration",))
     writer = []  # decided once the model, and so its process groups, exist
 
     @functools.wraps(train)
     def train_with_hooks(forward_step_func, model, *rest, **kwargs):
         writer.append(writes_metrics(model_groups(model[0])))
-        return train(before_training(model), model, *rest, **kwargs)
+        forward_step = before_training(model)
+        metrics_log.start(current_iteration() - 1)
+        try:
+            return train(forward_step, model, *rest, **kwargs)
+        except RuntimeError as err:
+            what = describe(err)
+            if what is None:
+                raise
+            iteration = current_iteration()
+            # Raised before the optimizer step: the weights and every checkpoint are clean.
+            print(f"{prog}: error: iteration {iteration}: {what}; stopped before the optimizer step, no checkpoint "
+                  f"holds this iteration (resume from the last one in --save)", file=sys.stderr, flush=True)
+            sys.exit(3)
 
     @functools.wraps(training_log)
     def training_log_with_metrics(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
                                   report_memory_flag, skipped_iter, grad_norm, *rest, **kwargs):
         result = training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
                               report_memory_flag, skipped_iter, grad_norm, *rest, **kwargs)
-        # loss_dict holds this iteration's values, already reduced over micro-batches and DP.
-        if writer and writer[0] and loss_dict and iteration % log_interval == 0:
-            metrics_log.write(iteration, {key: float(value) for key, value in loss_dict.items()}, learning_rate,
-                              grad_norm, extra={"skipped": int(skipped_iter)})
+        first = kwargs.get("is_first_iteration", False)
+        if first:
+            # Megatron prints the first iteration but keeps its sums, so its next line would
+            # average that iteration in again; start the next interval afresh instead.
+            _reset_interval(total_loss_dict)
+        # loss_dict holds this iteration's values, already reduced over micro-batches and DP;
+        # it is filled on the last pipeline stage.
+        if writer and writer[0] and loss_dict:
+            metrics_log.add(loss_dict, skipped_iter)
+            if iteration % log_interval == 0 or first:  # when Megatron prints its line
+                metrics_log.write(iteration, learning_rate, grad_norm)
         return result
 
     training_loop.train = train_with_hooks

@@ -17,55 +17,76 @@ REPORT_KEYS = {
     "ce loss": "ce_loss",
     "sed penalty": "sed_penalty",
     "mask rate": "mask_rate",
+    "penalty rate": "penalty_rate",
     "topk mass": "topk_mass",
     "p target": "p_target",
     "token accuracy": "token_accuracy",
     "entropy": "entropy",
 }
+# Extra per-token stats a loss kind or option adds -> their report key.
+OPTIONAL_STATS = {"penalty": "sed penalty", "entropy": "entropy"}
 
 
-def token_metric_report(loss, stats, loss_mask, kind):
-    """`[sum, count]` pairs of the objective and the stats over the loss tokens, detached."""
+def token_metric_report(loss, stats, loss_mask):
+    """`[sum, count]` pairs of the objective and the stats over the loss tokens, detached.
+
+    mask rate follows the published SED-SFT logs: the share of loss tokens WITHOUT the penalty
+    (about r once tau is calibrated); penalty rate is the share with it."""
     mask = loss_mask.float()
     count = mask.sum()
     per_token = {
         "lm loss": loss.detach(),
         "ce loss": stats["ce"],
-        "mask rate": stats["mask"],
+        "mask rate": 1.0 - stats["mask"],
+        "penalty rate": stats["mask"],
         "topk mass": stats["topk_mass"],
         "p target": stats["p_target"],
         "token accuracy": stats["correct"],
     }
-    if kind == "sed":
-        per_token["sed penalty"] = loss.detach() - stats["ce"]  # lam * M * (p - 0.5)^2
-    if "entropy" in stats:
-        per_token["entropy"] = stats["entropy"]
+    per_token.update({report: stats[name] for name, report in OPTIONAL_STATS.items() if name in stats})
     return {key: torch.stack([(value * mask).sum(), count]) for key, value in per_token.items()}
 
 
 class MetricsLog:
-    """Appends one JSON object per logged iteration to a file (the caller decides which rank)."""
+    """metrics.jsonl: one JSON object per line Megatron logs (the caller decides which rank).
+
+    Each record holds the means over the iterations since the previous record, as Megatron's log
+    line does (its accumulators are reset after every line, the first included: see hooks.py),
+    so the two agree; skipped iterations count in `skipped`, not in the means."""
 
     def __init__(self, path, tokens_per_iteration):
         self.path = path
         self.tokens_per_iteration = tokens_per_iteration
-        self._last = None  # (iteration, time) of the previous record
+        self._sums, self._count, self._skipped = {}, 0, 0
+        self._last = None  # (iteration, time) of the previous record, or of the start
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
-    def write(self, iteration, reduced, lr, grad_norm, extra=None):
-        """reduced: Megatron report key -> mean value for the logged interval."""
+    def start(self, iteration):
+        """The loop starts after `iteration` finished ones: the first record's throughput counts from here."""
+        self._last = (iteration, time.time())
+
+    def add(self, reduced, skipped):
+        """One iteration's report (Megatron key -> value, reduced over micro-batches and DP)."""
+        if skipped:
+            self._skipped += 1
+            return
+        for key, value in reduced.items():
+            self._sums[key] = self._sums.get(key, 0.0) + float(value)
+        self._count += 1
+
+    def write(self, iteration, lr, grad_norm):
         now = time.time()
         record = {"iteration": int(iteration)}
         for report_key, key in REPORT_KEYS.items():
-            if report_key in reduced:
-                record[key] = float(reduced[report_key])
+            if report_key in self._sums:
+                record[key] = self._sums[report_key] / max(1, self._count)
         record["lr"] = float(lr) if lr is not None else None
         record["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+        record["tokens_per_sec"] = None
         if self._last is not None and iteration > self._last[0] and now > self._last[1]:
             record["tokens_per_sec"] = (iteration - self._last[0]) * self.tokens_per_iteration / (now - self._last[1])
-        else:
-            record["tokens_per_sec"] = None  # the first record has no interval to measure
-        record.update(extra or {})
+        record["skipped"] = self._skipped
+        self._sums, self._count, self._skipped = {}, 0, 0
         self._last = (iteration, now)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

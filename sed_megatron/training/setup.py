@@ -7,8 +7,13 @@ from sed_megatron.utils import fail as _fail
 
 
 def run_defaults(runtime):
-    """Flags that come before the YAML and the command line (so either can override them)."""
-    return ["--calculate-per-token-loss", "--tokenizer-type", "NullTokenizer", *runtime.megatron_flags()]
+    """Flags that come before the YAML and the command line (so either can override them).
+
+    --rerun-mode disabled: a NaN or Inf loss or gradient stops the run at once, before the
+    optimizer step, with one line (nonfinite.py), instead of Megatron's re-run diagnosis, which
+    saves, exits with a code for a scheduler and wants the iteration re-run on another GPU."""
+    return ["--calculate-per-token-loss", "--tokenizer-type", "NullTokenizer", "--rerun-mode", "disabled",
+            *runtime.megatron_flags()]
 
 
 def fail(message, prog="sed_megatron.train"):
@@ -25,11 +30,30 @@ def _escape_bare_percent(parser):
                 action.help = action.help.replace("%", "%%")
 
 
-def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=None, precheck=None):
+def print_help_if_asked(argv, prog, description=None, extra_args_provider=None):
+    """-h/--help: the tool's own options, then SED-SFT's, on one screen (Megatron-LM's ~900 flags
+    are behind --help-megatron); exit 0. Entry points call it before anything else."""
+    if "-h" not in argv and "--help" not in argv:
+        return
+    from .arguments import add_sed_arguments
+
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Every Megatron-LM flag (parallelism, precision, checkpoints, logging, "
+                                            "...) is accepted too: --help-megatron lists them.")
+    if extra_args_provider is not None:
+        parser = extra_args_provider(parser)
+    add_sed_arguments(parser).print_help()
+    sys.exit(0)
+
+
+def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=None, precheck=None,
+                   prog="sed_megatron.train", description=None):
     """(Megatron's validated args, LossConfig or None) from defaults + YAML + command line.
 
     precheck(namespace), if given, sees the parsed flags before Megatron validates them, so a
-    tool's own bad input is reported first.
+    tool's own bad input is reported first. -h/--help prints the tool's and SED-SFT's options
+    (with `description` above them) and exits; --help-megatron prints Megatron-LM's too.
     """
     import os
 
@@ -42,21 +66,38 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
 
     from sed_megatron.convert.checkpoint import MODEL_FILE, read_model_file
 
-    from .arguments import ConfigError, add_sed_arguments, expand_config, yaml_flags_to_argv
+    from .arguments import ConfigError, add_sed_arguments, expand_config, option_names, yaml_flags_to_argv
+    from .validate import Settings, StartupError, validate_run
 
-    def add_arguments(parser):
-        parser = add_sed_arguments(parser)
-        return extra_args_provider(parser) if extra_args_provider else parser
+    rank_zero = os.environ.get("RANK", "0") == "0"
 
-    parser = add_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    def add_arguments(parser):  # a tool's own options first, then SED-SFT's
+        parser = extra_args_provider(parser) if extra_args_provider else parser
+        return add_sed_arguments(parser)
+
+    print_help_if_asked(argv, prog, description, extra_args_provider)
+    parser = add_arguments(add_megatron_arguments(argparse.ArgumentParser(prog=prog, allow_abbrev=False)))
     _escape_bare_percent(parser)
+    if "--help-megatron" in argv:
+        parser.print_help()
+        sys.exit(0)
+    if "--verbose" not in argv:
+        import megatron.training.arguments as megatron_arguments
+
+        megatron_arguments._print_args = lambda *args, **kwargs: None  # the ~900-line argument dump
+    sources = {}  # where each setting came from, for the error messages
     try:
-        expanded = expand_config(argv, parser)
+        expanded = expand_config(argv, parser, sources)
         # A converted checkpoint carries its architecture: its flags come before the YAML's.
-        model_info = read_model_file(parser.parse_known_args(run_defaults(runtime) + expanded)[0].load)
-        model_argv = [] if model_info is None else yaml_flags_to_argv(model_info["model"], parser, MODEL_FILE)
+        load = parser.parse_known_args(run_defaults(runtime) + expanded)[0].load
+        model_info = read_model_file(load)
+        model_sources = {}
+        model_argv = ([] if model_info is None else
+                      yaml_flags_to_argv(model_info["model"], parser, f"{os.path.join(load, MODEL_FILE)}: model",
+                                         model_sources))
+        sources = {**model_sources, **sources}
     except (ConfigError, ValueError) as err:
-        fail(str(err))
+        fail(str(err), prog)
     full_argv = run_defaults(runtime) + model_argv + expanded
     # Our errors first, before Megatron's checks.
     namespace = parser.parse_args(full_argv)
@@ -64,35 +105,58 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
     if missing:
         full_argv += missing
         namespace = parser.parse_args(full_argv)
-        if not runtime.on_cpu and os.environ.get("RANK", "0") == "0":
+        if not runtime.on_cpu and rank_zero:
             print(f"sed_megatron: kernels for these Megatron fusions are not installed (Transformer Engine / apex), "
                   f"so they are off: {' '.join(missing)}", flush=True)
-    loss_cfg = loss_config(namespace) if need_loss_config else None
-    check_data_args(namespace)
+    loss_cfg = loss_config(namespace, prog) if need_loss_config else None
+    check_data_args(namespace, prog)
     if precheck is not None:
         precheck(namespace)
     if model_info is not None and model_info["padded_vocab_size"] % namespace.tensor_model_parallel_size:
         fail(f"{MODEL_FILE}: padded vocabulary {model_info['padded_vocab_size']} does not split over "
-             f"TP={namespace.tensor_model_parallel_size}")
+             f"TP={namespace.tensor_model_parallel_size}", prog)
+    try:
+        notices, extra = validate_run(Settings(namespace, option_names(parser), sources),
+                                      int(os.environ.get("WORLD_SIZE", "1")))
+    except StartupError as err:
+        fail(str(err), prog)
+    full_argv += extra
+    for notice in notices if rank_zero else ():
+        print(f"sed_megatron: {notice}", flush=True)
     sys.argv = [sys.argv[0]] + full_argv
-    args = parse_and_validate_args(extra_args_provider=add_arguments)
+    try:
+        args = parse_and_validate_args(extra_args_provider=add_arguments)
+    except AssertionError as err:
+        fail(f"Megatron-LM rejects the settings: {_assertion_text(err)}", prog)
     if model_info is not None:
         args.padded_vocab_size = model_info["padded_vocab_size"]  # the checkpoint's, not the tokenizer's
     return args, loss_cfg
 
 
-def check_data_args(args):
+def _assertion_text(err):
+    """An assertion's message, or its source line and place when it has none."""
+    import linecache
+    import traceback
+
+    if str(err):
+        return str(err).strip().splitlines()[0]
+    frame = traceback.extract_tb(err.__traceback__)[-1]
+    line = linecache.getline(frame.filename, frame.lineno).strip()
+    return f"{line} ({'/'.join(frame.filename.split('/')[-3:])}:{frame.lineno})"
+
+
+def check_data_args(args, prog="sed_megatron.train"):
     """Data settings that cannot work together, reported before anything starts."""
     if args.sft_data_kind in ("indexed", "jsonl") and not args.sft_data_path:
-        fail(f"--sft-data-kind {args.sft_data_kind} needs --sft-data-path (YAML data.path)")
+        fail(f"--sft-data-kind {args.sft_data_kind} needs --sft-data-path (YAML data.path)", prog)
     if args.sft_pack:
         if args.sft_data_kind != "indexed":
-            fail("--sft-pack needs --sft-data-kind indexed")
+            fail("--sft-pack needs --sft-data-kind indexed", prog)
         if packs_thd(args) and args.context_parallel_size > 1:
-            fail("--sft-pack with Transformer Engine supports --context-parallel-size 1 only")
+            fail("--sft-pack with Transformer Engine supports --context-parallel-size 1 only", prog)
         if not packs_thd(args) and not args.create_attention_mask_in_dataloader:
             fail("--sft-pack with --transformer-impl local needs the data loader's attention mask "
-                 "(drop --no-create-attention-mask-in-dataloader)")
+                 "(drop --no-create-attention-mask-in-dataloader)", prog)
 
 
 def packs_thd(args):
@@ -100,7 +164,7 @@ def packs_thd(args):
     return args.sft_pack and args.transformer_impl == "transformer_engine"
 
 
-def loss_config(args):
+def loss_config(args, prog="sed_megatron.train"):
     from .arguments import LOSS_FLAGS, loss_config_from_args
 
     try:
@@ -109,7 +173,7 @@ def loss_config(args):
         message = str(err)
         for field, flag in LOSS_FLAGS.items():
             message = message.replace(f"LossConfig.{field}:", f"{flag} (loss.{field}):")
-        fail(message)
+        fail(message, prog)
 
 
 def build_datasets(args, train_val_test_num_samples):
@@ -216,4 +280,13 @@ def step_config(args, loss_cfg):
         create_attention_mask=args.create_attention_mask_in_dataloader and not packs_thd(args),
         packed_thd=packs_thd(args),
     )
-    return StepConfig(loss=loss_cfg, batch=batch, with_entropy=args.log_entropy, vocab_size=args.vocab_size)
+    inject = None
+    if args.inject_non_finite:
+        from .nonfinite import Injection
+
+        try:  # Megatron's loop counts finished iterations in args.curr_iteration
+            inject = Injection.parse(args.inject_non_finite, clock=lambda: args.curr_iteration + 1)
+        except ValueError as err:
+            fail(str(err))
+    return StepConfig(loss=loss_cfg, batch=batch, with_entropy=args.log_entropy, vocab_size=args.vocab_size,
+                      check_non_finite=args.check_for_nan_in_loss_and_grad, inject=inject)

@@ -12,6 +12,7 @@ Megatron's get_model hands to the model provider): nothing here reads parallel_s
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 from megatron.core.utils import get_attr_wrapped_model
@@ -20,6 +21,7 @@ from sed_megatron.loss import LossConfig, masked_sum_and_count, sft_token_loss
 
 from .batch import BatchSpec, get_batch
 from .metrics import token_metric_report
+from .nonfinite import check_loss
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,10 @@ class StepConfig:
     """Report the entropy of the predicted distribution (costs one more pass in the loss)."""
     vocab_size: int | None = None
     """The model's real vocabulary; logits of the padding ids above it are left out of the loss."""
+    check_non_finite: bool = True
+    """Reject a NaN or Inf loss before the backward pass (Megatron's --check-for-nan-in-loss-and-grad)."""
+    inject: Callable | None = None
+    """Testing: loss sum -> loss sum, made non-finite at one iteration (nonfinite.Injection)."""
 
 
 def model_groups(model):
@@ -52,7 +58,11 @@ def loss_func(cfg: StepConfig, tp_group, labels, loss_mask, logits):
     loss, stats = sft_token_loss(logits, labels, cfg.loss, tp_group, inplace=True, with_entropy=cfg.with_entropy,
                                  vocab_size=cfg.vocab_size)
     loss_sum, num_tokens = masked_sum_and_count(loss, loss_mask)
-    return loss_sum, num_tokens.to(torch.int), token_metric_report(loss, stats, loss_mask, cfg.loss.kind)
+    if cfg.inject is not None:
+        loss_sum = cfg.inject(loss_sum)
+    if cfg.check_non_finite:
+        check_loss(loss_sum)
+    return loss_sum, num_tokens.to(torch.int), token_metric_report(loss, stats, loss_mask)
 
 
 def forward_step(cfg: StepConfig, data_iterator, model):

@@ -75,6 +75,7 @@ def test_inplace_matches_and_reuses_storage():
         (dict(kind="sed", tau=1.5), "LossConfig.tau"),
         (dict(kind="sed"), "needs tau"),
         (dict(kind="gem", gem_beta=0.0), "LossConfig.gem_beta"),
+        (dict(kind="gem", gem_h="sigmoid"), "LossConfig.gem_h"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, message):
@@ -90,7 +91,7 @@ def test_config_errors_name_the_field(kwargs, message):
         (torch.zeros(2, 1, 8), torch.zeros(2, 2, dtype=torch.int64), LossConfig(), ValueError, "does not match"),
         (torch.zeros(2, 1, 8), torch.tensor([[3], [8]]), LossConfig(), ValueError, "target id 8"),
         (torch.zeros(2, 1, 8), torch.tensor([[3], [-5]]), LossConfig(), ValueError, "target id -5"),
-        (torch.zeros(2, 8), torch.zeros(2, dtype=torch.int64), LossConfig(), ValueError, r"\[s, b, V/tp\]"),
+        (torch.zeros(8), torch.zeros((), dtype=torch.int64), LossConfig(), ValueError, r"\[s, b, V/tp\] or \[b, s, V/tp\]"),
     ],
 )
 def test_input_errors(logits, target, cfg, error, message):

@@ -25,7 +25,14 @@ SEQ, BATCH = 7, 3
 VOCAB_SIZES = (4 * 53, 12)  # not powers of two; 12 at TP=4 gives 3-id shards, fewer than k=5
 DTYPES = (torch.float32, torch.bfloat16)
 TOP_KS = (1, 2, 5)
-KINDS = (("ce", "topk_mass"), ("dft", "topk_mass"), ("sed", "topk_mass"), ("sed", "none"), ("gem", "topk_mass"))
+VARIANTS = {  # name -> (kind, LossConfig fields beyond the defaults); SED's tau comes from the data
+    "ce": ("ce", {}),
+    "dft": ("dft", {}),
+    "sed": ("sed", {}),
+    "sed/mask=none": ("sed", {"mask": "none"}),
+    "gem": ("gem", {}),
+    "gem/h=logsigmoid": ("gem", {"gem_h": "logsigmoid"}),
+}
 
 
 def make_inputs(vocab_size, dtype, seed):
@@ -46,15 +53,16 @@ def make_inputs(vocab_size, dtype, seed):
     return logits, target, weights
 
 
-def reference_and_config(logits, target, kind, mask, top_k):
+def reference_and_config(logits, target, variant, top_k):
+    kind, fields = VARIANTS[variant]
     full = logits.double().requires_grad_()
     tau = None
-    if kind == "sed" and mask == "topk_mass":
+    if kind == "sed" and fields.get("mask", "topk_mass") == "topk_mass":
         # tau at the 0.3 quantile of the reference top-k mass (paper: r = 0.7 left unpenalized).
         masses = torch.softmax(full.detach(), -1).topk(top_k, -1).values.sum(-1)[target != IGNORE_INDEX]
         tau = min(1.0, float(torch.quantile(masses, 0.3)))
-    cfg = LossConfig(kind=kind, top_k=top_k, tau=tau, lam=1.0, mask=mask)
-    ref_loss, ref_stats = reference_loss(full, target, kind, top_k=top_k, tau=tau, mask=mask)
+    cfg = LossConfig(kind=kind, top_k=top_k, tau=tau, lam=1.0, **fields)
+    ref_loss, ref_stats = reference_loss(full, target, kind, top_k=top_k, tau=tau, lam=1.0, **fields)
     return cfg, full, ref_loss, ref_stats
 
 
@@ -64,10 +72,10 @@ def clear_of_tau(ref_stats, cfg):
     return (ref_stats["topk_mass"] - cfg.tau).abs() > NEAR_TAU
 
 
-def check_case(vocab_size, dtype, top_k, kind, mask, tp_group, rank, world_size, seed, padding=0):
+def check_case(vocab_size, dtype, top_k, variant, tp_group, rank, world_size, seed, padding=0):
     """padding > 0: the logits carry that many extra ids (embedding rows added for TP)."""
     logits, target, weights = make_inputs(vocab_size, dtype, seed)
-    cfg, full, ref_loss, ref_stats = reference_and_config(logits, target, kind, mask, top_k)
+    cfg, full, ref_loss, ref_stats = reference_and_config(logits, target, variant, top_k)
     (ref_loss * weights).sum().backward()
     if padding:
         junk = torch.randn(*logits.shape[:-1], padding, generator=torch.Generator().manual_seed(seed)) * 10
@@ -80,10 +88,11 @@ def check_case(vocab_size, dtype, top_k, kind, mask, tp_group, rank, world_size,
     loss, stats = sft_token_loss(shard, target, cfg, tp_group, with_entropy=with_entropy,
                                  vocab_size=vocab_size if padding else None)
     (loss * weights.float()).sum().backward()
-    assert ("entropy" in stats) == with_entropy
+    # The standard stats, the entropy when asked for, and the kind's own reports (SED: penalty).
+    assert set(stats) == (set(ref_stats) if with_entropy else set(ref_stats) - {"entropy"}), set(stats)
 
     clear = clear_of_tau(ref_stats, cfg)
-    where = f"V={vocab_size} {dtype} k={top_k} {kind}/{mask} rank {rank}/{world_size}"
+    where = f"V={vocab_size} {dtype} k={top_k} {variant} rank {rank}/{world_size}"
     assert loss.dtype == torch.float32 and loss.shape == target.shape, where
     torch.testing.assert_close(loss.double()[clear], ref_loss.detach()[clear], atol=2e-5, rtol=1e-5, msg=where)
     for name, ref_value in ref_stats.items():
@@ -112,7 +121,7 @@ def check_case(vocab_size, dtype, top_k, kind, mask, tp_group, rank, world_size,
 
 
 def all_cases():
-    return list(itertools.product(VOCAB_SIZES, DTYPES, TOP_KS, KINDS))
+    return list(itertools.product(VOCAB_SIZES, DTYPES, TOP_KS, VARIANTS))
 
 
 # (vocab, padding): at TP=4 the 12-id logits have 3-id shards, so the last shard is all
@@ -126,22 +135,21 @@ def check_all_cases(world_size):
 
     tp_group = parallel_state.get_tensor_model_parallel_group() if world_size > 1 else None
     rank = dist.get_rank(group=tp_group) if tp_group is not None else 0
-    for seed, (vocab_size, dtype, top_k, (kind, mask)) in enumerate(all_cases()):
-        check_case(vocab_size, dtype, top_k, kind, mask, tp_group, rank, world_size, seed)
-    for seed, ((vocab_size, padding), (kind, mask)) in enumerate(itertools.product(PADDED, KINDS)):
-        check_case(vocab_size, torch.float32, 2, kind, mask, tp_group, rank, world_size, seed, padding)
+    for seed, (vocab_size, dtype, top_k, variant) in enumerate(all_cases()):
+        check_case(vocab_size, dtype, top_k, variant, tp_group, rank, world_size, seed)
+    for seed, ((vocab_size, padding), variant) in enumerate(itertools.product(PADDED, VARIANTS)):
+        check_case(vocab_size, torch.float32, 2, variant, tp_group, rank, world_size, seed, padding)
 
 
-@pytest.mark.parametrize("vocab_size,dtype,top_k,kind_mask", all_cases())
-def test_single_process_matches_reference(vocab_size, dtype, top_k, kind_mask):
-    kind, mask = kind_mask
-    check_case(vocab_size, dtype, top_k, kind, mask, None, 0, 1, seed=all_cases().index((vocab_size, dtype, top_k, kind_mask)))
+@pytest.mark.parametrize("vocab_size,dtype,top_k,variant", all_cases())
+def test_single_process_matches_reference(vocab_size, dtype, top_k, variant):
+    check_case(vocab_size, dtype, top_k, variant, None, 0, 1, seed=all_cases().index((vocab_size, dtype, top_k, variant)))
 
 
-@pytest.mark.parametrize("vocab_padding,kind_mask", list(itertools.product(PADDED, KINDS)))
-def test_single_process_padding_ids_are_not_tokens(vocab_padding, kind_mask):
-    (vocab_size, padding), (kind, mask) = vocab_padding, kind_mask
-    check_case(vocab_size, torch.float32, 2, kind, mask, None, 0, 1, seed=5, padding=padding)
+@pytest.mark.parametrize("vocab_padding,variant", list(itertools.product(PADDED, VARIANTS)))
+def test_single_process_padding_ids_are_not_tokens(vocab_padding, variant):
+    vocab_size, padding = vocab_padding
+    check_case(vocab_size, torch.float32, 2, variant, None, 0, 1, seed=5, padding=padding)
 
 
 @pytest.mark.parametrize("tp", [2, 4])

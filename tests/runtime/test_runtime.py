@@ -144,8 +144,10 @@ def test_hook_signature_check():
         pass
 
     check_signature(training_log, ("loss_dict", "total_loss_dict"), "the metrics hook")
-    with pytest.raises(MegatronVersionError, match=r"does not start with \(loss_dict, iteration\), which the metrics"):
+    with pytest.raises(MegatronVersionError, match=r"does not take \(loss_dict, iteration\), which the metrics"):
         check_signature(training_log, ("loss_dict", "iteration"), "the metrics hook")
+    with pytest.raises(MegatronVersionError, match=r"does not take \(loss_dict, is_first_iteration=\)"):
+        check_signature(training_log, ("loss_dict",), "the metrics hook", keywords=("is_first_iteration",))
 
 
 def test_hooks_match_the_installed_megatron():
@@ -154,7 +156,7 @@ def test_hooks_match_the_installed_megatron():
     from sed_megatron.training.hooks import TRAIN_PARAMS, TRAINING_LOG_PARAMS
 
     check_signature(loop.train, TRAIN_PARAMS, "train")
-    check_signature(loop.training_log, TRAINING_LOG_PARAMS, "training_log")
+    check_signature(loop.training_log, TRAINING_LOG_PARAMS, "training_log", keywords=("is_first_iteration",))
 
 
 GPU_WITHOUT_KERNELS = """

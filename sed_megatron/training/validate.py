@@ -1,0 +1,148 @@
+"""Start-up checks of a training run, in one place, before Megatron starts.
+
+Every failure is one line that names the setting as the user wrote it: the flag, and the YAML
+key (or the checkpoint's model file) it came from. The run then exits 2 before any process
+group, model or file exists. Megatron-LM asserts many of these itself, later, as a bare
+`AssertionError` behind a torchrun traceback.
+"""
+
+import os
+from dataclasses import dataclass
+
+from megatron.training.checkpointing import get_checkpoint_tracker_filename
+
+
+class StartupError(ValueError):
+    """A run that cannot work as configured; the message is one line."""
+
+
+@dataclass
+class Settings:
+    """The parsed flags with the names the user knows them by."""
+
+    args: object
+    """The argparse namespace (before Megatron's validation)."""
+    options: dict
+    """{dest: long option}."""
+    sources: dict
+    """{dest: "file: section.key"} for settings that came from a YAML or a model file."""
+
+    def name(self, dest, value=True):
+        """'--flag VALUE (file: section.key)': the setting as the user wrote it."""
+        option = self.options.get(dest, f"--{dest.replace('_', '-')}")
+        current = getattr(self.args, dest)
+        if value and current is not None and not isinstance(current, bool):
+            option += f" {current}"
+        return f"{option} ({self.sources[dest]})" if dest in self.sources else option
+
+    def __getattr__(self, dest):
+        return getattr(self.args, dest)
+
+
+def _divisors(n):
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def check_required(s: Settings):
+    for dest in ("micro_batch_size", "seq_length"):
+        if getattr(s, dest) is None:
+            raise StartupError(f"{s.name(dest)} is required (set it on the command line or in the YAML)")
+    if s.train_iters is None and s.train_samples is None:
+        raise StartupError(f"{s.name('train_iters')} is required (or --train-samples)")
+
+
+def check_layout(s: Settings, world_size):
+    """TP x PP x CP must divide the processes; TP must split the heads and query groups; EP the experts."""
+    tp, pp, cp = s.tensor_model_parallel_size, s.pipeline_model_parallel_size, s.context_parallel_size
+    if world_size % (tp * pp * cp):
+        raise StartupError(f"{s.name('tensor_model_parallel_size')} x {s.name('pipeline_model_parallel_size')} "
+                           f"x {s.name('context_parallel_size')} = {tp * pp * cp} does not divide the "
+                           f"{world_size} processes (torchrun --nproc_per_node x --nnodes)")
+    if s.num_attention_heads is not None and s.num_attention_heads % tp:
+        raise StartupError(f"{s.name('num_attention_heads')} does not split over "
+                           f"{s.name('tensor_model_parallel_size')}: use a TP that divides it "
+                           f"({_divisors(s.num_attention_heads)})")
+    groups = s.num_query_groups if s.group_query_attention else None
+    if groups is not None and groups % tp:
+        raise StartupError(f"{s.name('num_query_groups')} does not split over "
+                           f"{s.name('tensor_model_parallel_size')}: use a TP that divides it ({_divisors(groups)})")
+    if s.num_layers is not None and s.num_layers % pp and s.decoder_first_pipeline_num_layers is None \
+            and s.decoder_last_pipeline_num_layers is None and s.pipeline_model_parallel_layout is None:
+        raise StartupError(f"{s.name('num_layers')} does not split evenly over "
+                           f"{s.name('pipeline_model_parallel_size')} stages")
+    ep, experts = s.expert_model_parallel_size, s.num_experts
+    if ep > 1 and not experts:
+        raise StartupError(f"{s.name('expert_model_parallel_size')} needs a model with experts (--num-experts)")
+    if experts and experts % ep:
+        raise StartupError(f"{s.name('num_experts')} does not split over "
+                           f"{s.name('expert_model_parallel_size')} ({_divisors(experts)} do)")
+    etp = s.expert_tensor_parallel_size or tp
+    if experts and (world_size // pp) % (ep * etp):
+        raise StartupError(f"{s.name('expert_model_parallel_size')} x expert TP {etp} does not divide the "
+                           f"{world_size // pp} processes of a pipeline stage")
+
+
+def check_batch(s: Settings, world_size):
+    dp = world_size // (s.tensor_model_parallel_size * s.pipeline_model_parallel_size * s.context_parallel_size)
+    if s.global_batch_size is not None and s.global_batch_size % (s.micro_batch_size * dp):
+        raise StartupError(f"{s.name('global_batch_size')} is not a multiple of "
+                           f"{s.name('micro_batch_size')} x {dp} data-parallel ranks "
+                           f"= {s.micro_batch_size * dp}")
+
+
+def check_schedule(s: Settings):
+    if s.train_iters is None or s.lr_warmup_iters in (None, 0):
+        return
+    decay = s.lr_decay_iters if s.lr_decay_iters is not None else s.train_iters
+    decay_name = s.name("lr_decay_iters") if s.lr_decay_iters is not None else s.name("train_iters")
+    if s.lr_warmup_iters >= decay:
+        raise StartupError(f"{s.name('lr_warmup_iters')} must be less than the decay "
+                           f"iterations, {decay_name}")
+
+
+def check_layer_features(s: Settings):
+    """Parallel features the chosen layer implementation lacks."""
+    if s.transformer_impl != "local":
+        return
+    for dest, feature in (("sequence_parallel", "sequence parallelism"),):
+        if getattr(s, dest):
+            raise StartupError(f"{s.name(dest)}: {feature} needs Transformer Engine layers "
+                               f"(--transformer-impl transformer_engine); the local layers lack it")
+    if s.context_parallel_size > 1:
+        raise StartupError(f"{s.name('context_parallel_size')}: context parallelism needs "
+                           f"Transformer Engine layers (--transformer-impl transformer_engine); the local layers "
+                           f"lack it")
+
+
+def has_checkpoint(directory):
+    return bool(directory) and os.path.isfile(get_checkpoint_tracker_filename(directory))
+
+
+def check_checkpoints(s: Settings):
+    """A --load without a checkpoint is a typo unless it is the auto-resume pattern --load X --save X.
+
+    Returns the notices to print (one line each) and the flags to add."""
+    notices, extra = [], []
+    if s.load and not has_checkpoint(s.load):
+        same = s.save and os.path.abspath(s.load) == os.path.abspath(s.save)
+        if s.finetune or not same:
+            why = "--finetune starts from its weights" if s.finetune else "it differs from --save"
+            raise StartupError(f"{s.name('load')}: no checkpoint there (no "
+                               f"{os.path.basename(get_checkpoint_tracker_filename(s.load))}), and {why}: "
+                               f"check the path (a random model would train otherwise)")
+        notices.append(f"no checkpoint in {s.load} yet: training starts from the initial weights and saves there")
+    if s.save and s.save_interval is None and s.train_iters is not None:
+        extra += ["--save-interval", str(s.train_iters)]
+        notices.append(f"--save {s.save} without --save-interval: saving at the end (iteration {s.train_iters})")
+    return notices, extra
+
+
+def validate_run(settings: Settings, world_size):
+    """(notices, extra flags); StartupError on the first problem."""
+    check_required(settings)
+    found = check_checkpoints(settings)  # first: a mistyped --load matters more than the rest
+    check_layout(settings, world_size)
+    check_batch(settings, world_size)
+    check_schedule(settings)
+    check_layer_features(settings)
+    return found
