@@ -14,6 +14,7 @@ import struct
 import yaml
 
 from sed_megatron.models.config import VOCAB_MULTIPLE, ModelConfig, padded_vocab_size  # noqa: F401
+from sed_megatron.utils import UsageError
 
 MODEL_FILE = "sed_megatron_model.yaml"
 
@@ -26,7 +27,7 @@ def read_model_file(checkpoint_dir):
     with open(path) as f:
         info = yaml.safe_load(f)
     if not isinstance(info, dict) or not {"model", "model_type", "padded_vocab_size"} <= set(info):
-        raise ValueError(f"{path}: not a sed_megatron model file (model, model_type, padded_vocab_size expected)")
+        raise UsageError(f"{path}: not a sed_megatron model file (model, model_type, padded_vocab_size expected)")
     return info
 
 
@@ -38,7 +39,7 @@ def model_config_from_file(checkpoint_dir, transformer_impl="local"):
         return None
     path = os.path.join(checkpoint_dir, MODEL_FILE)
     if not isinstance(info["model"], dict):
-        raise ValueError(f"{path}: model must be a mapping of Megatron-LM flags")
+        raise UsageError(f"{path}: model must be a mapping of Megatron-LM flags")
     cfg = ModelConfig.from_megatron_flags(info["model"], info["padded_vocab_size"], model_type=info["model_type"],
                                           transformer_impl=transformer_impl, where=f"{path}: model")
     return cfg, info.get("dtype", "float32")
@@ -64,19 +65,19 @@ def read_safetensors_header(path):
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             if header_len > size - 8:
-                raise ValueError("header longer than the file")
+                raise UsageError("header longer than the file")
             header = json.loads(f.read(header_len))
     except FileNotFoundError:
-        raise ValueError(f"{path}: shard listed in the index is missing") from None
+        raise UsageError(f"{path}: shard listed in the index is missing") from None
     except (OSError, struct.error, ValueError) as err:
-        raise ValueError(f"{path}: cannot read the shard (not a safetensors file: {err})") from None
+        raise UsageError(f"{path}: cannot read the shard (not a safetensors file: {err})") from None
     header.pop("__metadata__", None)
     data_start = 8 + header_len
     for name, entry in header.items():
         if entry.get("dtype") not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: {name} has an unsupported dtype {entry.get('dtype')!r}")
+            raise UsageError(f"{path}: {name} has an unsupported dtype {entry.get('dtype')!r}")
         if data_start + entry["data_offsets"][1] > size:
-            raise ValueError(f"{path}: the file is truncated ({name} lies past its end)")
+            raise UsageError(f"{path}: the file is truncated ({name} lies past its end)")
     return data_start, header
 
 
@@ -98,7 +99,7 @@ class HFTensors:
         elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
             where = None
         else:
-            raise ValueError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+            raise UsageError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
         self._entries = {}  # name -> (path, offset of the data, header entry)
         for shard in sorted(set(where.values())) if where else ["model.safetensors"]:
             path = os.path.join(hf_dir, shard)
@@ -108,7 +109,7 @@ class HFTensors:
                     self._entries[name] = (path, data_start, entry)
         for name, shard in (where or {}).items():
             if name not in self._entries:
-                raise ValueError(f"{os.path.join(hf_dir, shard)}: the index places {name} here, but the shard lacks it")
+                raise UsageError(f"{os.path.join(hf_dir, shard)}: the index places {name} here, but the shard lacks it")
 
     def __contains__(self, name):
         return name in self._entries
@@ -118,7 +119,7 @@ class HFTensors:
 
     def _entry(self, name):
         if name not in self._entries:
-            raise ValueError(f"{self.hf_dir}: tensor {name} is missing from the checkpoint")
+            raise UsageError(f"{self.hf_dir}: tensor {name} is missing from the checkpoint")
         return self._entries[name]
 
     def meta(self, name):
@@ -138,7 +139,7 @@ class HFTensors:
         with open(path, "rb") as f:
             f.seek(data_start + begin)
             if f.readinto(buffer) != len(buffer):
-                raise ValueError(f"{path}: cannot read {name} (the file is truncated)")
+                raise UsageError(f"{path}: cannot read {name} (the file is truncated)")
         if not buffer:
             return torch.empty(entry["shape"], dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
@@ -154,7 +155,7 @@ def single_process_env():
             port = sock.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     elif os.environ.get("WORLD_SIZE", "1") != "1":
-        raise ValueError("run the converter as a single process (no torchrun with several processes)")
+        raise UsageError("run the converter as a single process (no torchrun with several processes)")
 
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -164,7 +165,7 @@ def checkpoint_iteration_dir(load):
     """The directory of the iteration Megatron's tracker file in `load` points to (torch_dist)."""
     tracker = os.path.join(load, TRACKER_FILE)
     if not os.path.exists(tracker):
-        raise ValueError(f"{tracker}: missing (not a Megatron checkpoint directory)")
+        raise UsageError(f"{tracker}: missing (not a Megatron checkpoint directory)")
     with open(tracker) as f:
         text = f.read().strip()
     if text == "release":
@@ -172,7 +173,7 @@ def checkpoint_iteration_dir(load):
     try:
         return os.path.join(load, f"iter_{int(text):07d}")
     except ValueError:
-        raise ValueError(f"{tracker}: {text!r} is neither an iteration nor 'release'") from None
+        raise UsageError(f"{tracker}: {text!r} is neither an iteration nor 'release'") from None
 
 
 @contextlib.contextmanager
@@ -185,7 +186,7 @@ def single_process_model_parallel():
     from megatron.core import parallel_state
 
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-        raise ValueError("run the converter as a single process (no torchrun with several processes)")
+        raise UsageError("run the converter as a single process (no torchrun with several processes)")
     created = not dist.is_initialized()
     if created:
         with socket.socket() as sock:
@@ -203,7 +204,7 @@ def single_process_model_parallel():
 
 def check_output_dir(path, overwrite):
     if os.path.exists(path) and os.listdir(path) and not overwrite:
-        raise ValueError(f"{path}: output directory is not empty (use --overwrite)")
+        raise UsageError(f"{path}: output directory is not empty (use --overwrite)")
 
 
 @contextlib.contextmanager

@@ -15,6 +15,8 @@ import functools
 import os
 from dataclasses import dataclass
 
+from sed_megatron.utils import UsageError
+
 from .checkpoint import MODEL_FILE, model_config_from_file
 
 
@@ -43,21 +45,21 @@ def compare_hf_mcore(hf_dir, load, tp=1, pp=1, ep=1, atol=None, batch_size=2, se
     of a world of tp * pp * ep processes (torchrun). ValueError with one line on bad input."""
     loaded = model_config_from_file(load)
     if loaded is None:
-        raise ValueError(f"{load}: no {MODEL_FILE} (convert with tools/convert_hf_to_mcore.py)")
+        raise UsageError(f"{load}: no {MODEL_FILE} (convert with tools/convert_hf_to_mcore.py)")
     model_cfg, dtype_name = loaded
     for name, value in (("tp", tp), ("pp", pp), ("ep", ep), ("batch_size", batch_size), ("seq_length", seq_length)):
         if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected at least 1, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')}: expected at least 1, got {value}")
     if ep > 1 and model_cfg.num_experts is None:
-        raise ValueError(f"--ep {ep}: {os.path.join(load, MODEL_FILE)} describes a dense model (no num_experts)")
+        raise UsageError(f"--ep {ep}: {os.path.join(load, MODEL_FILE)} describes a dense model (no num_experts)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     processes = tp * pp * ep
     if world_size != processes:
         layout = f"--tp {tp}" + (f" --pp {pp}" if pp > 1 else "") + (f" --ep {ep}" if ep > 1 else "")
-        raise ValueError(f"{layout} needs {processes} processes (torchrun --nproc_per_node {processes}), "
+        raise UsageError(f"{layout} needs {processes} processes (torchrun --nproc_per_node {processes}), "
                          f"got {world_size}")
     if seq_length > model_cfg.max_position_embeddings:
-        raise ValueError(f"--seq-length {seq_length} exceeds max_position_embeddings "
+        raise UsageError(f"--seq-length {seq_length} exceeds max_position_embeddings "
                          f"{model_cfg.max_position_embeddings}")
     precision = {"bfloat16": ["--bf16"], "float16": ["--fp16"]}.get(dtype_name, [])
     atol = default_atol(dtype_name) if atol is None else atol
@@ -74,7 +76,7 @@ def compare_hf_mcore(hf_dir, load, tp=1, pp=1, ep=1, atol=None, batch_size=2, se
          "--expert-model-parallel-size", str(ep), "--micro-batch-size", str(batch_size),
          "--global-batch-size", str(batch_size * world_size // (tp * pp)), "--seq-length", str(seq_length),
          "--train-iters", "1", "--finetune", "--no-load-optim", "--no-load-rng", *precision],
-        runtime, need_loss_config=False)
+        runtime, need_loss_config=False, prog="compare_hf_mcore.py")
     from megatron.core import parallel_state
     from megatron.core.enums import ModelType
     from megatron.core.pipeline_parallel import get_forward_backward_func

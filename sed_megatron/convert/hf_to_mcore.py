@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 
 from sed_megatron.models import ModelConfig, family_for
+from sed_megatron.utils import UsageError
 
 from .checkpoint import HFTensors, check_output_dir, single_process_env, staged_output, write_model_file
 
@@ -54,10 +55,10 @@ def check_every_tensor_maps(hf_dir, model_cfg, tensors):
     used = {name for row in family_for(model_cfg.model_type).rows(model_cfg) for name in row.hf}
     missing = sorted(used - set(tensors))
     if missing:
-        raise ValueError(f"{hf_dir}: tensor {missing[0]} (and {len(missing) - 1} more) is missing from the checkpoint")
+        raise UsageError(f"{hf_dir}: tensor {missing[0]} (and {len(missing) - 1} more) is missing from the checkpoint")
     unused = sorted(set(tensors) - used - set(ignored_hf_tensors(model_cfg, tensors)))
     if unused:
-        raise ValueError(f"{hf_dir}: tensor {unused[0]} (and {len(unused) - 1} more) has no place in the "
+        raise UsageError(f"{hf_dir}: tensor {unused[0]} (and {len(unused) - 1} more) has no place in the "
                          f"{model_cfg.model_type} name map")
 
 
@@ -67,11 +68,11 @@ def read_hf_config(hf_dir):
 
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
-        raise ValueError(f"{hf_dir}: no config.json")
+        raise UsageError(f"{hf_dir}: no config.json")
     try:
         return AutoConfig.from_pretrained(hf_dir)
     except (ValueError, KeyError, OSError) as err:  # an unknown model_type is a ValueError in transformers
-        raise ValueError(f"{path}: {err}".splitlines()[0]) from None
+        raise UsageError(f"{path}: {err}".splitlines()[0]) from None
 
 
 def model_config_from_hf_dir(hf_dir):
@@ -80,7 +81,7 @@ def model_config_from_hf_dir(hf_dir):
     try:
         return hf_config, family_for(hf_config.model_type).config_from_hf(hf_config)
     except ValueError as err:
-        raise ValueError(f"{os.path.join(hf_dir, 'config.json')}: {err}") from None
+        raise UsageError(f"{os.path.join(hf_dir, 'config.json')}: {err}") from None
 
 
 def check_tokenizer_fits(hf_dir, vocab_size):
@@ -91,13 +92,13 @@ def check_tokenizer_fits(hf_dir, vocab_size):
 
     size = len(AutoTokenizer.from_pretrained(hf_dir))
     if size > vocab_size:
-        raise ValueError(f"{hf_dir}/config.json: vocab_size {vocab_size} is smaller than the tokenizer's {size} tokens")
+        raise UsageError(f"{hf_dir}/config.json: vocab_size {vocab_size} is smaller than the tokenizer's {size} tokens")
 
 
 def resolve_dtype(dtype, hf_config):
     """The torch dtype name to convert to: `dtype`, or the Hugging Face config's for "auto"."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise UsageError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if dtype != "auto":
         return dtype
     name = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32")
@@ -149,7 +150,8 @@ def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=Tr
 
     torch_dtype = getattr(torch, dtype_name)
     with staged_output(save) as tmp_dir:  # nothing at `save` unless everything succeeds
-        args, _ = parse_run_args(megatron_argv(model_cfg, tmp_dir, dtype_name), runtime, need_loss_config=False)
+        args, _ = parse_run_args(megatron_argv(model_cfg, tmp_dir, dtype_name), runtime, need_loss_config=False,
+                                 prog="convert_hf_to_mcore.py")
         initialize_megatron(allow_no_cuda=runtime.on_cpu)
         args.padded_vocab_size = model_cfg.padded_vocab_size  # saved with the checkpoint's args
         model_cfg = model_cfg.replace(transformer_impl=args.transformer_impl)  # TE names where TE builds the layers
@@ -160,14 +162,14 @@ def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=Tr
         rows = {row.megatron: row for row in family_for(model_cfg.model_type).rows(model_cfg)}
         for name, row in rows.items():  # every shape checked before anything is written
             if name not in expected:
-                raise ValueError(f"converted tensor {name} has no place in the Megatron model")
+                raise UsageError(f"converted tensor {name} has no place in the Megatron model")
             shape = tuple(row.mapping.to_megatron(model_cfg, *(tensors.meta(n) for n in row.hf)).shape)
             if shape != tuple(expected[name].data.shape):
-                raise ValueError(f"shape mismatch: {name} is {shape} from {hf_dir}, the model expects "
+                raise UsageError(f"shape mismatch: {name} is {shape} from {hf_dir}, the model expects "
                                  f"{tuple(expected[name].data.shape)} (config.json disagrees with the weights)")
         absent = sorted(set(expected) - set(rows))
         if absent:
-            raise ValueError(f"no Hugging Face tensor for {absent[0]} (and {len(absent) - 1} more)")
+            raise UsageError(f"no Hugging Face tensor for {absent[0]} (and {len(absent) - 1} more)")
 
         sources = chunk_sources(sharded)
         bar = tqdm(total=len(sources), desc="convert", unit=" chunks", disable=not progress)

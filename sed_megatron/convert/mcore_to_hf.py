@@ -20,6 +20,7 @@ import shutil
 
 from sed_megatron.models import build_gpt_model, family_for
 from sed_megatron.models.mapping import megatron_to_hf
+from sed_megatron.utils import UsageError
 
 from .checkpoint import (
     MODEL_FILE, check_output_dir, checkpoint_iteration_dir, model_config_from_file, single_process_model_parallel,
@@ -98,17 +99,17 @@ def convert_mcore_to_hf(load, save, hf_template=None, dtype="auto", max_shard_si
     # The stored keys are the same for Transformer Engine and local layers: read through the local model.
     loaded = model_config_from_file(load, transformer_impl="local")
     if loaded is None:
-        raise ValueError(f"{load}: no {MODEL_FILE} (a checkpoint converted with tools/convert_hf_to_mcore.py, "
+        raise UsageError(f"{load}: no {MODEL_FILE} (a checkpoint converted with tools/convert_hf_to_mcore.py, "
                          f"or trained from one)")
     model_cfg, stored_dtype = loaded
     family = family_for(model_cfg.model_type)
     check_output_dir(save, overwrite)
     if hf_template and not os.path.exists(os.path.join(hf_template, "config.json")):
-        raise ValueError(f"{hf_template}: no config.json (--hf-template must be a Hugging Face model directory)")
+        raise UsageError(f"{hf_template}: no config.json (--hf-template must be a Hugging Face model directory)")
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise UsageError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if max_shard_size_mb < 1:
-        raise ValueError(f"max_shard_size_mb: expected at least 1, got {max_shard_size_mb}")
+        raise UsageError(f"max_shard_size_mb: expected at least 1, got {max_shard_size_mb}")
     dtype_name = stored_dtype if dtype == "auto" else dtype
     checkpoint_dir = checkpoint_iteration_dir(load)
     hf_config = family.hf_config(model_cfg, dtype=dtype_name)
@@ -129,7 +130,7 @@ def convert_mcore_to_hf(load, save, hf_template=None, dtype="auto", max_shard_si
             done.update(tensors)
         missing = [row.megatron for row in rows if row.megatron not in done]
         if missing:
-            raise ValueError(f"{checkpoint_dir}: no {missing[0]} in the checkpoint (and {len(missing) - 1} more)")
+            raise UsageError(f"{checkpoint_dir}: no {missing[0]} in the checkpoint (and {len(missing) - 1} more)")
         count = writer.close()
         write_config(tmp_dir, hf_config, hf_template)
     return Converted(save, model_cfg, dtype_name, count)
