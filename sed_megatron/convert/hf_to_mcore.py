@@ -12,7 +12,7 @@ rows are zero. The family (name map, layers) follows the config's model_type.
 Bad input (an unsupported model_type, a missing or corrupt shard, a shape mismatch, a
 non-empty output directory) is a ValueError with one line naming the file, and nothing is
 left at `save`. The process becomes a one-process torch.distributed world with Megatron's
-global state initialized: call it once per process (tests: sed_megatron.testing.isolated).
+global state initialized: call it once per process (sed_megatron.launch.run_isolated).
 """
 
 import argparse
