@@ -89,6 +89,8 @@ def main():
     parser.add_argument("--sft-iters", type=int, default=200)
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--eval-prompts", type=int, default=40)
+    parser.add_argument("--check-readme", action="store_true",
+                        help="exit 1 unless the table matches the README's (within README_TOLERANCE)")
     options = parser.parse_args()
     workdir = os.path.abspath(options.workdir)
     if os.path.exists(workdir) and os.listdir(workdir):
@@ -139,15 +141,41 @@ def main():
                   os.path.join(workdir, "curves.png"))
 
     k = results["ce"]["k"]
+    rows = {name.upper(): [results[name][m] for m in ("self_bleu", "distinct_2", "pass_at_1", "pass_at_k", "final_ce")]
+            for name in ("ce", "sed")}
     print(f"\nquickstart: {options.eval_prompts} held-out prompts x {options.num_samples} samples, "
           f"temperature 1.0, tau = {tau:.4f}, {time.time() - started:.0f} s")
     print(f"| loss | Self-BLEU (lower = more diverse) | distinct-2 | pass@1 | pass@{k} | final train CE |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name in ("ce", "sed"):
-        r = results[name]
-        print(f"| {name.upper()} | {r['self_bleu']:.3f} | {r['distinct_2']:.3f} | {r['pass_at_1']:.3f} | "
-              f"{r['pass_at_k']:.3f} | {r['final_ce']:.3f} |")
+    for name, values in rows.items():
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     print(f"curves: {os.path.join(workdir, 'curves.png')}")
+    if options.check_readme:
+        check_readme(tau, rows)
+
+
+README_TOLERANCE = {"tau": 0.002, "metric": 0.03}
+"""How far a run under requirements/lock.txt may be from the README's table: reruns here are
+bit-identical; another CPU may round its BLAS sums differently, which moves sampling a little."""
+
+
+def check_readme(tau, rows):
+    """Exit 1 with one line unless the README's quickstart table is this run's, within README_TOLERANCE."""
+    import re
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    readme_tau = float(re.search(r"quickstart: .*tau = ([\d.]+)", text).group(1))
+    if abs(readme_tau - tau) > README_TOLERANCE["tau"]:
+        sys.exit(f"quickstart: tau {tau:.4f} differs from the README's {readme_tau:.4f} by more than "
+                 f"{README_TOLERANCE['tau']}")
+    for name, values in rows.items():
+        readme = [float(v) for v in re.search(rf"^\| {name} \| (.*) \|$", text, re.M).group(1).split(" | ")]
+        for column, (got, want) in enumerate(zip(values, readme, strict=True)):
+            if abs(got - want) > README_TOLERANCE["metric"]:
+                sys.exit(f"quickstart: {name} column {column + 1} is {got:.3f}, the README says {want:.3f} "
+                         f"(tolerance {README_TOLERANCE['metric']})")
+    print(f"quickstart: the table matches the README's (tolerance {README_TOLERANCE})")
 
 
 if __name__ == "__main__":
