@@ -197,6 +197,9 @@ def main():
 
 if __name__ == "__main__":
     from sed_megatron.launch import IsolatedError, StepFailed
+    from sed_megatron.runtime import quiet_known_notices
+
+    quiet_known_notices()  # Megatron's import-time notices about optional kernels
 
     try:
         sys.exit(main())

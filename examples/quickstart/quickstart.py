@@ -180,6 +180,9 @@ def check_readme(tau, rows):
 
 if __name__ == "__main__":
     from sed_megatron.launch import IsolatedError, StepFailed
+    from sed_megatron.runtime import quiet_known_notices
+
+    quiet_known_notices()  # Megatron's import-time notices about optional kernels
 
     try:
         main()

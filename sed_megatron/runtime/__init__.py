@@ -17,7 +17,7 @@ from .mcore import MegatronVersionError, check_signature, check_version, prepare
 __all__ = [
     "DEVICE_ENV", "DeviceError", "MegatronVersionError", "Runtime", "apply_cpu_runtime",
     "apply_cpu_training_runtime", "check_signature", "check_version", "cpu_runtime_applied", "prepare",
-    "missing_kernel_flags", "prepare_megatron",
+    "missing_kernel_flags", "prepare_megatron", "quiet_known_notices",
     "select_device", "transformer_engine_available",
 ]
 

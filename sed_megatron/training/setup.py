@@ -30,6 +30,13 @@ def _escape_bare_percent(parser):
                 action.help = action.help.replace("%", "%%")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's errors as one line: no usage block (Megatron's parser has ~900 flags)."""
+
+    def error(self, message):
+        _fail(message, self.prog)
+
+
 def print_help_if_asked(argv, prog, description=None, extra_args_provider=None):
     """-h/--help: the tool's own options, then SED-SFT's, on one screen (Megatron-LM's ~900 flags
     are behind --help-megatron); exit 0. Entry points call it before anything else."""
@@ -76,7 +83,7 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
         return add_sed_arguments(parser)
 
     print_help_if_asked(argv, prog, description, extra_args_provider)
-    parser = add_arguments(add_megatron_arguments(argparse.ArgumentParser(prog=prog, allow_abbrev=False)))
+    parser = add_arguments(add_megatron_arguments(OneLineErrorParser(prog=prog, allow_abbrev=False)))
     _escape_bare_percent(parser)
     if "--help-megatron" in argv:
         parser.print_help()
