@@ -33,8 +33,8 @@ def build_parser():
 
 def main(argv=None):
     options = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from sed_megatron.utils import fail
     from sed_megatron.convert.compare import compare_hf_mcore
+    from sed_megatron.utils import fail
 
     tp = options.tp
     if tp is None:

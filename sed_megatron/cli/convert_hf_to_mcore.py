@@ -29,8 +29,8 @@ def build_parser():
 
 def main(argv=None):
     options = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from sed_megatron.utils import fail
     from sed_megatron.convert.hf_to_mcore import convert_hf_to_mcore
+    from sed_megatron.utils import fail
 
     try:
         done = convert_hf_to_mcore(options.hf_dir, options.save, dtype=options.dtype, overwrite=options.overwrite)

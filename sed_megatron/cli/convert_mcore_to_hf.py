@@ -31,8 +31,8 @@ def build_parser():
 
 def main(argv=None):
     options = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from sed_megatron.utils import fail
     from sed_megatron.convert.mcore_to_hf import convert_mcore_to_hf
+    from sed_megatron.utils import fail
 
     try:
         done = convert_mcore_to_hf(options.load, options.save, hf_template=options.hf_template, dtype=options.dtype,

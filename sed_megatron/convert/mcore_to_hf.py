@@ -23,7 +23,11 @@ from sed_megatron.models.mapping import megatron_to_hf
 from sed_megatron.utils import UsageError
 
 from .checkpoint import (
-    MODEL_FILE, check_output_dir, checkpoint_iteration_dir, model_config_from_file, single_process_model_parallel,
+    MODEL_FILE,
+    check_output_dir,
+    checkpoint_iteration_dir,
+    model_config_from_file,
+    single_process_model_parallel,
     staged_output,
 )
 from .hf_to_mcore import DTYPES, Converted

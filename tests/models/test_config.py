@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import yaml
 
-from sed_megatron.models import ModelConfig, family_for
 from sed_megatron.launch import run_isolated
+from sed_megatron.models import ModelConfig, family_for
 from sed_megatron.testing.tiny_hf import TINY_VARIANTS, tiny_hf_config
 
 BASE = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
