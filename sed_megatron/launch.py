@@ -100,3 +100,31 @@ def torchrun(module, argv, nproc=1, log=None, timeout=None, env=None):
             with open(log) as f:
                 tail = ":\n" + f.read()[-3000:]
         raise StepFailed(f"{module} exited with {returncode} (log {log}){tail}")
+
+
+def spawn_workers(module, argv, nproc):
+    """Run `python -m module argv` as nproc ranks of one torch.distributed world (RANK, WORLD_SIZE,
+    MASTER_ADDR, ... set as torchrun would), their output passed through; the first non-zero exit
+    code (the rest are stopped), else 0. A tool started without torchrun launches itself this way."""
+    port = str(free_port())
+    procs = []
+    for rank in range(nproc):
+        env = {**os.environ, **_ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *map(str, argv)], env=env))
+    code = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+            if failed:
+                code = failed[0]
+                break
+            time.sleep(0.1)
+        else:
+            code = next((p.returncode for p in procs if p.returncode != 0), 0)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    return code

@@ -21,9 +21,10 @@ import os
 from dataclasses import dataclass
 
 from sed_megatron.models import ModelConfig, family_for
+from sed_megatron.models.model_file import write_model_file
 from sed_megatron.utils import UsageError
 
-from .checkpoint import HFTensors, check_output_dir, single_process_env, staged_output, write_model_file
+from .checkpoint import HFTensors, check_output_dir, single_process_env, staged_output
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
