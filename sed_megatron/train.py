@@ -1,6 +1,7 @@
 """SFT with SED-SFT, CE, DFT or GEM on Megatron-LM's training loop, at any TP x PP x DP.
 
     torchrun --nproc_per_node 2 -m sed_megatron.train --config examples/tiny_cpu.yaml [--flag value ...]
+    python -m sed_megatron.train --config examples/tiny_cpu.yaml     # starts its TP x PP x CP ranks itself
 
 Flags on the command line win over the YAML; every Megatron-LM flag works (parallelism,
 distributed optimizer, precision, checkpoints, logging). On GPUs nothing is changed (NCCL,
@@ -89,6 +90,18 @@ def main(argv=None):
         runtime = prepare(training=True, verbose="--verbose" in argv)
     except (DeviceError, MegatronVersionError) as err:
         fail(str(err), PROG)
+    if "RANK" not in os.environ:  # not under torchrun: one model replica's processes, started here
+        from sed_megatron.training.setup import parse_flags
+
+        flags = parse_flags(argv, runtime)
+        nproc = flags.tensor_model_parallel_size * flags.pipeline_model_parallel_size * flags.context_parallel_size
+        if nproc > 1:
+            from sed_megatron.launch import spawn_workers
+
+            return spawn_workers("sed_megatron.train", argv, nproc)
+        from sed_megatron.convert.checkpoint import single_process_env
+
+        single_process_env()
     args, loss_cfg = parse_run_args(argv, runtime, description=__doc__)
 
     from megatron.core.dist_checkpointing.core import CheckpointingException
@@ -138,4 +151,4 @@ def _latest(save_dir):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -189,6 +189,10 @@ def cases():
              output="{tmp}/out"),
         Case("gguf", "not a GGUF file", ["--gguf", "{tmp}/fake.gguf", "--save", "{tmp}/out"], r"fake\.gguf",
              output="{tmp}/out", files={"fake.gguf": "not a gguf file at all"}),
+        Case("eval", "--hf-dir is not a model directory", ["--hf-dir", "{tmp}/nothing", "--prompts", "{tmp}/p.jsonl",
+                                                           "--out", "{tmp}/r.json"],
+             r"--hf-dir .*nothing: no config\.json", output="{tmp}/r.json",
+             files={"p.jsonl": json.dumps({"prompt": "hi"}) + "\n"}),
         Case("eval", "prompts file missing", ["--hf-dir", "{hf}", "--prompts", "{tmp}/none.jsonl", "--out",
                                               "{tmp}/r.json"], r"none\.jsonl", output="{tmp}/r.json"),
         Case("eval", "--k above --num-samples", ["--hf-dir", "{hf}", "--prompts", "{tmp}/p.jsonl", "--num-samples",
@@ -272,8 +276,9 @@ def run_case(case, scratch, fixtures):
     values = {**fixtures, "tmp": scratch}
     argv = [_fill(a, values) for a in case.argv]
     module = importlib.import_module(ENTRY[case.entry][0])
-    saved_env = {k: os.environ.get(k) for k in case.env}
-    os.environ.update(case.env)
+    env = {"RANK": "0", "WORLD_SIZE": "1", **case.env}  # as under torchrun: no self-started ranks
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     stderr, stdout = io.StringIO(), io.StringIO()
     code = 0
     try:

@@ -63,8 +63,12 @@ def read_prompts(path, prompt_key, answer_key, limit=None):
 
 def evaluate_checkpoint(cfg: EvalConfig):
     """The result: means of every metric, the settings, and per prompt its samples and scores."""
+    import os
+
     from transformers import AutoTokenizer
 
+    if not os.path.exists(os.path.join(cfg.hf_dir, "config.json")):
+        raise ValueError(f"--hf-dir {cfg.hf_dir}: no config.json (a Hugging Face model directory)")
     prompts, answers = read_prompts(cfg.prompts, cfg.prompt_key, cfg.answer_key, cfg.limit)
     tokenizer = AutoTokenizer.from_pretrained(cfg.hf_dir)
     texts = [render(tokenizer, p, cfg.use_chat_template) for p in prompts]
