@@ -255,6 +255,11 @@ def model_config_from_args(args):
         num_experts=args.num_experts,
         moe_ffn_hidden_size=args.moe_ffn_hidden_size if args.num_experts else None,
         moe_router_topk=args.moe_router_topk,
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        # one coefficient (Megatron also takes one per load-balancing type: its own business)
+        moe_aux_loss_coeff=0.0 if not args.num_experts or isinstance(args.moe_aux_loss_coeff, list)
+        else float(args.moe_aux_loss_coeff),
+        moe_grouped_gemm=args.moe_grouped_gemm,
         model_type=None if info is None else info["model_type"],
         transformer_impl=args.transformer_impl,
     )
