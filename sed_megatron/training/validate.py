@@ -114,6 +114,27 @@ def check_layer_features(s: Settings):
                            f"lack it")
 
 
+def check_moe(s: Settings):
+    """What MoE layers need beyond the layout (expert TP, the layer implementation); returns notices."""
+    if not s.num_experts:
+        return []
+    etp = s.expert_tensor_parallel_size or s.tensor_model_parallel_size
+    etp_name = (s.name("expert_tensor_parallel_size") if s.expert_tensor_parallel_size
+                else f"expert TP = {s.name('tensor_model_parallel_size')}")
+    ffn, ffn_dest = ((s.moe_ffn_hidden_size, "moe_ffn_hidden_size") if s.moe_ffn_hidden_size
+                     else (s.ffn_hidden_size, "ffn_hidden_size"))
+    if ffn is not None and ffn % etp:
+        raise StartupError(f"{s.name(ffn_dest)} (each expert's MLP) does not split over {etp_name}: use an "
+                           f"--expert-tensor-parallel-size that divides it ({_divisors(ffn)})")
+    if s.moe_grouped_gemm and s.transformer_impl == "local":
+        raise StartupError(f"{s.name('moe_grouped_gemm')}: grouped GEMM experts need Transformer Engine layers "
+                           f"(--transformer-impl transformer_engine); the local layers run one MLP per expert")
+    if s.moe_expert_capacity_factor is not None:
+        return [f"{s.name('moe_expert_capacity_factor')}: experts drop the tokens beyond their capacity "
+                f"(a Hugging Face model drops none)"]
+    return []
+
+
 def has_checkpoint(directory):
     return bool(directory) and os.path.isfile(get_checkpoint_tracker_filename(directory))
 
@@ -145,4 +166,5 @@ def validate_run(settings: Settings, world_size):
     check_batch(settings, world_size)
     check_schedule(settings)
     check_layer_features(settings)
-    return found
+    notices, extra = found
+    return notices + check_moe(settings), extra
