@@ -88,7 +88,7 @@ def test_moe_needs(parser):
     notices, _ = validate_run(settings(parser, moe + ["--moe-expert-capacity-factor", "1.0"]), 2)
     assert notices == ["--moe-expert-capacity-factor 1.0: experts drop the tokens beyond their capacity "
                        "(a Hugging Face model drops none)"]
-    assert validate_run(settings(parser, moe + ["--expert-model-parallel-size", "2"]), 2) == ([], [])
+    assert validate_run(settings(parser, moe + ["--expert-model-parallel-size", "2"]), 4) == ([], [])
 
 
 def test_batch_arithmetic(parser):
