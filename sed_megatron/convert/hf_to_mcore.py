@@ -117,12 +117,10 @@ class SharedReads:
                 self._uses[name] = self._uses.get(name, 0) + 1
 
     def __call__(self, name):
-        if self._uses.get(name, 1) == 1:
-            return self._tensors(name)
         tensor = self._kept.pop(name, None)
         if tensor is None:
             tensor = self._tensors(name)
-        self._uses[name] -= 1
+        self._uses[name] = self._uses.get(name, 1) - 1
         if self._uses[name] > 0:
             self._kept[name] = tensor
         return tensor
