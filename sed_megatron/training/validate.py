@@ -126,6 +126,9 @@ def check_moe(s: Settings):
     if ffn is not None and ffn % etp:
         raise StartupError(f"{s.name(ffn_dest)} (each expert's MLP) does not split over {etp_name}: use an "
                            f"--expert-tensor-parallel-size that divides it ({_divisors(ffn)})")
+    if s.tensor_model_parallel_size > 1 and not s.sequence_parallel:
+        raise StartupError(f"{s.name('tensor_model_parallel_size')} with MoE layers needs --sequence-parallel: "
+                           f"Megatron's MoE layer refuses to train under tensor parallelism without it")
     if s.moe_grouped_gemm and s.transformer_impl == "local":
         raise StartupError(f"{s.name('moe_grouped_gemm')}: grouped GEMM experts need Transformer Engine layers "
                            f"(--transformer-impl transformer_engine); the local layers run one MLP per expert")

@@ -81,12 +81,16 @@ def test_moe_needs(parser):
         "--expert-tensor-parallel-size that divides it (1, 2, 3, 5, 6, 10, 15, 30)")
     assert "over expert TP = --tensor-model-parallel-size 4: " in fails(
         parser, moe + ["--tensor-model-parallel-size", "4", "--num-query-groups", "4"], 4)
+    assert fails(parser, moe).startswith(  # the example's TP=2
+        f"--tensor-model-parallel-size 2 ({TINY}: parallel.tensor_model_parallel_size) with MoE layers needs "
+        f"--sequence-parallel")
+    moe += ["--tensor-model-parallel-size", "1"]
     assert fails(parser, moe + ["--moe-grouped-gemm"]).startswith(
         "--moe-grouped-gemm: grouped GEMM experts need Transformer Engine layers")
     notices, _ = validate_run(settings(parser, moe + ["--moe-expert-capacity-factor", "1.0"]), 2)
     assert notices == ["--moe-expert-capacity-factor 1.0: experts drop the tokens beyond their capacity "
                        "(a Hugging Face model drops none)"]
-    assert validate_run(settings(parser, moe + ["--expert-model-parallel-size", "2"]), 4) == ([], [])
+    assert validate_run(settings(parser, moe + ["--expert-model-parallel-size", "2"]), 2) == ([], [])
 
 
 def test_batch_arithmetic(parser):
