@@ -141,8 +141,9 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
         fail(f"{MODEL_FILE}: padded vocabulary {model_info['padded_vocab_size']} does not split over "
              f"TP={namespace.tensor_model_parallel_size}", prog)
     try:
+        # need_loss_config: a training run; the tools that take none run the model forward only
         notices, extra = validate_run(Settings(namespace, option_names(parser), sources),
-                                      int(os.environ.get("WORLD_SIZE", "1")))
+                                      int(os.environ.get("WORLD_SIZE", "1")), training=need_loss_config)
     except StartupError as err:
         fail(str(err), prog)
     full_argv += extra

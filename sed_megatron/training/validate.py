@@ -114,8 +114,9 @@ def check_layer_features(s: Settings):
                            f"lack it")
 
 
-def check_moe(s: Settings):
-    """What MoE layers need beyond the layout (expert TP, the layer implementation); returns notices."""
+def check_moe(s: Settings, training=True):
+    """What MoE layers need beyond the layout (expert TP, the layer implementation, sequence
+    parallelism to train under TP); returns notices."""
     if not s.num_experts:
         return []
     etp = s.expert_tensor_parallel_size or s.tensor_model_parallel_size
@@ -126,7 +127,7 @@ def check_moe(s: Settings):
     if ffn is not None and ffn % etp:
         raise StartupError(f"{s.name(ffn_dest)} (each expert's MLP) does not split over {etp_name}: use an "
                            f"--expert-tensor-parallel-size that divides it ({_divisors(ffn)})")
-    if s.tensor_model_parallel_size > 1 and not s.sequence_parallel:
+    if training and s.tensor_model_parallel_size > 1 and not s.sequence_parallel:
         raise StartupError(f"{s.name('tensor_model_parallel_size')} with MoE layers needs --sequence-parallel: "
                            f"Megatron's MoE layer refuses to train under tensor parallelism without it")
     if s.moe_grouped_gemm and s.transformer_impl == "local":
@@ -171,8 +172,9 @@ def check_fault_injection(s: Settings):
             raise StartupError(str(err)) from None
 
 
-def validate_run(settings: Settings, world_size):
-    """(notices, extra flags); StartupError on the first problem."""
+def validate_run(settings: Settings, world_size, training=True):
+    """(notices, extra flags); StartupError on the first problem. training=False: a tool that runs
+    the model forward only (compare, calibration, the converters)."""
     check_required(settings)
     check_fault_injection(settings)
     found = check_checkpoints(settings)  # first: a mistyped --load matters more than the rest
@@ -181,4 +183,4 @@ def validate_run(settings: Settings, world_size):
     check_schedule(settings)
     check_layer_features(settings)
     notices, extra = found
-    return notices + check_moe(settings), extra
+    return notices + check_moe(settings, training), extra

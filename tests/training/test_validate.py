@@ -84,6 +84,7 @@ def test_moe_needs(parser):
     assert fails(parser, moe).startswith(  # the example's TP=2
         f"--tensor-model-parallel-size 2 ({TINY}: parallel.tensor_model_parallel_size) with MoE layers needs "
         f"--sequence-parallel")
+    assert validate_run(settings(parser, moe), 2, training=False) == ([], [])  # compare, calibration: forward only
     moe += ["--tensor-model-parallel-size", "1"]
     assert fails(parser, moe + ["--moe-grouped-gemm"]).startswith(
         "--moe-grouped-gemm: grouped GEMM experts need Transformer Engine layers")
