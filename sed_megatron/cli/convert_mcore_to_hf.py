@@ -49,6 +49,8 @@ def main(argv=None):
     except ValueError as err:
         fail(err, PROG)  # one line, exit 2
     print(f"saved {done.path} ({done.model_cfg.model_type}, {done.dtype}, {done.count} tensors)")
+    for note in done.notes:
+        print(f"  {note}")
     return 0
 
 

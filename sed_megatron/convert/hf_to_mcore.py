@@ -41,6 +41,8 @@ class Converted:
     """Its weights' dtype (torch name)."""
     count: int
     """Tensors written (checkpoint chunks for the import, Hugging Face tensors for the export)."""
+    notes: tuple = ()
+    """What the export changed for the frameworks that read it (convert/hf_files.py), one line each."""
 
 
 def ignored_hf_tensors(model_cfg, tensors):

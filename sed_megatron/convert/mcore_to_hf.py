@@ -16,7 +16,6 @@ ValueError with one line naming the file, and nothing is left at `save`.
 
 import json
 import os
-import shutil
 
 from sed_megatron.models import build_gpt_model, family_for
 from sed_megatron.models.mapping import megatron_to_hf
@@ -24,11 +23,8 @@ from sed_megatron.models.model_file import MODEL_FILE, model_config_from_file
 from sed_megatron.utils import UsageError
 
 from .checkpoint import check_output_dir, checkpoint_iteration_dir, single_process_model_parallel, staged_output
+from .hf_files import write_hf_files
 from .hf_to_mcore import DTYPES, Converted
-
-TEMPLATE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                  "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
-SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 class ShardWriter:
@@ -67,20 +63,6 @@ class ShardWriter:
             with open(os.path.join(self.directory, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, f, indent=2)
         return len(self.weight_map)
-
-
-def write_config(directory, config, template):
-    """config.json (with the template's special-token ids) and the template's tokenizer files."""
-    if template:
-        with open(os.path.join(template, "config.json")) as f:
-            template_config = json.load(f)
-        for key in SPECIAL_IDS:
-            if key in template_config:
-                setattr(config, key, template_config[key])
-        for name in TEMPLATE_FILES:
-            if os.path.exists(os.path.join(template, name)):
-                shutil.copy(os.path.join(template, name), os.path.join(directory, name))
-    config.save_pretrained(directory)
 
 
 def convert_mcore_to_hf(load, save, hf_template=None, dtype="auto", max_shard_size_mb=5000, overwrite=False,
@@ -130,5 +112,5 @@ def convert_mcore_to_hf(load, save, hf_template=None, dtype="auto", max_shard_si
         if missing:
             raise UsageError(f"{checkpoint_dir}: no {missing[0]} in the checkpoint (and {len(missing) - 1} more)")
         count = writer.close()
-        write_config(tmp_dir, hf_config, hf_template)
-    return Converted(save, model_cfg, dtype_name, count)
+        notes = write_hf_files(tmp_dir, hf_config, hf_template)
+    return Converted(save, model_cfg, dtype_name, count, tuple(notes))

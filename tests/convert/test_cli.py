@@ -38,13 +38,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
 
-def test_compare_wants_as_many_processes_as_the_layout(tmp_path, capsys):
+def test_compare_wants_as_many_processes_as_the_layout(tmp_path, capsys, monkeypatch):
+    """Under torchrun with too few processes (without torchrun the tool starts its own)."""
     from sed_megatron.cli import compare_hf_mcore
     from sed_megatron.models.model_file import MODEL_FILE
 
     from ..models.test_config import EARLIER_MODEL_FILE
 
     (tmp_path / MODEL_FILE).write_text(EARLIER_MODEL_FILE)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(SystemExit, match="2"):
         compare_hf_mcore.main(["--hf-dir", str(tmp_path), "--load", str(tmp_path), "--tp", "2", "--pp", "2"])
     assert capsys.readouterr().err.strip() == ("compare_hf_mcore.py: error: --tp 2 --pp 2 needs 4 processes "
