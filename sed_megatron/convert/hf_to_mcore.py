@@ -55,7 +55,7 @@ def ignored_hf_tensors(model_cfg, tensors):
 def check_every_tensor_maps(hf_dir, model_cfg, tensors):
     """Every tensor the family's name map needs is stored, and every stored one is used (one
     the name map does not know would silently vanish)."""
-    used = {name for row in family_for(model_cfg.model_type).rows(model_cfg) for name in row.hf}
+    used = {name for row in family_for(model_cfg.model_type).rows(model_cfg, stored=tensors) for name in row.hf}
     missing = sorted(used - set(tensors))
     if missing:
         raise UsageError(f"{hf_dir}: tensor {missing[0]} (and {len(missing) - 1} more) is missing from the checkpoint")
@@ -106,6 +106,27 @@ def resolve_dtype(dtype, hf_config):
         return dtype
     name = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32")
     return name.replace("torch.", "")
+
+
+class SharedReads:
+    """Reads Hugging Face tensors for the rows; one that several rows use (a stacked expert tensor,
+    one row per expert) is read once and kept until its last row has taken it."""
+
+    def __init__(self, tensors, rows):
+        self._tensors, self._kept = tensors, {}
+        self._uses = {}
+        for row in rows:
+            for name in row.hf:
+                self._uses[name] = self._uses.get(name, 0) + 1
+
+    def __call__(self, name):
+        tensor = self._kept.pop(name, None)
+        if tensor is None:
+            tensor = self._tensors(name)
+        self._uses[name] = self._uses.get(name, 1) - 1
+        if self._uses[name] > 0:
+            self._kept[name] = tensor
+        return tensor
 
 
 def megatron_argv(model_cfg, save_dir, dtype_name):
@@ -162,7 +183,7 @@ def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=Tr
             model = build_gpt_model(model_cfg, core_transformer_config_from_args(args)).to(torch_dtype)
         sharded = model.sharded_state_dict()
         expected = {name: sh for name, sh in sharded.items() if not name.endswith("_extra_state")}
-        rows = {row.megatron: row for row in family_for(model_cfg.model_type).rows(model_cfg)}
+        rows = {row.megatron: row for row in family_for(model_cfg.model_type).rows(model_cfg, stored=tensors)}
         for name, row in rows.items():  # every shape checked before anything is written
             if name not in expected:
                 raise UsageError(f"converted tensor {name} has no place in the Megatron model")
@@ -177,10 +198,12 @@ def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=Tr
         sources = chunk_sources(sharded)
         bar = tqdm(total=len(sources), desc="convert", unit=" chunks", disable=not progress)
 
+        read = SharedReads(tensors, rows.values())
+
         @functools.lru_cache(maxsize=1)  # a parameter saved as several chunks is converted once
         def converted(name):
             row = rows[name]
-            return row.mapping.to_megatron(model_cfg, *(tensors(n) for n in row.hf)).to(torch_dtype)
+            return row.mapping.to_megatron(model_cfg, *(read(n) for n in row.hf)).to(torch_dtype)
 
         def materialize(key, offset):
             name, cut = sources[(key, offset)]

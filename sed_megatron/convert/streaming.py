@@ -130,10 +130,23 @@ def load_group(group, checkpoint_dir, dtype):
     """{state-dict name: tensor} of one group, read from a torch_dist checkpoint directory.
 
     Each TP=1 parameter is a region of a stored key (one layer of a stacked key, both halves of a
-    SwiGLU fc1), read directly whatever TP x PP wrote the chunks."""
-    request, offsets, names = {}, {}, {}
-    for name, sh in group.items():
-        key, offset, shape = _region(sh)
-        request[key], offsets[key], names[key] = torch.empty(shape, dtype=dtype), offset, name
-    dcp.load(request, storage_reader=dcp.FileSystemReader(str(checkpoint_dir)), planner=_RegionLoadPlanner(offsets))
-    return {names[key]: tensor.reshape(group[names[key]].data.shape) for key, tensor in request.items()}
+    SwiGLU fc1, one expert of a layer's experts), read directly whatever TP x PP x EP wrote the
+    chunks. Parameters that are regions of the same key (a layer's experts share one) are read
+    together, as the box that holds them all."""
+    regions = {name: _region(sh) for name, sh in group.items()}
+    boxes = {}  # key -> (lowest offset, highest end) over its parameters
+    for key, offset, shape in regions.values():
+        end = tuple(o + n for o, n in zip(offset, shape))
+        if key in boxes:
+            low, high = boxes[key]
+            offset, end = tuple(map(min, low, offset)), tuple(map(max, high, end))
+        boxes[key] = (offset, end)
+    request = {key: torch.empty([h - l for l, h in zip(low, high)], dtype=dtype) for key, (low, high) in boxes.items()}
+    dcp.load(request, storage_reader=dcp.FileSystemReader(str(checkpoint_dir)),
+             planner=_RegionLoadPlanner({key: low for key, (low, _) in boxes.items()}))
+    tensors = {}
+    for name, (key, offset, shape) in regions.items():
+        low = boxes[key][0]
+        part = request[key][tuple(slice(o - l, o - l + n) for o, l, n in zip(offset, low, shape))]
+        tensors[name] = part.reshape(group[name].data.shape)
+    return tensors

@@ -12,7 +12,7 @@ from .gpt import build_gpt_model
 from .registry import Family, family_for, register, supported_model_types
 
 # The families: importing registers them.
-from . import llama, qwen2  # noqa: E402,F401  isort: skip
+from . import llama, qwen2, qwen3, qwen3_moe  # noqa: E402,F401  isort: skip
 
 __all__ = ["Family", "ModelConfig", "build_gpt_model", "family_for", "padded_vocab_size", "register",
            "supported_model_types"]

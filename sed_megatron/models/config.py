@@ -81,6 +81,15 @@ class ModelConfig:
     """Width of one expert's MLP (MoE only)."""
     moe_router_topk: int = 2
     """Experts each token is routed to (MoE only)."""
+    moe_router_pre_softmax: bool = False
+    """Routing weights are the softmax over all experts at the top k (MoE only); False: the softmax
+    over the top k logits alone, i.e. those probabilities renormalized to sum to 1 (Qwen3's
+    norm_topk_prob=true)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the router's load-balancing loss in the objective (MoE only; Qwen3's router_aux_loss_coef)."""
+    moe_grouped_gemm: bool = False
+    """Experts as one grouped GEMM (Transformer Engine's TEGroupedMLP, parameters `weight{i}`); False:
+    one MLP per expert (SequentialMLP, `local_experts.{i}`). Both store the same checkpoint keys."""
     model_type: str | None = None
     """The Hugging Face model_type whose family builds, names and converts it; None: a model
     defined by Megatron flags alone (the standard GPT layers)."""
@@ -115,6 +124,14 @@ class ModelConfig:
             if not 1 <= self.moe_router_topk <= self.num_experts:
                 raise ValueError(f"ModelConfig.moe_router_topk: {self.moe_router_topk} is not in [1, num_experts "
                                  f"{self.num_experts}]")
+            if self.moe_router_topk == 1 and not self.moe_router_pre_softmax:
+                # A softmax over one logit is 1 with zero gradient: Megatron refuses it.
+                raise ValueError("ModelConfig.moe_router_pre_softmax: top-1 routing needs the softmax over all experts")
+        if not self.moe_aux_loss_coeff >= 0:
+            raise ValueError(f"ModelConfig.moe_aux_loss_coeff: expected >= 0, got {self.moe_aux_loss_coeff!r}")
+        if self.moe_grouped_gemm and self.transformer_impl != "transformer_engine":
+            raise ValueError("ModelConfig.moe_grouped_gemm: grouped GEMM experts need transformer_impl "
+                             "transformer_engine (the local layers build one MLP per expert)")
 
     @property
     def heads_per_group(self):
@@ -161,7 +178,8 @@ class ModelConfig:
             flags["rotary_seq_len_interpolation_factor"] = self.rotary_seq_len_interpolation_factor
         if self.num_experts is not None:
             flags.update(num_experts=self.num_experts, moe_ffn_hidden_size=self.moe_ffn_hidden_size,
-                         moe_router_topk=self.moe_router_topk)
+                         moe_router_topk=self.moe_router_topk, moe_router_pre_softmax=self.moe_router_pre_softmax,
+                         moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=self.moe_aux_loss_coeff)
         return flags
 
     @classmethod
@@ -204,6 +222,8 @@ class ModelConfig:
                 num_experts=flags.get("num_experts"),
                 moe_ffn_hidden_size=flags.get("moe_ffn_hidden_size"),
                 moe_router_topk=flags.get("moe_router_topk", 2),
+                moe_router_pre_softmax=bool(flags.get("moe_router_pre_softmax", False)),
+                moe_aux_loss_coeff=float(flags.get("moe_aux_loss_coeff", 0.0)),
                 model_type=model_type,
                 transformer_impl=transformer_impl,
             )
@@ -229,6 +249,8 @@ class ModelConfig:
             hidden_dropout=0.0, attention_dropout=0.0, transformer_impl=self.transformer_impl,
             num_moe_experts=self.num_experts, moe_ffn_hidden_size=self.moe_ffn_hidden_size,
             moe_router_topk=self.moe_router_topk if self.num_experts else 2,
+            moe_router_pre_softmax=self.moe_router_pre_softmax, moe_aux_loss_coeff=self.moe_aux_loss_coeff,
+            moe_grouped_gemm=self.moe_grouped_gemm,
             use_cpu_initialization=True, gradient_accumulation_fusion=False, persist_layer_norm=False,
             bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
             bias_activation_fusion=False,
@@ -244,8 +266,9 @@ _FLAG_KEYS = {
     "swiglu", "disable_bias_linear", "add_qkv_bias", "qk_layernorm", "position_embedding_type", "rotary_base",
     "rotary_percent", "use_rope_scaling", "rope_scaling_factor", "rotary_seq_len_interpolation_factor",
     "untie_embeddings_and_output_weights", "attention_dropout", "hidden_dropout", "num_experts",
-    "moe_ffn_hidden_size", "moe_router_topk",
+    "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax", "moe_router_load_balancing_type",
+    "moe_aux_loss_coeff",
 }
-_FIXED_FLAGS = {"attention_dropout": 0.0, "hidden_dropout": 0.0}
+_FIXED_FLAGS = {"attention_dropout": 0.0, "hidden_dropout": 0.0, "moe_router_load_balancing_type": "aux_loss"}
 _REQUIRED_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
                    "max_position_embeddings")

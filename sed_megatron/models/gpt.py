@@ -38,6 +38,7 @@ _SHARED_FIELDS = (
     ("kv_channels", "kv_channels"), ("normalization", "normalization"), ("norm_epsilon", "layernorm_epsilon"),
     ("swiglu", "gated_linear_unit"), ("add_bias_linear", "add_bias_linear"), ("qkv_bias", "add_qkv_bias"),
     ("qk_layernorm", "qk_layernorm"), ("num_experts", "num_moe_experts"), ("transformer_impl", "transformer_impl"),
+    ("moe_router_pre_softmax", "moe_router_pre_softmax"), ("moe_grouped_gemm", "moe_grouped_gemm"),
 )
 
 

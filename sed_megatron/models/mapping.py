@@ -77,6 +77,26 @@ class VocabRows(Mapping):
         return (strip_vocab(tensor, cfg.vocab_size),)
 
 
+class ExpertSlice(Mapping):
+    """One expert's tensor <-> its slice of a Hugging Face tensor that stacks every expert on dim 0
+    (transformers' in-memory MoE layout, e.g. `mlp.experts.gate_up_proj` [E, 2 ffn, h], whose
+    [gate; up] rows are Megatron's linear_fc1 of that expert). Read only: export writes the
+    per-expert tensors of the Hub."""
+
+    index: int
+
+    def __init__(self, megatron, hf, index):
+        super().__init__(megatron, hf)
+        object.__setattr__(self, "index", index)
+
+    def to_megatron(self, cfg, stacked):
+        return stacked[self.index]
+
+    def to_hf(self, cfg, tensor):
+        raise ValueError(f"{self.hf[0]}: stacked expert tensors are read, never written (export writes one "
+                         f"tensor per expert)")
+
+
 class Row(NamedTuple):
     """One mapping at one layer: concrete names."""
 
@@ -96,7 +116,8 @@ def expand(mappings, num_layers):
 
 
 def hf_to_megatron(get_hf, cfg, rows):
-    """Yield (Megatron name, tensor); get_hf(name) loads one Hugging Face tensor."""
+    """Yield (Megatron name, tensor); get_hf(name) loads one Hugging Face tensor (one several rows
+    read, such as a stacked expert tensor, is loaded once per row)."""
     for row in rows:
         yield row.megatron, row.mapping.to_megatron(cfg, *(get_hf(name) for name in row.hf))
 

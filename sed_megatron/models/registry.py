@@ -37,10 +37,20 @@ class Family:
     block_spec: Callable
     """block_spec(ModelConfig, TransformerConfig, vp_stage, pp_rank) -> the decoder block's layer specs
     of one pipeline stage (Megatron's TransformerBlockSubmodules)."""
+    stored_mappings: Callable | None = None
+    """stored_mappings(ModelConfig, names) -> [Mapping] or None: the name map of Hugging Face tensors
+    stored in another layout than the one `mappings` writes (Qwen3-MoE's stacked experts, as
+    transformers holds them in memory); None: `mappings` reads them too."""
 
-    def rows(self, cfg):
-        """The concrete name map of a model: global tensors, then every layer's."""
-        return expand(self.mappings(cfg), cfg.num_layers)
+    def rows(self, cfg, stored=None):
+        """The concrete name map of a model: global tensors, then every layer's.
+
+        stored: the names of the Hugging Face tensors about to be read (a checkpoint's, a state
+        dict's); None: the layout export writes."""
+        mappings = None
+        if stored is not None and self.stored_mappings is not None:
+            mappings = self.stored_mappings(cfg, stored)
+        return expand(mappings if mappings is not None else self.mappings(cfg), cfg.num_layers)
 
 
 _FAMILIES = {}  # model_type -> Family

@@ -66,6 +66,10 @@ class _NoOpStream:
     def __exit__(self, *exc):
         return False
 
+    def record_event(self, event=None):
+        # The MoE alltoall dispatcher records an event on its device-to-host stream and waits on it.
+        return _NoOpStream()
+
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
 
@@ -114,6 +118,22 @@ def _patch_megatron_rng():
     logging.getLogger(mcore_random.__name__).addFilter(_RngWarningFilter())
 
 
+def _patch_megatron_moe():
+    """The MoE alltoall token dispatcher over gloo."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    move_to_cpu = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        # Megatron makes the split sizes numpy only when it moves them off a GPU; on the CPU they
+        # would stay tensors, which all_to_all_single does not take as split sizes.
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return move_to_cpu(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 def _patch_megatron_training():
     """megatron.training (Megatron-LM's loop) asserts or queries CUDA in a few more places."""
     import functools
@@ -144,6 +164,7 @@ def apply_cpu_runtime():
         return
     _patch_torch_cuda()
     _patch_megatron_rng()
+    _patch_megatron_moe()
     # Entered for the life of the process: Megatron allocates on "cuda" at import, init and step.
     _CudaToCpuMode().__enter__()
     _applied = True

@@ -30,6 +30,11 @@ def make_tokenizer(directory, words, chat_template=True):
     return tokenizer
 
 
+QWEN3_SHAPES = {"hidden_size": 48, "intermediate_size": 80, "head_dim": 20, "rms_norm_eps": 1e-6,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}
+QWEN3_MOE_SHAPES = {"num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 40, "norm_topk_prob": True,
+                    "router_aux_loss_coef": 0.01}
+
 TINY_VARIANTS = {
     # name -> (model_type, config overrides)
     "llama_gqa_untied": ("llama", {"tie_word_embeddings": False}),
@@ -41,6 +46,12 @@ TINY_VARIANTS = {
     "llama_mha": ("llama", {"tie_word_embeddings": False, "num_key_value_heads": 4}),
     "qwen2_bias": ("qwen2", {"tie_word_embeddings": False}),
     "mistral": ("mistral", {"tie_word_embeddings": False, "sliding_window": None}),
+    # Qwen3: shapes that are not powers of two, head_dim 20 != hidden 48 / 4 heads.
+    "qwen3_tied": ("qwen3", {"tie_word_embeddings": True, **QWEN3_SHAPES}),
+    # 6 experts, top-2 renormalized (Qwen3-30B-A3B's routing); and top-3 without renormalization.
+    "qwen3_moe": ("qwen3_moe", {"tie_word_embeddings": False, **QWEN3_SHAPES, **QWEN3_MOE_SHAPES}),
+    "qwen3_moe_unnormalized": ("qwen3_moe", {"tie_word_embeddings": True, **QWEN3_SHAPES, **QWEN3_MOE_SHAPES,
+                                             "num_experts_per_tok": 3, "norm_topk_prob": False}),
 }
 
 
@@ -68,4 +79,14 @@ def tiny_hf_model(variant, seed=0, vocab_size=120):
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 param.add_(torch.randn_like(param) * 0.1)
+            if name.endswith("mlp.gate.weight"):  # MoE routers: logits of ~1, so the top-k choice is clear-cut
+                param.normal_(0.0, param.shape[1] ** -0.5)
     return model.eval()
+
+
+def hub_state_dict(model):
+    """The tensors save_pretrained writes for a model (the Hub's names: one tensor per MoE expert,
+    where transformers holds them stacked in memory)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, model.state_dict())

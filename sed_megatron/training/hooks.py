@@ -3,7 +3,10 @@
 - `train` receives the built (and possibly loaded) model once, before the first step: there we
   learn the model's process groups, calibrate τ if asked, and hand the forward step to Megatron.
 - `training_log` runs after every iteration with that iteration's reduced report: there we
-  append the metrics.jsonl record.
+  append the metrics.jsonl record. For an MoE model Megatron's MoE metrics tracker reports the
+  routers' load-balancing loss inside it (reduced over pipeline stages and DP, the mean over
+  MoE layers and micro-batches); a tracker that keeps that report's losses (installed through
+  Megatron's set_moe_metrics_tracker) hands them to the record.
 
 Each wrapped function is checked against the parameters the wrapper relies on (on every
 machine), so a megatron-core whose loop changed stops with one line instead of misbehaving.
@@ -41,6 +44,37 @@ def writes_metrics(groups):
     return last and all(dist.get_rank(group=group) == 0 for group in (groups.tp, groups.cp, groups.dp))
 
 
+def loss_keeping_tracker():
+    """Megatron's MoE metrics tracker, which also keeps the losses its last report() added to the
+    loop's accumulators (`load_balancing_loss`: the iteration's load-balancing loss, before its
+    coefficient); take_losses() hands them over once."""
+    from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
+
+    check_signature(MoEMetricsTracker.report, ("self", "loss_scale"), "sed_megatron's moe_aux_loss in metrics.jsonl "
+                    "(sed_megatron/training/hooks.py)", keywords=("total_loss_dict",))
+
+    class LossKeepingTracker(MoEMetricsTracker):
+        def __init__(self):
+            super().__init__()
+            self._losses = {}
+
+        def report(self, *args, total_loss_dict=None, **kwargs):
+            if total_loss_dict is None:
+                return super().report(*args, **kwargs)
+            added = {}  # Megatron puts the metrics whose name ends in "loss" here ...
+            text = super().report(*args, total_loss_dict=added, **kwargs)
+            for key, value in added.items():  # ... and we pass them on as its report does
+                total_loss_dict[key] = total_loss_dict[key] + value if key in total_loss_dict else value
+            self._losses = {key: float(value) for key, value in added.items()}
+            return text
+
+        def take_losses(self):
+            losses, self._losses = self._losses, {}
+            return losses
+
+    return LossKeepingTracker()
+
+
 def install(before_training, metrics_log, log_interval, current_iteration, prog="sed_megatron.train"):
     """Wrap Megatron's train and training_log.
 
@@ -49,12 +83,15 @@ def install(before_training, metrics_log, log_interval, current_iteration, prog=
     extra) appends one record every log_interval iterations, on one rank. A NaN or Inf loss or
     gradient stops the run with one line naming current_iteration() and exit code 3."""
     import megatron.training.training as training_loop
+    from megatron.core.transformer.moe.moe_logging import set_moe_metrics_tracker
 
     train, training_log = training_loop.train, training_loop.training_log
     check_signature(train, TRAIN_PARAMS, "sed_megatron's hook on the training loop (sed_megatron/training/hooks.py)")
     check_signature(training_log, TRAINING_LOG_PARAMS, "sed_megatron's metrics.jsonl (sed_megatron/training/hooks.py)",
                     keywords=("is_first_iteration",))
     writer = []  # decided once the model, and so its process groups, exist
+    moe_tracker = loss_keeping_tracker()
+    set_moe_metrics_tracker(moe_tracker)  # before any router records into Megatron's default one
 
     @functools.wraps(train)
     def train_with_hooks(forward_step_func, model, *rest, **kwargs):
@@ -85,8 +122,9 @@ def install(before_training, metrics_log, log_interval, current_iteration, prog=
             _reset_interval(total_loss_dict)
         # loss_dict holds this iteration's values, already reduced over micro-batches and DP;
         # it is filled on the last pipeline stage.
+        moe_losses = moe_tracker.take_losses()  # on every rank: the report just reduced them
         if writer and writer[0] and loss_dict:
-            metrics_log.add(loss_dict, skipped_iter)
+            metrics_log.add({**loss_dict, **moe_losses}, skipped_iter)
             if iteration % log_interval == 0 or first:  # when Megatron prints its line
                 metrics_log.write(iteration, learning_rate, grad_norm)
         return result

@@ -2,7 +2,10 @@
 
 The loss function reports each metric as a `[sum, count]` pair over this micro-batch's loss
 tokens; Megatron's loop adds the pairs over micro-batches and data-parallel ranks, so each
-logged value is a token-weighted mean over the whole global batch.
+logged value is a token-weighted mean over the whole global batch. MoE models add
+`moe_aux_loss`: the routers' load-balancing loss as Megatron reports it (`load_balancing_loss`:
+before its coefficient, the mean over MoE layers and micro-batches, averaged over DP), whose
+moe_aux_loss_coeff multiple Megatron adds to the objective's gradient beside `loss`.
 """
 
 import json
@@ -22,6 +25,7 @@ REPORT_KEYS = {
     "p target": "p_target",
     "token accuracy": "token_accuracy",
     "entropy": "entropy",
+    "load_balancing_loss": "moe_aux_loss",  # Megatron's MoE metrics tracker (MoE models)
 }
 # Extra per-token stats a loss kind or option adds -> their report key.
 OPTIONAL_STATS = {"penalty": "sed penalty", "entropy": "entropy"}

@@ -141,8 +141,9 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
         fail(f"{MODEL_FILE}: padded vocabulary {model_info['padded_vocab_size']} does not split over "
              f"TP={namespace.tensor_model_parallel_size}", prog)
     try:
+        # need_loss_config: a training run; the tools that take none run the model forward only
         notices, extra = validate_run(Settings(namespace, option_names(parser), sources),
-                                      int(os.environ.get("WORLD_SIZE", "1")))
+                                      int(os.environ.get("WORLD_SIZE", "1")), training=need_loss_config)
     except StartupError as err:
         fail(str(err), prog)
     full_argv += extra
@@ -280,6 +281,11 @@ def model_config_from_args(args):
         num_experts=args.num_experts,
         moe_ffn_hidden_size=args.moe_ffn_hidden_size if args.num_experts else None,
         moe_router_topk=args.moe_router_topk,
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        # one coefficient (Megatron also takes one per load-balancing type: its own business)
+        moe_aux_loss_coeff=0.0 if not args.num_experts or isinstance(args.moe_aux_loss_coeff, list)
+        else float(args.moe_aux_loss_coeff),
+        moe_grouped_gemm=args.moe_grouped_gemm,
         model_type=None if info is None else info["model_type"],
         transformer_impl=args.transformer_impl,
     )

@@ -114,6 +114,31 @@ def check_layer_features(s: Settings):
                            f"lack it")
 
 
+def check_moe(s: Settings, training=True):
+    """What MoE layers need beyond the layout (expert TP, the layer implementation, sequence
+    parallelism to train under TP); returns notices."""
+    if not s.num_experts:
+        return []
+    etp = s.expert_tensor_parallel_size or s.tensor_model_parallel_size
+    etp_name = (s.name("expert_tensor_parallel_size") if s.expert_tensor_parallel_size
+                else f"expert TP = {s.name('tensor_model_parallel_size')}")
+    ffn, ffn_dest = ((s.moe_ffn_hidden_size, "moe_ffn_hidden_size") if s.moe_ffn_hidden_size
+                     else (s.ffn_hidden_size, "ffn_hidden_size"))
+    if ffn is not None and ffn % etp:
+        raise StartupError(f"{s.name(ffn_dest)} (each expert's MLP) does not split over {etp_name}: use an "
+                           f"--expert-tensor-parallel-size that divides it ({_divisors(ffn)})")
+    if training and s.tensor_model_parallel_size > 1 and not s.sequence_parallel:
+        raise StartupError(f"{s.name('tensor_model_parallel_size')} with MoE layers needs --sequence-parallel: "
+                           f"Megatron's MoE layer refuses to train under tensor parallelism without it")
+    if s.moe_grouped_gemm and s.transformer_impl == "local":
+        raise StartupError(f"{s.name('moe_grouped_gemm')}: grouped GEMM experts need Transformer Engine layers "
+                           f"(--transformer-impl transformer_engine); the local layers run one MLP per expert")
+    if s.moe_expert_capacity_factor is not None:
+        return [f"{s.name('moe_expert_capacity_factor')}: experts drop the tokens beyond their capacity "
+                f"(a Hugging Face model drops none)"]
+    return []
+
+
 def has_checkpoint(directory):
     return bool(directory) and os.path.isfile(get_checkpoint_tracker_filename(directory))
 
@@ -147,8 +172,9 @@ def check_fault_injection(s: Settings):
             raise StartupError(str(err)) from None
 
 
-def validate_run(settings: Settings, world_size):
-    """(notices, extra flags); StartupError on the first problem."""
+def validate_run(settings: Settings, world_size, training=True):
+    """(notices, extra flags); StartupError on the first problem. training=False: a tool that runs
+    the model forward only (compare, calibration, the converters)."""
     check_required(settings)
     check_fault_injection(settings)
     found = check_checkpoints(settings)  # first: a mistyped --load matters more than the rest
@@ -156,4 +182,5 @@ def validate_run(settings: Settings, world_size):
     check_batch(settings, world_size)
     check_schedule(settings)
     check_layer_features(settings)
-    return found
+    notices, extra = found
+    return notices + check_moe(settings, training), extra

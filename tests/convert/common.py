@@ -53,11 +53,11 @@ def export(ckpt, save, *flags):
     return tool("convert_mcore_to_hf", "--load", ckpt, "--save", save, *flags)
 
 
-def compare(hf_dir, ckpt, tp=1, pp=1):
+def compare(hf_dir, ckpt, tp=1, pp=1, ep=1):
     """max_abs_logit_diff of `torchrun tools/compare_hf_mcore.py` (the contract command), which must exit 0."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    layout = ["--tp", str(tp)] + (["--pp", str(pp)] if pp > 1 else [])
-    out = subprocess.run([torchrun, "--nproc_per_node", str(tp * pp), "--master_port", str(free_port()),
+    layout = ["--tp", str(tp)] + (["--pp", str(pp)] if pp > 1 else []) + (["--ep", str(ep)] if ep > 1 else [])
+    out = subprocess.run([torchrun, "--nproc_per_node", str(tp * pp * ep), "--master_port", str(free_port()),
                           os.path.join(TOOLS, "compare_hf_mcore.py"), "--hf-dir", str(hf_dir), "--load", str(ckpt),
                           *layout], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

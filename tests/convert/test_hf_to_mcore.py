@@ -55,7 +55,8 @@ def test_bad_inputs_name_the_file_and_leave_nothing(tmp_path):
     world = {key: os.environ.get(key) for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     gpt2 = tmp_path / "gpt2"
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(gpt2)
-    with pytest.raises(ValueError, match="gpt2/config.json: unsupported model_type 'gpt2'; supported: llama, mistral, qwen2"):
+    with pytest.raises(ValueError, match="gpt2/config.json: unsupported model_type 'gpt2'; supported: llama, mistral, qwen2, "
+                                         "qwen3, qwen3_moe"):
         convert_hf_to_mcore(str(gpt2), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="absent: no config.json"):
         convert_hf_to_mcore(str(tmp_path / "absent"), str(tmp_path / "out"))

@@ -1,6 +1,6 @@
 """Every family's name map on tiny random models of every variant (GQA and MHA, tied and untied,
-QKV biases, RoPE scaling): exact round trips both ways, HF config round trips, and Megatron
-logits equal to transformers."""
+QKV biases, RoPE scaling, QK-norm, MoE experts per expert and stacked): exact round trips both
+ways, HF config round trips, and Megatron logits equal to transformers."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import torch
 from sed_megatron.models import family_for
 from sed_megatron.models.mapping import hf_to_megatron, megatron_to_hf
 from sed_megatron.testing.distributed import run_distributed
-from sed_megatron.testing.tiny_hf import TINY_VARIANTS, tiny_hf_config, tiny_hf_model
+from sed_megatron.testing.tiny_hf import TINY_VARIANTS, hub_state_dict, tiny_hf_config, tiny_hf_model
 
 VARIANTS = list(TINY_VARIANTS)
 IMPLS = ["local", "transformer_engine"]  # names only: both layer implementations' state dicts
@@ -26,11 +26,14 @@ def converted(variant, transformer_impl="local", padded_vocab_size=128):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_hf_megatron_hf_is_bit_identical(variant, impl):
     model, family, cfg = converted(variant, impl)
-    hf = model.state_dict()
+    hf = hub_state_dict(model)  # the tensors save_pretrained writes (one per MoE expert)
     rows = family.rows(cfg)
-    mcore = dict(hf_to_megatron(hf.__getitem__, cfg, rows))
+    mcore = dict(hf_to_megatron(hf.__getitem__, cfg, family.rows(cfg, stored=hf)))
     assert mcore["embedding.word_embeddings.weight"].shape[0] == 128
     assert ("output_layer.weight" in mcore) != cfg.tied_embeddings
+    in_memory = model.state_dict()  # MoE experts stacked: the same Megatron tensors
+    stacked = dict(hf_to_megatron(in_memory.__getitem__, cfg, family.rows(cfg, stored=in_memory)))
+    assert stacked.keys() == mcore.keys() and all(torch.equal(stacked[n], mcore[n]) for n in mcore)
     back = dict(megatron_to_hf(mcore.__getitem__, cfg, rows))
     expected = {k: v for k, v in hf.items() if not (cfg.tied_embeddings and k == "lm_head.weight")}
     assert back.keys() == expected.keys()
@@ -45,7 +48,8 @@ def test_megatron_hf_megatron_is_bit_identical(variant):
     _, family, cfg = converted(variant)
     gen = torch.Generator().manual_seed(0)
     with torch.device("meta"):
-        shapes = dict(hf_to_megatron(tiny_hf_model_meta(variant).__getitem__, cfg, family.rows(cfg)))
+        meta = tiny_hf_model_meta(variant)
+        shapes = dict(hf_to_megatron(meta.__getitem__, cfg, family.rows(cfg, stored=meta)))
     mcore = {name: torch.randn(t.shape, generator=gen) for name, t in shapes.items()}
     for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         if name in mcore:
@@ -84,7 +88,8 @@ def check_logits_match(variant):
     hf_model, family, cfg = converted(variant, padded_vocab_size=tiny_hf_config(variant).vocab_size)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     model = build_gpt_model(cfg, cfg.transformer_config())
-    state = dict(hf_to_megatron(hf_model.state_dict().__getitem__, cfg, family.rows(cfg)))
+    hf_state = hf_model.state_dict()
+    state = dict(hf_to_megatron(hf_state.__getitem__, cfg, family.rows(cfg, stored=hf_state)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(name.endswith("_extra_state") for name in missing), (missing, unexpected)
     tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))

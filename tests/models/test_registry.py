@@ -8,13 +8,15 @@ from sed_megatron.models import family_for, register, registry, supported_model_
 
 
 def test_supported_families():
-    assert supported_model_types() == ("llama", "mistral", "qwen2")
+    assert supported_model_types() == ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
     assert {t: family_for(t).architecture for t in supported_model_types()} == {
-        "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def test_unsupported_model_type_lists_the_supported():
-    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'; supported: llama, mistral, qwen2"):
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'; supported: llama, mistral, qwen2, qwen3, "
+                                         "qwen3_moe"):
         family_for("gpt2")
 
 

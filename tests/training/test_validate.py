@@ -73,6 +73,27 @@ def test_expert_layouts(parser):
         parser, base + ["--num-experts", "6", "--expert-model-parallel-size", "4"], 4)
 
 
+def test_moe_needs(parser):
+    """Expert TP must split each expert's MLP; grouped GEMM needs TE; a capacity factor drops tokens (a notice)."""
+    moe = ["--config", TINY, "--num-experts", "6", "--moe-ffn-hidden-size", "30"]
+    assert fails(parser, moe + ["--expert-tensor-parallel-size", "4"], 4) == (
+        "--moe-ffn-hidden-size 30 (each expert's MLP) does not split over --expert-tensor-parallel-size 4: use an "
+        "--expert-tensor-parallel-size that divides it (1, 2, 3, 5, 6, 10, 15, 30)")
+    assert "over expert TP = --tensor-model-parallel-size 4: " in fails(
+        parser, moe + ["--tensor-model-parallel-size", "4", "--num-query-groups", "4"], 4)
+    assert fails(parser, moe).startswith(  # the example's TP=2
+        f"--tensor-model-parallel-size 2 ({TINY}: parallel.tensor_model_parallel_size) with MoE layers needs "
+        f"--sequence-parallel")
+    assert validate_run(settings(parser, moe), 2, training=False) == ([], [])  # compare, calibration: forward only
+    moe += ["--tensor-model-parallel-size", "1"]
+    assert fails(parser, moe + ["--moe-grouped-gemm"]).startswith(
+        "--moe-grouped-gemm: grouped GEMM experts need Transformer Engine layers")
+    notices, _ = validate_run(settings(parser, moe + ["--moe-expert-capacity-factor", "1.0"]), 2)
+    assert notices == ["--moe-expert-capacity-factor 1.0: experts drop the tokens beyond their capacity "
+                       "(a Hugging Face model drops none)"]
+    assert validate_run(settings(parser, moe + ["--expert-model-parallel-size", "2"]), 2) == ([], [])
+
+
 def test_batch_arithmetic(parser):
     message = fails(parser, ["--config", TINY, "--tensor-model-parallel-size", "1", "--global-batch-size", "6"])
     assert message.startswith("--global-batch-size 6 is not a multiple of --micro-batch-size 4 (")
