@@ -20,8 +20,8 @@ ARCHITECTURE_KEYS = (
     "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "hidden_act",
     "tie_word_embeddings", "rope_parameters", "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window",
-    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "router_aux_loss_coef",
-    "decoder_sparse_step", "mlp_only_layers",
+    "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+    "router_aux_loss_coef", "decoder_sparse_step", "mlp_only_layers",
 )
 """Keys the families compute from the checkpoint's architecture (those the family's config has)."""
 
