@@ -104,6 +104,51 @@ class HFTensors:
         return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
 
+class ShardWriter:
+    """safetensors shards of at most max_bytes (unless one tensor is larger), written as they fill,
+    then named as transformers expects (model.safetensors, or model-0000i-of-0000n with an index)."""
+
+    def __init__(self, directory, max_bytes):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.files, self.total = [], 0
+        self._pending, self._size = {}, 0
+
+    def add(self, name, tensor):
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._size + nbytes > self.max_bytes:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._size += nbytes
+        self.total += nbytes
+
+    def _flush(self):
+        from safetensors.torch import save_file
+
+        file_name = f"part-{len(self.files):05d}.safetensors"
+        path = os.path.join(self.directory, file_name)
+        save_file(self._pending, path, metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600: as readable as the files beside it
+        self.files.append((file_name, list(self._pending)))
+        self._pending, self._size = {}, 0
+
+    def close(self):
+        """Name the shards and write the index; the number of tensors."""
+        if self._pending or not self.files:
+            self._flush()
+        count = len(self.files)
+        weight_map = {}
+        for i, (file_name, names) in enumerate(self.files):
+            final = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(os.path.join(self.directory, file_name), os.path.join(self.directory, final))
+            weight_map.update(dict.fromkeys(names, final))
+        if count > 1:
+            with open(os.path.join(self.directory, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
+        return len(weight_map)
+
+
 def single_process_env():
     """A torch.distributed world of one process for the converters, unless torchrun set one up."""
     from sed_megatron.utils import free_port

@@ -30,7 +30,7 @@ import math
 import os
 
 from ..utils import UsageError
-from .checkpoint import check_output_dir, staged_output
+from .checkpoint import ShardWriter, check_output_dir, staged_output
 
 # GGUF `general.architecture` values of the families tools/convert_hf_to_mcore.py takes
 # (a Mistral GGUF says "llama"; transformers tells it apart by name).
@@ -159,50 +159,6 @@ def _rope_freqs(reader):
         if tensor.name == ROPE_FREQS:
             return gguf.dequantize(tensor.data, tensor.tensor_type).reshape(-1)
     raise KeyError(ROPE_FREQS)
-
-
-# ---------------------------------------------------------------- writing safetensors
-
-class ShardWriter:
-    """safetensors shards of at most max_bytes (unless one tensor is larger), written as they fill.
-
-    (tools/convert_mcore_to_hf.py has the same writer; one shared copy would be better.)"""
-
-    def __init__(self, directory, max_bytes):
-        self.directory, self.max_bytes = directory, max_bytes
-        self.files, self.total = [], 0
-        self._pending, self._size = {}, 0
-
-    def add(self, name, tensor):
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._size + nbytes > self.max_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._size += nbytes
-        self.total += nbytes
-
-    def _flush(self):
-        from safetensors.torch import save_file
-
-        file_name = f"part-{len(self.files):05d}.safetensors"
-        save_file(self._pending, os.path.join(self.directory, file_name), metadata={"format": "pt"})
-        self.files.append((file_name, list(self._pending)))
-        self._pending, self._size = {}, 0
-
-    def close(self):
-        """Name the shards as transformers expects and write the index; the number of tensors."""
-        if self._pending or not self.files:
-            self._flush()
-        count = len(self.files)
-        weight_map = {}
-        for i, (file_name, names) in enumerate(self.files):
-            final = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            os.replace(os.path.join(self.directory, file_name), os.path.join(self.directory, final))
-            weight_map.update(dict.fromkeys(names, final))
-        if count > 1:
-            with open(os.path.join(self.directory, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
-        return len(weight_map)
 
 
 # ---------------------------------------------------------------- the conversion
@@ -371,10 +327,6 @@ def gguf_to_hf(gguf_path, save, dtype="bfloat16", overwrite=False, max_shard_byt
         tokenizer.save_pretrained(tmp_dir)
         _portable_tokenizer_class(tmp_dir)
         generation.save_pretrained(tmp_dir)
-        umask = os.umask(0)
-        os.umask(umask)
-        for name in os.listdir(tmp_dir):  # safetensors writes 0600 files; make them as readable as the rest
-            os.chmod(os.path.join(tmp_dir, name), 0o666 & ~umask)
         size = writer.total
     del model, weights
     return {

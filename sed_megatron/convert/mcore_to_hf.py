@@ -14,7 +14,6 @@ The architecture comes from the checkpoint's sed_megatron_model.yaml. Bad input 
 ValueError with one line naming the file, and nothing is left at `save`.
 """
 
-import json
 import os
 
 from sed_megatron.models import build_gpt_model, family_for
@@ -22,47 +21,15 @@ from sed_megatron.models.mapping import megatron_to_hf
 from sed_megatron.models.model_file import MODEL_FILE, model_config_from_file
 from sed_megatron.utils import UsageError
 
-from .checkpoint import check_output_dir, checkpoint_iteration_dir, single_process_model_parallel, staged_output
+from .checkpoint import (
+    ShardWriter,
+    check_output_dir,
+    checkpoint_iteration_dir,
+    single_process_model_parallel,
+    staged_output,
+)
 from .hf_files import write_hf_files
 from .hf_to_mcore import DTYPES, Converted
-
-
-class ShardWriter:
-    """safetensors shards of at most max_bytes (unless one tensor is larger), written as they fill."""
-
-    def __init__(self, directory, max_bytes):
-        self.directory, self.max_bytes = directory, max_bytes
-        self.files, self.weight_map, self.total = [], {}, 0
-        self._pending, self._size = {}, 0
-
-    def add(self, name, tensor):
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._size + nbytes > self.max_bytes:
-            self._flush()
-        self._pending[name] = tensor
-        self._size += nbytes
-        self.total += nbytes
-
-    def _flush(self):
-        from safetensors.torch import save_file
-
-        file_name = f"part-{len(self.files):05d}.safetensors"
-        save_file(self._pending, os.path.join(self.directory, file_name), metadata={"format": "pt"})
-        self.files.append((file_name, list(self._pending)))
-        self._pending, self._size = {}, 0
-
-    def close(self):
-        """Name the shards as transformers expects and write the index; the number of tensors."""
-        self._flush()
-        count = len(self.files)
-        for i, (file_name, names) in enumerate(self.files):
-            final = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            os.replace(os.path.join(self.directory, file_name), os.path.join(self.directory, final))
-            self.weight_map.update(dict.fromkeys(names, final))
-        if count > 1:
-            with open(os.path.join(self.directory, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, f, indent=2)
-        return len(self.weight_map)
 
 
 def convert_mcore_to_hf(load, save, hf_template=None, dtype="auto", max_shard_size_mb=5000, overwrite=False,
