@@ -6,8 +6,8 @@ that a share r (the masking ratio) of tokens is left without the penalty:
     tau = sorted(P_topk)[N - floor(r N)]      (ascending, N values; the published rule)
 
 so about (1 - r) N tokens have P_topk < tau. floor(r N) = 0 (r N < 1) gives tau = 1: every
-token with P_topk < 1 is penalized. The values are gathered from every data-parallel rank
-before the quantile is taken, so τ does not depend on the parallel layout.
+token with P_topk < 1 is penalized. The values are gathered from every data- and
+context-parallel rank before the quantile is taken, so τ does not depend on the parallel layout.
 """
 
 import math

@@ -1,9 +1,11 @@
-"""τ calibration on Megatron models: forward only, any TP x PP x DP, exact across DP ranks.
+"""τ calibration on Megatron models: forward only, any TP x PP x CP x DP, exact across ranks.
 
 The calibration samples are split over data-parallel ranks (rank d takes samples d, d + D, ...),
 run one per micro-batch without gradients through the same batch pipeline and model call as
-training (so packed THD rows keep their samples apart here too), and the global top-k mass
-of the chosen tokens is gathered from every DP rank before the quantile is taken.
+training (so packed THD rows keep their samples apart here too, and each context-parallel
+rank scores its own chunks of every sample), and the global top-k mass of the chosen tokens
+is gathered from every DP x CP rank before the quantile is taken: the same set of values,
+whatever the layout.
 """
 
 import dataclasses
@@ -36,7 +38,8 @@ def _calibration_step(step_cfg: StepConfig, token_set, sink, data_iterator, mode
 
 
 def local_topk_masses(model_chunks, dataset, num_samples, step_cfg: StepConfig, token_set):
-    """This rank's share of the calibration values (empty except on the last pipeline stage).
+    """This rank's share of the calibration values (empty except on the last pipeline stage):
+    the tokens of its samples (split over DP) that its CP rank holds.
 
     The top-k mass uses k = step_cfg.loss.top_k, the k of training."""
     dp_group = model_groups(model_chunks[0]).dp
@@ -75,7 +78,8 @@ def calibrate_tau(model_chunks, dataset, num_samples, step_cfg: StepConfig, mask
     tau = torch.zeros(1, dtype=torch.float64, device=torch.cuda.current_device())
     _, last = pipeline_stage(groups.pp)
     if last:
-        tau[0] = tau_from_topk_mass(gather_values(values, groups.dp), mask_ratio)
+        # DP ranks scored different samples, CP ranks different tokens of the same samples.
+        tau[0] = tau_from_topk_mass(gather_values(values, groups.dp_cp), mask_ratio)
     # Every last-stage rank now holds the same tau; it reaches the other stages of its pipeline.
     dist.broadcast(tau, src=dist.get_global_rank(groups.pp, dist.get_world_size(group=groups.pp) - 1), group=groups.pp)
     return float(tau[0])

@@ -1,8 +1,8 @@
 """Per-token training metrics: what the loss function reports and how it lands in metrics.jsonl.
 
 The loss function reports each metric as a `[sum, count]` pair over this micro-batch's loss
-tokens; Megatron's loop adds the pairs over micro-batches and data-parallel ranks, so each
-logged value is a token-weighted mean over the whole global batch.
+tokens; Megatron's loop adds the pairs over micro-batches and data- x context-parallel ranks
+(its dp_cp group), so each logged value is a token-weighted mean over the whole global batch.
 """
 
 import json

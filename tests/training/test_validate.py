@@ -93,11 +93,25 @@ def test_warmup_longer_than_the_run(parser):
     assert message.startswith("--lr-warmup-iters 5 (") and message.endswith("--train-iters 3")
 
 
-def test_features_the_local_layers_lack(parser):
-    assert fails(parser, ["--config", TINY, "--sequence-parallel"]).startswith(
-        "--sequence-parallel: sequence parallelism needs Transformer Engine layers")
-    assert "context parallelism needs Transformer Engine" in fails(
-        parser, ["--config", TINY, "--tensor-model-parallel-size", "1", "--context-parallel-size", "2"])
+def test_sequence_and_context_parallel(parser):
+    # The local layers run both now; what remains are the layout rules and the CP variants the
+    # local attention lacks, each named by its flag.
+    validate_run(settings(parser, ["--config", TINY, "--sequence-parallel"]), 2)
+    validate_run(settings(parser, ["--config", TINY, "--tensor-model-parallel-size", "1",
+                                   "--context-parallel-size", "2"]), 2)
+    validate_run(settings(parser, ["--config", TINY, "--context-parallel-size", "2", "--sequence-parallel"]), 4)
+    assert fails(parser, ["--config", TINY, "--tensor-model-parallel-size", "1", "--sequence-parallel"]).startswith(
+        "--sequence-parallel needs more than one tensor-parallel rank (--tensor-model-parallel-size 1):")
+    assert fails(parser, ["--config", TINY, "--tensor-model-parallel-size", "1", "--context-parallel-size", "2",
+                          "--seq-length", "62"]) == (
+        "--seq-length 62 is not a multiple of 2 x --context-parallel-size 2 = 4: each CP rank holds 2 of 2 x CP "
+        "equal chunks of every sequence")
+    assert "tokens per CP rank do not split over --tensor-model-parallel-size 4" in fails(
+        parser, ["--config", TINY, "--tensor-model-parallel-size", "4", "--num-query-groups", "4", "--context-parallel-size",
+                 "2", "--seq-length", "68", "--sequence-parallel"], 8)
+    assert fails(parser, ["--config", TINY, "--tensor-model-parallel-size", "1", "--context-parallel-size", "2",
+                          "--hybrid-context-parallel"]).startswith(
+        "--hybrid-context-parallel: hybrid context parallelism needs Transformer Engine layers")
 
 
 def test_load_without_a_checkpoint(parser, tmp_path):
