@@ -99,7 +99,8 @@ class PackedSFTDataset:
     """Packed rows over an IndexedSFTDataset-like source, one packing per epoch of its order.
 
     source.epoch_documents(epoch) gives the documents of an epoch in order; rows are packed
-    from them, and index i reads row i of the epoch that contains it.
+    from them, and index i reads row i of the epoch that contains it. `first_samples(n)`: the
+    rows that hold exactly the source's first n samples (what τ calibration scores).
     """
 
     def __init__(self, source, length, seq_length, thd=False, cp_size=1):
@@ -128,3 +129,24 @@ class PackedSFTDataset:
         row = self._rows[index - self._offset]
         samples = [(self.source.tokens[d].tolist(), self.source.masks[d].tolist()) for d in row]
         return packed_sample(samples, self.seq_length, thd=self.thd, cp_size=self.cp_size)
+
+    def first_samples(self, num_samples):
+        """A packed dataset of exactly the first num_samples samples of epoch 0 (the ones an
+        unpacked source reads at indices 0 .. num_samples - 1, when the split holds that many);
+        its length is its number of rows."""
+        first = _FirstDocuments(self.source, num_samples)
+        packed = PackedSFTDataset(first, 1, self.seq_length, thd=self.thd, cp_size=self.cp_size)
+        packed.length = len(packed._rows)
+        return packed
+
+
+class _FirstDocuments:
+    """The first n documents of a source's epoch-0 order, as every epoch."""
+
+    def __init__(self, source, n):
+        self.tokens, self.masks = source.tokens, source.masks
+        order = source.epoch_documents(0)
+        self._documents = (order * -(-n // len(order)))[:n]  # a split smaller than n repeats, as unpacked reads do
+
+    def epoch_documents(self, epoch):
+        return self._documents

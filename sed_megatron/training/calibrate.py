@@ -37,6 +37,17 @@ def _calibration_step(step_cfg: StepConfig, token_set, sink, data_iterator, mode
                                      labels, loss_mask)
 
 
+def calibration_rows(dataset, num_samples):
+    """(dataset, rows) that hold the first num_samples samples: the samples themselves, or the
+    packed rows of exactly those samples (a packed dataset's `first_samples`), so that packing
+    neither changes the calibration set nor scores more than num_samples samples."""
+    first_samples = getattr(dataset, "first_samples", None)
+    if first_samples is None:
+        return dataset, num_samples
+    packed = first_samples(num_samples)
+    return packed, len(packed)
+
+
 def local_topk_masses(model_chunks, dataset, num_samples, step_cfg: StepConfig, token_set):
     """This rank's share of the calibration values (empty except on the last pipeline stage):
     the tokens of its samples (split over DP) that its CP rank holds.
@@ -44,9 +55,11 @@ def local_topk_masses(model_chunks, dataset, num_samples, step_cfg: StepConfig, 
     The top-k mass uses k = step_cfg.loss.top_k, the k of training."""
     dp_group = model_groups(model_chunks[0]).dp
     dp_rank, dp_size = dist.get_rank(group=dp_group), dist.get_world_size(group=dp_group)
-    if num_samples < dp_size:
-        raise ValueError(f"{num_samples} calibration samples cannot be split over {dp_size} data-parallel ranks")
-    indices = range(dp_rank, num_samples, dp_size)
+    dataset, num_rows = calibration_rows(dataset, num_samples)
+    if num_rows < dp_size:
+        raise ValueError(f"{num_samples} calibration samples ({num_rows} rows) cannot be split over {dp_size} "
+                         f"data-parallel ranks")
+    indices = range(dp_rank, num_rows, dp_size)
     samples = iter([{key: value.unsqueeze(0) for key, value in dataset[i].items()} for i in indices])
     # One sample per micro-batch (no partial micro-batches); the loss kind does not matter: CE.
     step_cfg = dataclasses.replace(step_cfg, loss=LossConfig(kind="ce", top_k=step_cfg.loss.top_k),
