@@ -1,6 +1,7 @@
 """Start-up checks: each bad setting stops the run with one line naming the flag (and its YAML key)."""
 
 import argparse
+import glob
 import os
 import subprocess
 import sys
@@ -112,6 +113,26 @@ def test_sequence_and_context_parallel(parser):
     assert fails(parser, ["--config", TINY, "--tensor-model-parallel-size", "1", "--context-parallel-size", "2",
                           "--hybrid-context-parallel"]).startswith(
         "--hybrid-context-parallel: hybrid context parallelism needs Transformer Engine layers")
+
+
+PAPER_ARCHITECTURES = {  # the converted checkpoints' model files carry these; the recipes have no model section
+    "llama32_3b": ["--num-layers", "28", "--hidden-size", "3072", "--ffn-hidden-size", "8192",
+                   "--num-attention-heads", "24", "--group-query-attention", "--num-query-groups", "8"],
+    "qwen25_math_7b": ["--num-layers", "28", "--hidden-size", "3584", "--ffn-hidden-size", "18944",
+                       "--num-attention-heads", "28", "--group-query-attention", "--num-query-groups", "4"],
+}
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "examples", "paper", "*.yaml"))),
+                         ids=os.path.basename)
+def test_paper_recipes_pass_the_start_up_checks(parser, path):
+    """Each recipe's layout (TP x CP x DP at 32k, packed) at its node count, with its model's heads."""
+    name = os.path.basename(path)
+    model = next(key for key in PAPER_ARCHITECTURES if name.startswith(key))
+    world = 8 * int(name.split("_")[-2][0])  # ..._1x8_sed.yaml: 1 node of 8 GPUs
+    s = settings(parser, ["--config", path, *PAPER_ARCHITECTURES[model]])
+    assert s.seq_length == 32768 and s.sft_pack and s.context_parallel_size == 2
+    assert validate_run(s, world) == ([], [])
 
 
 def test_load_without_a_checkpoint(parser, tmp_path):
