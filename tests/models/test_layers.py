@@ -1,5 +1,5 @@
 """The local SP/CP layers alone: the CP attention against full attention (values and grads),
-the token partition against Megatron's chunk order, the SP norm against TP=1."""
+the token partition against Megatron's chunk order, the SP norms against replicated ones."""
 
 import pytest
 import torch
@@ -37,8 +37,8 @@ def _reference_attention(q, k, v, segments):
     return torch.einsum("bnqk,kbnd->qbnd", probs, v).reshape(s, b, n * d)
 
 
-def _attention_module(cp_group, heads=4, groups=2, head_dim=8):
-    from megatron.core import parallel_state, tensor_parallel
+def _attention_module(cp_group, tp_group, heads=4, groups=2, head_dim=8):
+    from megatron.core import tensor_parallel
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.enums import AttnMaskType
@@ -50,25 +50,29 @@ def _attention_module(cp_group, heads=4, groups=2, head_dim=8):
                                num_query_groups=groups, kv_channels=head_dim, attention_dropout=0.0,
                                use_cpu_initialization=True, masked_softmax_fusion=False,
                                context_parallel_size=cp_group.size())
-    pgs = ProcessGroupCollection(tp=parallel_state.get_tensor_model_parallel_group(), cp=cp_group)
+    pgs = ProcessGroupCollection(tp=tp_group, cp=cp_group)
     return ContextParallelAttention(config, 1, AttnMaskType.causal, "self", pg_collection=pgs)
 
 
-def check_cp_attention_equals_full_attention():
-    """CP = 1, 2 and 4 within 4 processes: each CP rank runs its chunks; outputs and input
-    gradients, put back in global order, equal full attention in float64 (the differences are
-    rounding, ~1e-15: 1e-12 leaves room for another summation order and nothing else)."""
+def check_local_parallel_layers():
+    """4 processes (Megatron's TP = 2): the CP attention at CP = 1, 2 and 4 against full
+    attention (it has its own groups, TP = 1), then the SP norms in a GPT model at TP = 2."""
     import torch.distributed as dist
     from megatron.core.packed_seq_params import PackedSeqParams
 
     world, rank = dist.get_world_size(), dist.get_rank()
+    singles = [dist.new_group([r]) for r in range(world)]
     for cp_size in (1, 2, 4):
         groups = [dist.new_group(list(range(start, start + cp_size))) for start in range(0, world, cp_size)]
         cp_group = groups[rank // cp_size]
-        attention = _attention_module(cp_group)
+        attention = _attention_module(cp_group, singles[rank])
+        # Each CP rank runs its chunks; outputs and input gradients, put back in global order,
+        # equal full attention in float64: the differences are rounding (~1e-15), so 1e-12
+        # leaves room for another summation order and nothing else.
         _check_against_full_attention(attention, cp_size, dist.get_rank(group=cp_group), PackedSeqParams)
         if cp_size == 1:
             _check_equals_megatron_local_attention(attention)
+    _check_sequence_parallel_norms()
 
 
 def _check_equals_megatron_local_attention(ours):
@@ -122,5 +126,56 @@ def _check_against_full_attention(attention, cp_size, rank, PackedSeqParams):
                                        msg=f"{name}: d{which}")
 
 
-def test_cp_attention_equals_full_attention():
-    run_distributed(check_cp_attention_equals_full_attention, world_size=4)
+def _check_sequence_parallel_norms():
+    """A GPT model with Q/K norms (Qwen3's qk_layernorm) at TP=2 with and without SP, same weights:
+    the same logits and, once the SP-marked norm gradients are summed over TP (what
+    finalize_model_grads does; Q/K norms always, by name), the same gradients. fp32, scattered vs
+    replicated norms: rounding only (~1e-7)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    from sed_megatron.models import build_gpt_model
+    from sed_megatron.testing.models import tiny_model_config
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    model_cfg = tiny_model_config(vocab_size=96, max_sequence_length=16).replace(qk_layernorm=True)
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 96, (2, 16), generator=gen)
+    weight = torch.randn(2, 16, 48, generator=gen)  # this rank's half of the vocabulary
+    causal = torch.triu(torch.ones(1, 1, 16, 16, dtype=torch.bool), 1)
+    results = {}
+    for sp in (False, True):
+        torch.manual_seed(5)
+        tensor_parallel.model_parallel_cuda_manual_seed(5)
+        model = build_gpt_model(model_cfg, model_cfg.transformer_config(tensor_model_parallel_size=2,
+                                                                        sequence_parallel=sp))
+        norms = {name: p for name, p in model.named_parameters() if "norm" in name}
+        assert len(norms) == 2 * 4 + 1  # per layer: input, pre-MLP, Q and K norms; the final norm
+        assert all(getattr(p, "sequence_parallel", False) == sp for p in norms.values())
+        logits = model(tokens, torch.arange(16).expand(2, -1), causal)  # [b, s, V/tp]
+        _engine_backward((logits * weight).sum())
+        grads = {}
+        for name, p in model.named_parameters():
+            grad = p.grad.clone()
+            if getattr(p, "sequence_parallel", False) or "q_layernorm" in name or "k_layernorm" in name:
+                dist.all_reduce(grad, group=tp_group)
+            grads[name] = grad
+        results[sp] = logits.detach(), grads
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _engine_backward(loss):
+    """The backward pass as Megatron's schedules start it (the autograd engine directly): a
+    `loss.backward()` call is a torch function, during which the CPU layer's device mode is off,
+    and SP's column-parallel backward allocates on "cuda"."""
+    from torch.autograd import Variable
+
+    Variable._execution_engine.run_backward(tensors=(loss,), grad_tensors=(torch.ones_like(loss),), keep_graph=False,
+                                            create_graph=False, inputs=(), allow_unreachable=True,
+                                            accumulate_grad=True)
+
+
+def test_local_parallel_layers():
+    run_distributed(check_local_parallel_layers, world_size=4, tp=2)
