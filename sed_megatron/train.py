@@ -72,7 +72,7 @@ def _before_training(args, step_cfg, model):
 
 def _keep_model_file(args):
     """A run loaded from a converted checkpoint saves its architecture file beside its own checkpoints."""
-    from sed_megatron.convert.checkpoint import MODEL_FILE
+    from sed_megatron.models.model_file import MODEL_FILE
 
     source = os.path.join(args.load or "", MODEL_FILE)
     if not (args.load and args.save and os.path.exists(source)):

@@ -24,16 +24,24 @@ def build_parser():
     parser.add_argument("--save", required=True, help="output checkpoint directory")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the Hugging Face config's dtype")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save once converted")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
+    parser.add_argument("--verbose", action="store_true", help="show Megatron's start-up output and warnings")
     return parser
 
 
 def main(argv=None):
     options = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from sed_megatron.utils import fail
+    from sed_megatron.runtime import quiet_tool
+
+    if not options.verbose:
+        quiet_tool()
     from sed_megatron.convert.hf_to_mcore import convert_hf_to_mcore
+    from sed_megatron.utils import fail, quiet_stdout
 
     try:
-        done = convert_hf_to_mcore(options.hf_dir, options.save, dtype=options.dtype, overwrite=options.overwrite)
+        with quiet_stdout(not options.verbose):
+            done = convert_hf_to_mcore(options.hf_dir, options.save, dtype=options.dtype, overwrite=options.overwrite,
+                                       progress=not options.quiet and sys.stderr.isatty())
     except ValueError as err:
         fail(err, PROG)  # one line, exit 2
     print(f"saved {done.path} ({done.model_cfg.model_type}, {done.dtype}, padded vocab {done.model_cfg.padded_vocab_size})")

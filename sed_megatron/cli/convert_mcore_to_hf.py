@@ -26,17 +26,26 @@ def build_parser():
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the dtype the checkpoint was converted with")
     parser.add_argument("--max-shard-size-mb", type=int, default=5000)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save once exported")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
+    parser.add_argument("--verbose", action="store_true", help="show Megatron's start-up output and warnings")
     return parser
 
 
 def main(argv=None):
     options = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from sed_megatron.utils import fail
+    from sed_megatron.runtime import quiet_tool
+
+    if not options.verbose:
+        quiet_tool()
     from sed_megatron.convert.mcore_to_hf import convert_mcore_to_hf
+    from sed_megatron.utils import fail, quiet_stdout
 
     try:
-        done = convert_mcore_to_hf(options.load, options.save, hf_template=options.hf_template, dtype=options.dtype,
-                                   max_shard_size_mb=options.max_shard_size_mb, overwrite=options.overwrite)
+        with quiet_stdout(not options.verbose):
+            done = convert_mcore_to_hf(options.load, options.save, hf_template=options.hf_template,
+                                       dtype=options.dtype, max_shard_size_mb=options.max_shard_size_mb,
+                                       overwrite=options.overwrite,
+                                       progress=not options.quiet and sys.stderr.isatty())
     except ValueError as err:
         fail(err, PROG)  # one line, exit 2
     print(f"saved {done.path} ({done.model_cfg.model_type}, {done.dtype}, {done.count} tensors)")

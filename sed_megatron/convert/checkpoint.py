@@ -1,8 +1,6 @@
-"""What both converters read and write: the model file, safetensors shards, staged output.
+"""What both converters read and write: safetensors shards, staged output, a one-process world.
 
-Beside a converted checkpoint, `sed_megatron_model.yaml` holds the architecture as Megatron-LM
-flags (`model:`), the Hugging Face model_type, the padded vocabulary size and the dtype;
-`sed_megatron.train --load CKPT_DIR` reads it, so the architecture need not be repeated.
+The model file beside a checkpoint (its architecture) is sed_megatron/models/model_file.py's.
 """
 
 import contextlib
@@ -11,46 +9,7 @@ import os
 import shutil
 import struct
 
-import yaml
-
-from sed_megatron.models.config import VOCAB_MULTIPLE, ModelConfig, padded_vocab_size  # noqa: F401
 from sed_megatron.utils import UsageError
-
-MODEL_FILE = "sed_megatron_model.yaml"
-
-
-def read_model_file(checkpoint_dir):
-    """The architecture stored beside a converted checkpoint (a dict), or None."""
-    path = os.path.join(checkpoint_dir or "", MODEL_FILE)
-    if not checkpoint_dir or not os.path.exists(path):
-        return None
-    with open(path) as f:
-        info = yaml.safe_load(f)
-    if not isinstance(info, dict) or not {"model", "model_type", "padded_vocab_size"} <= set(info):
-        raise UsageError(f"{path}: not a sed_megatron model file (model, model_type, padded_vocab_size expected)")
-    return info
-
-
-def model_config_from_file(checkpoint_dir, transformer_impl="local"):
-    """(ModelConfig, dtype name) of a converted (or trained-from-converted) checkpoint, or None
-    without a model file; ValueError naming the file and key when it cannot be read."""
-    info = read_model_file(checkpoint_dir)
-    if info is None:
-        return None
-    path = os.path.join(checkpoint_dir, MODEL_FILE)
-    if not isinstance(info["model"], dict):
-        raise UsageError(f"{path}: model must be a mapping of Megatron-LM flags")
-    cfg = ModelConfig.from_megatron_flags(info["model"], info["padded_vocab_size"], model_type=info["model_type"],
-                                          transformer_impl=transformer_impl, where=f"{path}: model")
-    return cfg, info.get("dtype", "float32")
-
-
-def write_model_file(directory, model_cfg, dtype_name):
-    """The model file of a checkpoint: readable by read_model_file and by every earlier version's."""
-    with open(os.path.join(directory, MODEL_FILE), "w") as f:
-        yaml.safe_dump({"model_type": model_cfg.model_type, "model": model_cfg.to_megatron_flags(),
-                        "padded_vocab_size": model_cfg.padded_vocab_size, "dtype": dtype_name}, f, sort_keys=False)
-
 
 _SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
@@ -147,13 +106,10 @@ class HFTensors:
 
 def single_process_env():
     """A torch.distributed world of one process for the converters, unless torchrun set one up."""
-    import socket
+    from sed_megatron.utils import free_port
 
     if "RANK" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     elif os.environ.get("WORLD_SIZE", "1") != "1":
         raise UsageError("run the converter as a single process (no torchrun with several processes)")
 

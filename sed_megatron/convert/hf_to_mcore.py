@@ -12,7 +12,7 @@ rows are zero. The family (name map, layers) follows the config's model_type.
 Bad input (an unsupported model_type, a missing or corrupt shard, a shape mismatch, a
 non-empty output directory) is a ValueError with one line naming the file, and nothing is
 left at `save`. The process becomes a one-process torch.distributed world with Megatron's
-global state initialized: call it once per process (tests: sed_megatron.testing.isolated).
+global state initialized: call it once per process (sed_megatron.launch.run_isolated).
 """
 
 import argparse
@@ -21,9 +21,10 @@ import os
 from dataclasses import dataclass
 
 from sed_megatron.models import ModelConfig, family_for
+from sed_megatron.models.model_file import write_model_file
 from sed_megatron.utils import UsageError
 
-from .checkpoint import HFTensors, check_output_dir, single_process_env, staged_output, write_model_file
+from .checkpoint import HFTensors, check_output_dir, single_process_env, staged_output
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 

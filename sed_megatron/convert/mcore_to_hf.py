@@ -20,12 +20,10 @@ import shutil
 
 from sed_megatron.models import build_gpt_model, family_for
 from sed_megatron.models.mapping import megatron_to_hf
+from sed_megatron.models.model_file import MODEL_FILE, model_config_from_file
 from sed_megatron.utils import UsageError
 
-from .checkpoint import (
-    MODEL_FILE, check_output_dir, checkpoint_iteration_dir, model_config_from_file, single_process_model_parallel,
-    staged_output,
-)
+from .checkpoint import check_output_dir, checkpoint_iteration_dir, single_process_model_parallel, staged_output
 from .hf_to_mcore import DTYPES, Converted
 
 TEMPLATE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

@@ -162,7 +162,10 @@ def yaml_to_argv(path, parser, sources=None):
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from err
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
     if doc is None:
         return []
     if not isinstance(doc, dict):

@@ -30,6 +30,13 @@ def _escape_bare_percent(parser):
                 action.help = action.help.replace("%", "%%")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's errors as one line: no usage block (Megatron's parser has ~900 flags)."""
+
+    def error(self, message):
+        _fail(message, self.prog)
+
+
 def print_help_if_asked(argv, prog, description=None, extra_args_provider=None):
     """-h/--help: the tool's own options, then SED-SFT's, on one screen (Megatron-LM's ~900 flags
     are behind --help-megatron); exit 0. Entry points call it before anything else."""
@@ -45,6 +52,24 @@ def print_help_if_asked(argv, prog, description=None, extra_args_provider=None):
         parser = extra_args_provider(parser)
     add_sed_arguments(parser).print_help()
     sys.exit(0)
+
+
+def parse_flags(argv, runtime, extra_args_provider=None, prog="sed_megatron.train"):
+    """The flags of a run (defaults, YAML, command line) as an argparse namespace, without
+    Megatron's validation or global state: enough to know the layout before processes start."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    from .arguments import ConfigError, add_sed_arguments, expand_config
+
+    parser = add_megatron_arguments(OneLineErrorParser(prog=prog, allow_abbrev=False))
+    if extra_args_provider is not None:
+        parser = extra_args_provider(parser)
+    parser = add_sed_arguments(parser)
+    try:
+        expanded = expand_config(argv, parser)
+    except (ConfigError, ValueError) as err:
+        fail(str(err), prog)
+    return parser.parse_known_args(run_defaults(runtime) + expanded)[0]
 
 
 def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=None, precheck=None,
@@ -64,7 +89,7 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
     # Megatron requires it with tensor parallelism (kernel ordering on one CUDA stream queue).
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
-    from sed_megatron.convert.checkpoint import MODEL_FILE, read_model_file
+    from sed_megatron.models.model_file import MODEL_FILE, read_model_file
 
     from .arguments import ConfigError, add_sed_arguments, expand_config, option_names, yaml_flags_to_argv
     from .validate import Settings, StartupError, validate_run
@@ -76,7 +101,7 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
         return add_sed_arguments(parser)
 
     print_help_if_asked(argv, prog, description, extra_args_provider)
-    parser = add_arguments(add_megatron_arguments(argparse.ArgumentParser(prog=prog, allow_abbrev=False)))
+    parser = add_arguments(add_megatron_arguments(OneLineErrorParser(prog=prog, allow_abbrev=False)))
     _escape_bare_percent(parser)
     if "--help-megatron" in argv:
         parser.print_help()
@@ -227,8 +252,8 @@ def model_config_from_args(args):
 
     The Hugging Face model_type (which picks the family's layers) comes from the model file of a
     converted checkpoint in --load; a model defined by flags alone has none."""
-    from sed_megatron.convert.checkpoint import read_model_file
     from sed_megatron.models import ModelConfig
+    from sed_megatron.models.model_file import read_model_file
 
     info = read_model_file(args.load)
     return ModelConfig(

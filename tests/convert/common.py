@@ -5,9 +5,8 @@ import subprocess
 import sys
 
 from sed_megatron.convert.hf_to_mcore import convert_hf_to_mcore
-from sed_megatron.testing.isolated import run_isolated
+from sed_megatron.launch import run_isolated
 from sed_megatron.testing.tiny_hf import tiny_hf_model
-
 from sed_megatron.utils import free_port
 
 from ..training.launch import REPO, _env

@@ -40,7 +40,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
 
 def test_compare_wants_as_many_processes_as_the_layout(tmp_path, capsys):
     from sed_megatron.cli import compare_hf_mcore
-    from sed_megatron.convert.checkpoint import MODEL_FILE
+    from sed_megatron.models.model_file import MODEL_FILE
 
     from ..models.test_config import EARLIER_MODEL_FILE
 

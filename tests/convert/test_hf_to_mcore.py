@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from sed_megatron.convert.checkpoint import read_model_file
 from sed_megatron.convert.hf_to_mcore import convert_hf_to_mcore
+from sed_megatron.models.model_file import read_model_file
 
 from ..training.launch import train
 from .common import compare, convert, save_hf, to_mcore, training_config  # noqa: F401  (convert: tests/examples)

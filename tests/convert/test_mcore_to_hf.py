@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from sed_megatron.convert.checkpoint import read_model_file
+from sed_megatron.models.model_file import read_model_file
 
 from ..training.launch import train
 from .common import compare, export, save_hf, tensors, to_hf, to_mcore, training_config  # noqa: F401  (export: tests/examples)

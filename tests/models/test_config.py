@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import yaml
 
+from sed_megatron.launch import run_isolated
 from sed_megatron.models import ModelConfig, family_for
-from sed_megatron.testing.isolated import run_isolated
 from sed_megatron.testing.tiny_hf import TINY_VARIANTS, tiny_hf_config
 
 BASE = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
@@ -103,7 +103,7 @@ dtype: float32
 
 
 def test_reads_and_writes_the_earlier_model_file(tmp_path):
-    from sed_megatron.convert.checkpoint import MODEL_FILE, model_config_from_file, write_model_file
+    from sed_megatron.models.model_file import MODEL_FILE, model_config_from_file, write_model_file
 
     (tmp_path / MODEL_FILE).write_text(EARLIER_MODEL_FILE)
     cfg, dtype = model_config_from_file(str(tmp_path))
@@ -116,7 +116,7 @@ def test_reads_and_writes_the_earlier_model_file(tmp_path):
 
 
 def test_model_file_errors_name_the_file_and_key(tmp_path):
-    from sed_megatron.convert.checkpoint import MODEL_FILE, model_config_from_file
+    from sed_megatron.models.model_file import MODEL_FILE, model_config_from_file
 
     path = tmp_path / MODEL_FILE
     path.write_text(EARLIER_MODEL_FILE.replace("  swiglu: true", "  swiglu: true\n  seq_length: 64"))

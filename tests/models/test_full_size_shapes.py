@@ -89,6 +89,6 @@ def _megatron_shapes_match(names):
 
 
 def test_full_size_megatron_models_have_the_converted_shapes():
-    from sed_megatron.testing.isolated import run_isolated
+    from sed_megatron.launch import run_isolated
 
     run_isolated(_megatron_shapes_match, list(CONFIGS))

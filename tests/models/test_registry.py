@@ -4,8 +4,7 @@ import dataclasses
 
 import pytest
 
-from sed_megatron.models import family_for, register, supported_model_types
-from sed_megatron.models import registry
+from sed_megatron.models import family_for, register, registry, supported_model_types
 
 
 def test_supported_families():

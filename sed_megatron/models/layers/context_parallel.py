@@ -104,7 +104,6 @@ class ContextParallelAttention(_cp_attention_module_base()):
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None):
         from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
-        from megatron.core.process_groups_config import ProcessGroupCollection
         from megatron.core.transformer.enums import AttnMaskType
         from megatron.core.transformer.utils import attention_mask_func
         from megatron.core.utils import divide
@@ -115,8 +114,9 @@ class ContextParallelAttention(_cp_attention_module_base()):
                                   ("multi_latent_attention", config.multi_latent_attention)):
             if unsupported:
                 raise ValueError(f"TransformerConfig.{name}: not supported by the local context-parallel attention")
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        if pg_collection is None or getattr(pg_collection, "cp", None) is None:
+            # Megatron's SelfAttention always passes the model's groups; no global lookup here.
+            raise ValueError("ContextParallelAttention needs the model's ProcessGroupCollection (tp and cp)")
         self.pg_collection = pg_collection
         self.cp_group = pg_collection.cp
         tp_size = pg_collection.tp.size()
