@@ -25,6 +25,16 @@ def test_partition_is_megatrons_load_balanced_chunk_order():
         assert cp_partition_indices(None, 16, 4, rank).tolist() == expected
 
 
+@pytest.mark.gpu
+def test_partition_is_transformer_engines():
+    """Our per-sample chunks are TE's thd_get_partitioned_indices (what TE's CP attention expects)."""
+    tex = pytest.importorskip("transformer_engine_torch")
+    cu = torch.tensor([0, 8, 16, 24, 40], dtype=torch.int32, device="cuda")  # multiples of 2 x CP for CP = 2, 4
+    for cp_size, rank in ((2, 0), (2, 1), (4, 0), (4, 3)):
+        theirs = tex.thd_get_partitioned_indices(cu, 40, cp_size, rank).long().cpu()
+        assert cp_partition_indices(cu.cpu(), 40, cp_size, rank).tolist() == theirs.tolist(), (cp_size, rank)
+
+
 def _reference_attention(q, k, v, segments):
     """Causal softmax attention inside each segment, float64. q [s, b, n, d], k/v [s, b, g, d]."""
     s, b, n, d = q.shape
