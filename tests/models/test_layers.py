@@ -65,14 +65,15 @@ def _attention_module(cp_group, tp_group, heads=4, groups=2, head_dim=8):
 
 
 def check_local_parallel_layers():
-    """4 processes (Megatron's TP = 2): the CP attention at CP = 1, 2 and 4 against full
-    attention (it has its own groups, TP = 1), then the SP norms in a GPT model at TP = 2."""
+    """2 processes (Megatron's TP = 2): the CP attention at CP = 1 and 2 against full attention
+    (with groups of its own, TP = 1), then the SP norms in a GPT model at TP = 2. (CP = 4 only
+    changes the chunk order, checked without processes above.)"""
     import torch.distributed as dist
     from megatron.core.packed_seq_params import PackedSeqParams
 
     world, rank = dist.get_world_size(), dist.get_rank()
     singles = [dist.new_group([r]) for r in range(world)]
-    for cp_size in (1, 2, 4):
+    for cp_size in (1, 2):
         groups = [dist.new_group(list(range(start, start + cp_size))) for start in range(0, world, cp_size)]
         cp_group = groups[rank // cp_size]
         attention = _attention_module(cp_group, singles[rank])
@@ -188,4 +189,4 @@ def _engine_backward(loss):
 
 
 def test_local_parallel_layers():
-    run_distributed(check_local_parallel_layers, world_size=4, tp=2)
+    run_distributed(check_local_parallel_layers, world_size=2, tp=2)
