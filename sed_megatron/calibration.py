@@ -6,8 +6,9 @@ that a share r (the masking ratio) of tokens is left without the penalty:
     tau = sorted(P_topk)[N - floor(r N)]      (ascending, N values; the published rule)
 
 so about (1 - r) N tokens have P_topk < tau. floor(r N) = 0 (r N < 1) gives, as the published
-`sorted(values)[-0]` does, the smallest value: no token lies below it, none is penalized. The values are gathered from every data-parallel rank
-before the quantile is taken, so τ does not depend on the parallel layout.
+`sorted(values)[-0]` does, the smallest value: no token lies below it, none is penalized. The
+values are gathered from every data- and context-parallel rank before the quantile is taken,
+so τ does not depend on the parallel layout.
 """
 
 import math

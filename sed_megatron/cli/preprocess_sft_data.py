@@ -1,6 +1,6 @@
 """SFT data -> Megatron indexed dataset with assistant-only loss masks.
 
-    python tools/preprocess_sft_data.py --input chats.jsonl --tokenizer HF_DIR --output-prefix data/sft --seq-length 1024
+    python tools/preprocess_sft_data.py --input chats.jsonl --tokenizer HF_DIR --output-prefix data/sft --truncation skip
     python tools/preprocess_sft_data.py --input gsm8k.jsonl --prompt-key question --response-key answer \\
         --tokenizer HF_DIR --output-prefix data/gsm8k --seq-length 1024 --workers 8
 
@@ -8,14 +8,25 @@ Input: JSON lines with a `messages` list ({"role": system|user|assistant|tool, "
 every assistant turn carries loss) or prompt/response fields (names configurable), tokenized
 with the tokenizer's chat template. Writes PREFIX.bin/.idx (tokens) and
 PREFIX_loss_mask.bin/.idx. Bad input stops with one line naming file and line (or, with
---skip-bad, is counted and reported); a failure leaves no file at PREFIX.
+--skip-bad, is counted and reported); a failure leaves no file at PREFIX. By default samples of
+up to 32,000 tokens are kept, as the paper's data were. At the end one line on stderr gives the
+samples kept, their length distribution (p50 / p90 / max) and how many were dropped (per
+reason below it); the last line on stdout is the same summary as JSON.
 """
 
 import argparse
 import json
 import sys
 
-from sed_megatron.data.sft_preprocess import FORMATS, TRUNCATION, PreprocessConfig, preprocess, skip_report
+from sed_megatron.data.sft_preprocess import (
+    FORMATS,
+    PAPER_MAX_SAMPLE_TOKENS,
+    TRUNCATION,
+    PreprocessConfig,
+    preprocess,
+    skip_report,
+    summary_line,
+)
 from sed_megatron.utils import fail
 
 PROG = "preprocess_sft_data.py"
@@ -26,8 +37,9 @@ def parse_args(argv):
     parser.add_argument("--input", required=True, help="JSONL file")
     parser.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory (with its chat template)")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx and PREFIX_loss_mask.bin/.idx")
-    parser.add_argument("--seq-length", type=int, default=None,
-                        help="training sequence length (samples: seq_length + 1 tokens)")
+    parser.add_argument("--seq-length", type=int, default=PAPER_MAX_SAMPLE_TOKENS - 1,
+                        help="longest sample kept: seq_length + 1 tokens (default %(default)s: samples of up to "
+                             f"{PAPER_MAX_SAMPLE_TOKENS} tokens, the paper's; 0: no limit)")
     parser.add_argument("--truncation", choices=TRUNCATION, default="error",
                         help="longer samples: error (default), skip (counted), truncate (cut the end)")
     parser.add_argument("--format", choices=FORMATS, default="auto", help="auto: chat when the messages field is present")
@@ -49,7 +61,8 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = PreprocessConfig(
-            input=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix, seq_length=args.seq_length,
+            input=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
+            seq_length=args.seq_length or None,
             format=args.format, messages_key=args.messages_key, prompt_key=args.prompt_key,
             response_key=args.response_key, system_key=args.system_key, use_chat_template=not args.no_chat_template,
             truncation=args.truncation, skip_bad=args.skip_bad, vocab_size=args.vocab_size, workers=args.workers,
@@ -57,8 +70,9 @@ def main(argv=None):
         summary = preprocess(cfg, progress=not args.quiet and sys.stderr.isatty())
     except ValueError as err:
         fail(err, PROG)
+    print(f"{PROG}: {summary_line(summary)}", file=sys.stderr)
     for line in skip_report(summary):
-        print(f"{PROG}: {line}", file=sys.stderr)
+        print(f"{PROG}:   {line}", file=sys.stderr)
     print(json.dumps({k: summary[k] for k in ("samples", "tokens", "loss_tokens", "skipped", "lengths")}))
     return 0
 

@@ -12,6 +12,13 @@ boundaries of its samples (and of the padding tail, a segment of its own), int32
 seq_length + 1 entries with copies of seq_length as Megatron-LM's packed SFT data does, plus
 max_seqlen. Megatron then runs TE's packed-sequence (THD) attention, whose RoPE restarts at
 every segment.
+
+Under context parallelism (cp_size > 1, thd=True) every sample's segment is padded to a
+multiple of 2 x CP, as Transformer Engine requires and as Megatron-LM's SFT data does: the
+padding follows the sample's tokens inside its segment (no loss, position ids continuing),
+so causal attention never lets a real token see it. cu_seqlens then hold the padded
+boundaries, and cu_seqlens_padded (the same) is what Megatron's CP batch broadcast carries.
+Each CP rank takes chunks r and 2 x CP - 1 - r of every segment (training/batch.py).
 """
 
 import torch
@@ -19,11 +26,17 @@ import torch
 from sed_megatron.loss import IGNORE_INDEX
 
 
-def pack_greedy(lengths, seq_length):
-    """Rows of sample indices, in order: a new row starts when the next sample does not fit."""
+def padded_positions(length, multiple=1):
+    """Positions a sample of `length` tokens fills in a packed row: length - 1, rounded up."""
+    return -(-(length - 1) // multiple) * multiple
+
+
+def pack_greedy(lengths, seq_length, multiple=1):
+    """Rows of sample indices, in order: a new row starts when the next sample does not fit
+    (each sample taking its positions rounded up to `multiple`)."""
     rows, row, used = [], [], 0
     for index, length in enumerate(lengths):
-        positions = length - 1
+        positions = padded_positions(length, multiple)
         if positions > seq_length:
             raise ValueError(f"sample {index} of {length} tokens exceeds seq_length + 1 = {seq_length + 1}")
         if row and used + positions > seq_length:
@@ -36,8 +49,14 @@ def pack_greedy(lengths, seq_length):
     return rows
 
 
-def packed_sample(samples, seq_length, pad_id=0, thd=False):
-    """One training row from [(ids, loss_mask), ...] whose positions sum to <= seq_length."""
+def packed_sample(samples, seq_length, pad_id=0, thd=False, cp_size=1):
+    """One training row from [(ids, loss_mask), ...] whose positions sum to <= seq_length.
+
+    cp_size > 1 (thd only): every sample's segment padded to a multiple of 2 x cp_size, and
+    cu_seqlens_padded carried beside cu_seqlens."""
+    if cp_size > 1 and not thd:
+        raise ValueError("packing for context parallelism makes THD rows (thd=True)")
+    multiple = 2 * cp_size if cp_size > 1 else 1
     tokens = torch.full((seq_length,), pad_id, dtype=torch.int64)
     labels = torch.full((seq_length,), IGNORE_INDEX, dtype=torch.int64)
     loss_mask = torch.zeros(seq_length, dtype=torch.float32)
@@ -47,15 +66,16 @@ def packed_sample(samples, seq_length, pad_id=0, thd=False):
     start = 0
     for ids, mask in samples:
         n = len(ids) - 1
-        end = start + n
+        end = start + padded_positions(len(ids), multiple)  # padding (no loss) after the sample's n positions
         if end > seq_length:
             raise ValueError(f"samples of {end} positions do not fit seq_length {seq_length}")
         ids = torch.as_tensor(ids, dtype=torch.int64)
-        tokens[start:end] = ids[:-1]
-        labels[start:end] = ids[1:]
-        loss_mask[start:end] = torch.as_tensor(mask[1:], dtype=torch.float32)
-        position_ids[start:end] = torch.arange(n)
-        attention_mask[0, start:end, start:end] = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+        tokens[start:start + n] = ids[:-1]
+        labels[start:start + n] = ids[1:]
+        loss_mask[start:start + n] = torch.as_tensor(mask[1:], dtype=torch.float32)
+        position_ids[start:end] = torch.arange(end - start)
+        attention_mask[0, start:end, start:end] = torch.triu(torch.ones(end - start, end - start, dtype=torch.bool),
+                                                             diagonal=1)
         start = end
         boundaries.append(end)
     if start < seq_length:  # padding attends to itself only, so no row of the softmax is empty
@@ -67,18 +87,24 @@ def packed_sample(samples, seq_length, pad_id=0, thd=False):
     cu_seqlens = torch.full((seq_length + 1,), seq_length, dtype=torch.int32)
     cu_seqlens[:len(boundaries)] = torch.tensor(boundaries, dtype=torch.int32)
     max_seqlen = max(b - a for a, b in zip(boundaries, boundaries[1:]))
-    return {**row, "cu_seqlens": cu_seqlens, "max_seqlen": torch.tensor(max_seqlen, dtype=torch.int32)}
+    row = {**row, "cu_seqlens": cu_seqlens, "max_seqlen": torch.tensor(max_seqlen, dtype=torch.int32)}
+    if cp_size > 1:
+        if seq_length % multiple:
+            raise ValueError(f"seq_length {seq_length} is not a multiple of 2 x CP = {multiple}")
+        row["cu_seqlens_padded"] = cu_seqlens.clone()  # the boundaries already include the padding
+    return row
 
 
 class PackedSFTDataset:
     """Packed rows over an IndexedSFTDataset-like source, one packing per epoch of its order.
 
     source.epoch_documents(epoch) gives the documents of an epoch in order; rows are packed
-    from them, and index i reads row i of the epoch that contains it.
+    from them, and index i reads row i of the epoch that contains it. `first_samples(n)`: the
+    rows that hold exactly the source's first n samples (what τ calibration scores).
     """
 
-    def __init__(self, source, length, seq_length, thd=False):
-        self.source, self.length, self.seq_length, self.thd = source, length, seq_length, thd
+    def __init__(self, source, length, seq_length, thd=False, cp_size=1):
+        self.source, self.length, self.seq_length, self.thd, self.cp_size = source, length, seq_length, thd, cp_size
         self._epoch, self._rows, self._offset = 0, None, 0
         self._pack(0)
 
@@ -86,7 +112,8 @@ class PackedSFTDataset:
         documents = self.source.epoch_documents(epoch)
         lengths = [int(self.source.tokens.sequence_lengths[d]) for d in documents]
         self._epoch = epoch
-        self._rows = [[documents[i] for i in row] for row in pack_greedy(lengths, self.seq_length)]
+        multiple = 2 * self.cp_size if self.cp_size > 1 else 1
+        self._rows = [[documents[i] for i in row] for row in pack_greedy(lengths, self.seq_length, multiple)]
 
     def __len__(self):
         return self.length
@@ -101,4 +128,25 @@ class PackedSFTDataset:
             self._pack(self._epoch + 1)
         row = self._rows[index - self._offset]
         samples = [(self.source.tokens[d].tolist(), self.source.masks[d].tolist()) for d in row]
-        return packed_sample(samples, self.seq_length, thd=self.thd)
+        return packed_sample(samples, self.seq_length, thd=self.thd, cp_size=self.cp_size)
+
+    def first_samples(self, num_samples):
+        """A packed dataset of exactly the first num_samples samples of epoch 0 (the ones an
+        unpacked source reads at indices 0 .. num_samples - 1, when the split holds that many);
+        its length is its number of rows."""
+        first = _FirstDocuments(self.source, num_samples)
+        packed = PackedSFTDataset(first, 1, self.seq_length, thd=self.thd, cp_size=self.cp_size)
+        packed.length = len(packed._rows)
+        return packed
+
+
+class _FirstDocuments:
+    """The first n documents of a source's epoch-0 order, as every epoch."""
+
+    def __init__(self, source, n):
+        self.tokens, self.masks = source.tokens, source.masks
+        order = source.epoch_documents(0)
+        self._documents = (order * -(-n // len(order)))[:n]  # a split smaller than n repeats, as unpacked reads do
+
+    def epoch_documents(self, epoch):
+        return self._documents

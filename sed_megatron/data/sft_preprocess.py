@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 ROLES = ("system", "user", "assistant", "tool")
 TRUNCATION = ("error", "skip", "truncate")
+PAPER_MAX_SAMPLE_TOKENS = 32000
+"""The published SED-SFT data kept samples of up to 32,000 tokens (MAX_SEQ_LENGTH) and trained
+them whole; the default --seq-length keeps the same samples."""
 FORMATS = ("auto", "chat", "prompt_response")
 
 
@@ -38,8 +41,9 @@ class PreprocessConfig:
     input: str
     tokenizer: str
     output_prefix: str
-    seq_length: int | None = None
-    """Samples longer than seq_length + 1 tokens follow `truncation`; None: no limit."""
+    seq_length: int | None = PAPER_MAX_SAMPLE_TOKENS - 1
+    """Samples longer than seq_length + 1 tokens follow `truncation` (default: samples of up to
+    32,000 tokens, the paper's); None: no limit."""
     format: str = "auto"
     """chat (a `messages` list), prompt_response (two text fields), or auto (chat if present)."""
     messages_key: str = "messages"
@@ -329,6 +333,15 @@ def length_distribution(lengths):
     ordered = sorted(lengths)
     rank = lambda q: ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]  # noqa: E731
     return {"p50": rank(0.5), "p90": rank(0.9), "max": ordered[-1]}
+
+
+def summary_line(summary):
+    """One line: samples kept, their length distribution, and how many were dropped."""
+    lengths = summary["lengths"]
+    kept = f"{summary['samples']} samples, {summary['tokens']} tokens ({summary['loss_tokens']} with loss)"
+    if lengths["max"] is not None:
+        kept += f"; sample length p50 {lengths['p50']}, p90 {lengths['p90']}, max {lengths['max']} tokens"
+    return f"{kept}; dropped {summary['skipped']}"
 
 
 def skip_report(summary):

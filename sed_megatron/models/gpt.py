@@ -51,12 +51,22 @@ def check_agrees(model_cfg, transformer_config):
 
 
 def decoder_block_spec(model_cfg, transformer_config, vp_stage=None, pp_rank=None):
-    """The layer specs of one stage: the family's, or the standard GPT block without a model_type."""
-    if model_cfg.model_type is None:
-        return gpt_block_spec(model_cfg, transformer_config, vp_stage, pp_rank)
-    from .registry import family_for
+    """The layer specs of one stage: the family's, or the standard GPT block without a model_type.
 
-    return family_for(model_cfg.model_type).block_spec(model_cfg, transformer_config, vp_stage, pp_rank)
+    With the local layers, sequence and context parallelism swap in our SP-capable norms and
+    CP-capable core attention (models/layers), whatever the family; Transformer Engine's
+    layers do both themselves."""
+    if model_cfg.model_type is None:
+        spec = gpt_block_spec(model_cfg, transformer_config, vp_stage, pp_rank)
+    else:
+        from .registry import family_for
+
+        spec = family_for(model_cfg.model_type).block_spec(model_cfg, transformer_config, vp_stage, pp_rank)
+    if model_cfg.transformer_impl == "local":
+        from .layers import local_parallel_layers
+
+        spec = local_parallel_layers(spec, transformer_config)
+    return spec
 
 
 def build_gpt_model(model_cfg, transformer_config, pre_process=True, post_process=True, vp_stage=None,

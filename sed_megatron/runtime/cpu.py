@@ -45,6 +45,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             return args[0]
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = _CPU
+        if kwargs.get("pin_memory"):  # page-locked memory needs a CUDA driver (RoPE's CP slice asks for it)
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], _CPU) + tuple(args[2:])
         result = func(*args, **kwargs)

@@ -87,8 +87,9 @@ def add_sed_arguments(parser):
                             "tools/preprocess_sft_data.py; jsonl: pre-tokenized {tokens, loss_mask} lines")
     group.add_argument("--sft-data-path", default=None, help="the indexed dataset prefix, or the JSONL file")
     group.add_argument("--sft-pack", action="store_true",
-                       help="indexed: pack several samples per row (block-diagonal causal mask, per-sample "
-                            "position ids); needs the local layers (--transformer-impl local)")
+                       help="indexed: pack several samples per row, none attending to another: packed-sequence "
+                            "(THD) attention with Transformer Engine or context parallelism (each sample padded "
+                            "to a multiple of 2 x CP), else a block-diagonal causal mask")
     group.add_argument("--sft-valid-fraction", type=float, default=0.01,
                        help="indexed: share of the samples held out for validation (and tau calibration)")
     group.add_argument("--sft-num-samples", type=int, default=64, help="synthetic: number of distinct samples")

@@ -7,9 +7,12 @@ from `get_batch`, in four steps:
   2. broadcast: the rest of its tensor-parallel group receive it (Megatron's
      `get_batch_on_this_tp_rank`); middle pipeline stages need no data, or only the packed
      sequence boundaries;
-  3. context-parallel slice: each CP rank keeps its share of the sequence (a no-op at CP=1);
-  4. THD: packed rows with sample boundaries (`cu_seqlens`) are flattened into one sequence
-     with Megatron's `PackedSeqParams`, so Transformer Engine's attention keeps samples apart.
+  3. THD: packed rows with sample boundaries (`cu_seqlens`) are flattened into one sequence
+     (Megatron's `flatten_batch_for_packed_sequences`), so attention keeps samples apart;
+  4. context-parallel slice: each CP rank keeps its share of the sequence (a no-op at CP=1):
+     chunks r and 2 x CP - 1 - r of every row (unpacked) or of every packed sample (THD).
+     RoPE follows: GPTModel takes the same chunks of its position table for unpacked rows, and
+     restarts positions per sample (CP-aware) for THD rows.
 
 Process groups come from the caller (a Megatron `ProcessGroupCollection`: `.tp`, `.pp`, `.cp`).
 """
@@ -19,9 +22,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.utils import flatten_batch_for_packed_sequences, get_batch_on_this_tp_rank
+from megatron.core.utils import (
+    flatten_batch_for_packed_sequences,
+    get_batch_on_this_cp_rank,
+    get_batch_on_this_tp_rank,
+)
 
-_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask", "cu_seqlens", "max_seqlen")
+from sed_megatron.models.layers.context_parallel import check_cp_segments, cp_partition_indices
+
+_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask", "cu_seqlens", "cu_seqlens_padded",
+         "max_seqlen")
+_SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
 @dataclass(frozen=True)
@@ -33,7 +44,8 @@ class BatchSpec:
     create_attention_mask: bool
     """The data loader gives a bool [b, 1, s, s] attention mask (True = masked): the local layers."""
     packed_thd: bool = False
-    """Rows are packed and carry cu_seqlens: Transformer Engine's packed-sequence (THD) attention."""
+    """Rows are packed and carry cu_seqlens: packed-sequence (THD) attention (Transformer Engine's,
+    or the local CP attention's); at CP > 1 every sample is padded to a multiple of 2 x CP."""
 
 
 def pipeline_stage(pp_group):
@@ -74,31 +86,53 @@ def broadcast_in_tensor_parallel_group(data_iterator, spec: BatchSpec, groups):
 
 
 def slice_for_context_parallel(batch, cp_group):
-    """Step 3: this CP rank's share of the sequence dimension; the batch itself at CP=1."""
-    if dist.get_world_size(group=cp_group) == 1:
+    """Step 4: this CP rank's share of the sequence dimension; the batch itself at CP=1.
+
+    Unpacked rows: Megatron's `get_batch_on_this_cp_rank` (per-sequence balancing: chunks r and
+    2 x CP - 1 - r of every row; an attention mask keeps all its keys, [b, 1, s/cp, s]).
+    Packed THD rows (flattened, cu_seqlens [1, n]): per-document balancing, the same two chunks
+    of every sample, in the order of TE's `thd_get_partitioned_indices` (which Megatron's
+    version calls; here in torch, so it also runs without TE and on middle pipeline stages,
+    which hold the boundaries but no tokens or labels)."""
+    cp_size = dist.get_world_size(group=cp_group)
+    if cp_size == 1:
         return batch
-    raise NotImplementedError("context parallelism: the per-rank slice is not implemented yet")
+    if batch.get("cu_seqlens") is None:
+        return get_batch_on_this_cp_rank(dict(batch), is_hybrid_cp=False, cp_group=cp_group)
+    cu_seqlens = batch.get("cu_seqlens_padded")
+    cu_seqlens = (batch["cu_seqlens"] if cu_seqlens is None else cu_seqlens).reshape(-1)
+    check_cp_segments(cu_seqlens, cp_size)
+    index = cp_partition_indices(cu_seqlens, int(cu_seqlens[-1]), cp_size, dist.get_rank(group=cp_group))
+    return {key: (value.index_select(1, index) if key in _SEQUENCE_KEYS and value is not None else value)
+            for key, value in batch.items()}
+
+
+def packed_seq_params(batch):
+    """PackedSeqParams (format thd) of a flattened batch; the boundaries include the CP padding."""
+    cu_seqlens = batch["cu_seqlens"].reshape(-1)
+    padded = batch.get("cu_seqlens_padded")
+    padded = padded.reshape(-1) if padded is not None else None
+    max_seqlen = int(batch["max_seqlen"].max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded,
+                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
 
 
 def to_thd(batch):
-    """Step 4: rows [b, s] -> one packed sequence [1, b*s] and its PackedSeqParams (format thd)."""
-    batch = flatten_batch_for_packed_sequences(batch)
-    cu_seqlens = batch["cu_seqlens"].reshape(-1)
-    max_seqlen = int(batch["max_seqlen"].max())
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                             max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
-    return {**batch, "packed_seq_params": params}
+    """Step 3 (CP=1): rows [b, s] -> one packed sequence [1, b*s] and its PackedSeqParams (format thd)."""
+    batch = flatten_batch_for_packed_sequences(dict(batch))
+    return {**batch, "packed_seq_params": packed_seq_params(batch)}
 
 
 def get_batch(data_iterator, spec: BatchSpec, groups):
     """The micro-batch as this rank's model chunk needs it, or None on a middle pipeline stage.
 
-    Keys: tokens, position_ids, attention_mask (or None), labels, loss_mask, each [b, s] (None
-    where this stage does not use it), and packed_seq_params (None unless spec.packed_thd)."""
+    Keys: tokens, position_ids, attention_mask (or None), labels, loss_mask, each [b, s/cp]
+    (None where this stage does not use it), and packed_seq_params (None unless spec.packed_thd)."""
     batch = broadcast_in_tensor_parallel_group(data_iterator, spec, groups)
     if batch is None:
         return None
-    batch = slice_for_context_parallel(batch, groups.cp)
     if spec.packed_thd:
-        return to_thd(batch)
-    return {**batch, "packed_seq_params": None}
+        batch = flatten_batch_for_packed_sequences(dict(batch))
+    batch = slice_for_context_parallel(batch, groups.cp)
+    return {**batch, "packed_seq_params": packed_seq_params(batch) if spec.packed_thd else None}

@@ -1,9 +1,11 @@
-"""τ calibration on Megatron models: forward only, any TP x PP x DP, exact across DP ranks.
+"""τ calibration on Megatron models: forward only, any TP x PP x CP x DP, exact across ranks.
 
 The calibration samples are split over data-parallel ranks (rank d takes samples d, d + D, ...),
 run one per micro-batch without gradients through the same batch pipeline and model call as
-training (so packed THD rows keep their samples apart here too), and the global top-k mass
-of the chosen tokens is gathered from every DP rank before the quantile is taken.
+training (so packed THD rows keep their samples apart here too, and each context-parallel
+rank scores its own chunks of every sample), and the global top-k mass of the chosen tokens
+is gathered from every DP x CP rank before the quantile is taken: the same set of values,
+whatever the layout.
 """
 
 import dataclasses
@@ -37,16 +39,30 @@ def _calibration_step(step_cfg: StepConfig, token_set, sink, progress, data_iter
                                      labels, loss_mask)
 
 
+def calibration_rows(dataset, num_samples):
+    """(dataset, rows) that hold the first num_samples samples: the samples themselves, or the
+    packed rows of exactly those samples (a packed dataset's `first_samples`), so that packing
+    neither changes the calibration set nor scores more than num_samples samples."""
+    first_samples = getattr(dataset, "first_samples", None)
+    if first_samples is None:
+        return dataset, num_samples
+    packed = first_samples(num_samples)
+    return packed, len(packed)
+
+
 def local_topk_masses(model_chunks, dataset, num_samples, step_cfg: StepConfig, token_set, progress=False):
-    """This rank's share of the calibration values (empty except on the last pipeline stage).
+    """This rank's share of the calibration values (empty except on the last pipeline stage):
+    the tokens of its samples (split over DP) that its CP rank holds.
 
     The top-k mass uses k = step_cfg.loss.top_k, the k of training. progress: a bar on stderr
     (global rank 0) over this rank's samples."""
     dp_group = model_groups(model_chunks[0]).dp
     dp_rank, dp_size = dist.get_rank(group=dp_group), dist.get_world_size(group=dp_group)
-    if num_samples < dp_size:
-        raise ValueError(f"{num_samples} calibration samples cannot be split over {dp_size} data-parallel ranks")
-    indices = range(dp_rank, num_samples, dp_size)
+    dataset, num_rows = calibration_rows(dataset, num_samples)
+    if num_rows < dp_size:
+        raise ValueError(f"{num_samples} calibration samples ({num_rows} rows) cannot be split over {dp_size} "
+                         f"data-parallel ranks")
+    indices = range(dp_rank, num_rows, dp_size)
     samples = iter([{key: value.unsqueeze(0) for key, value in dataset[i].items()} for i in indices])
     # One sample per micro-batch (no partial micro-batches); the loss kind does not matter: CE.
     step_cfg = dataclasses.replace(step_cfg, loss=LossConfig(kind="ce", top_k=step_cfg.loss.top_k),
@@ -87,7 +103,8 @@ def calibrate_tau(model_chunks, dataset, num_samples, step_cfg: StepConfig, mask
     tau = torch.zeros(1, dtype=torch.float64, device=torch.cuda.current_device())
     _, last = pipeline_stage(groups.pp)
     if last:
-        tau[0] = tau_from_topk_mass(gather_values(values, groups.dp), mask_ratio)
+        # DP ranks scored different samples, CP ranks different tokens of the same samples.
+        tau[0] = tau_from_topk_mass(gather_values(values, groups.dp_cp), mask_ratio)
     # Every last-stage rank now holds the same tau; it reaches the other stages of its pipeline.
     dist.broadcast(tau, src=dist.get_global_rank(groups.pp, dist.get_world_size(group=groups.pp) - 1), group=groups.pp)
     return float(tau[0])

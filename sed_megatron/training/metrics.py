@@ -1,11 +1,12 @@
 """Per-token training metrics: what the loss function reports and how it lands in metrics.jsonl.
 
 The loss function reports each metric as a `[sum, count]` pair over this micro-batch's loss
-tokens; Megatron's loop adds the pairs over micro-batches and data-parallel ranks, so each
-logged value is a token-weighted mean over the whole global batch. MoE models add
-`moe_aux_loss`: the routers' load-balancing loss as Megatron reports it (`load_balancing_loss`:
-before its coefficient, the mean over MoE layers and micro-batches, averaged over DP), whose
-moe_aux_loss_coeff multiple Megatron adds to the objective's gradient beside `loss`.
+tokens; Megatron's loop adds the pairs over micro-batches and data- x context-parallel ranks
+(its dp_cp group), so each logged value is a token-weighted mean over the whole global batch.
+MoE models add `moe_aux_loss`: the routers' load-balancing loss as Megatron reports it
+(`load_balancing_loss`: before its coefficient, the mean over MoE layers and micro-batches,
+averaged over DP), whose moe_aux_loss_coeff multiple Megatron adds to the objective's gradient
+beside `loss`.
 """
 
 import json

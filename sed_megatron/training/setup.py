@@ -178,16 +178,16 @@ def check_data_args(args, prog="sed_megatron.train"):
     if args.sft_pack:
         if args.sft_data_kind != "indexed":
             fail("--sft-pack needs --sft-data-kind indexed", prog)
-        if packs_thd(args) and args.context_parallel_size > 1:
-            fail("--sft-pack with Transformer Engine supports --context-parallel-size 1 only", prog)
         if not packs_thd(args) and not args.create_attention_mask_in_dataloader:
             fail("--sft-pack with --transformer-impl local needs the data loader's attention mask "
                  "(drop --no-create-attention-mask-in-dataloader)", prog)
 
 
 def packs_thd(args):
-    """Packed rows go through Transformer Engine's packed-sequence (THD) attention."""
-    return args.sft_pack and args.transformer_impl == "transformer_engine"
+    """Packed rows go through packed-sequence (THD) attention: Transformer Engine's, or under
+    context parallelism the local CP attention's (which reads the boundaries like TE). Packed
+    rows on the local layers at CP=1 carry a block-diagonal attention mask instead."""
+    return args.sft_pack and (args.transformer_impl == "transformer_engine" or args.context_parallel_size > 1)
 
 
 def loss_config(args, prog="sed_megatron.train"):
@@ -218,8 +218,9 @@ def build_datasets(args, train_val_test_num_samples):
             indices = splits[min(split, 1)] or splits[0]  # test = valid; no valid split: train samples
             dataset = IndexedSFTDataset(args.sft_data_path, indices, length, args.seq_length,
                                         args.sft_data_seed + split)
-            if args.sft_pack:  # carries its own mask (local) or cu_seqlens (TE)
-                datasets.append(PackedSFTDataset(dataset, length, args.seq_length, thd=packs_thd(args)))
+            if args.sft_pack:  # carries its own mask (local, CP=1) or cu_seqlens (THD)
+                datasets.append(PackedSFTDataset(dataset, length, args.seq_length, thd=packs_thd(args),
+                                                 cp_size=args.context_parallel_size))
                 continue
         elif args.sft_data_kind == "synthetic":
             dataset = SyntheticSFTDataset(length, args.seq_length, args.vocab_size, args.sft_num_samples,

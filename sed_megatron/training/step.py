@@ -3,8 +3,11 @@
 Megatron calls forward_step(data_iterator, model) once per micro-batch; on the last pipeline
 stage it then calls the returned loss_func(output_tensor), which gives (sum of the per-token
 objective over loss tokens, number of loss tokens, report). With --calculate-per-token-loss
-the loop adds both over micro-batches and data-parallel ranks and divides once, so the
-objective is normalized by the global number of loss tokens of the step.
+the loop adds both over micro-batches and over the data- x context-parallel group (DDP sums
+the gradients over it, finalize_model_grads all-reduces the token count there and divides
+once), so the objective is normalized by the global number of loss tokens of the step. Under
+context parallelism each rank's sums cover its own chunks of every sequence: nothing is
+scaled by CP.
 
 The process groups are the ones the model was built with (`model.pg_collection`, which
 Megatron's get_model hands to the model provider): nothing here reads parallel_state.

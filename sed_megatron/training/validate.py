@@ -100,18 +100,30 @@ def check_schedule(s: Settings):
                            f"iterations, {decay_name}")
 
 
-def check_layer_features(s: Settings):
-    """Parallel features the chosen layer implementation lacks."""
-    if s.transformer_impl != "local":
+def check_sequence_and_context_parallel(s: Settings):
+    """What sequence and context parallelism need, with either layer implementation; and what
+    the local layers' CP attention (all-gathered K and V over one CP group) does not do."""
+    tp, cp = s.tensor_model_parallel_size, s.context_parallel_size
+    if s.sequence_parallel and tp == 1:
+        raise StartupError(f"{s.name('sequence_parallel')} needs more than one tensor-parallel rank "
+                           f"({s.name('tensor_model_parallel_size')}): it splits the sequence over them; Megatron "
+                           f"would drop it silently")
+    if s.seq_length is not None and cp > 1 and s.seq_length % (2 * cp):
+        raise StartupError(f"{s.name('seq_length')} is not a multiple of 2 x {s.name('context_parallel_size')} "
+                           f"= {2 * cp}: each CP rank holds 2 of 2 x CP equal chunks of every sequence")
+    if s.seq_length is not None and s.sequence_parallel and (s.seq_length // cp) % tp:
+        raise StartupError(f"{s.name('seq_length')} / {s.name('context_parallel_size')} = {s.seq_length // cp} "
+                           f"tokens per CP rank do not split over {s.name('tensor_model_parallel_size')} with "
+                           f"{s.name('sequence_parallel')}")
+    if s.transformer_impl != "local" or cp == 1:
         return
-    for dest, feature in (("sequence_parallel", "sequence parallelism"),):
-        if getattr(s, dest):
-            raise StartupError(f"{s.name(dest)}: {feature} needs Transformer Engine layers "
-                               f"(--transformer-impl transformer_engine); the local layers lack it")
-    if s.context_parallel_size > 1:
-        raise StartupError(f"{s.name('context_parallel_size')}: context parallelism needs "
-                           f"Transformer Engine layers (--transformer-impl transformer_engine); the local layers "
-                           f"lack it")
+    for dest, why in (("hybrid_context_parallel", "hybrid context parallelism"),
+                      ("hierarchical_context_parallel_sizes", "hierarchical context-parallel groups"),
+                      ("window_size", "sliding-window attention")):
+        if getattr(s.args, dest, None):
+            raise StartupError(f"{s.name(dest)}: {why} needs Transformer Engine layers "
+                               f"(--transformer-impl transformer_engine) with {s.name('context_parallel_size')}; "
+                               f"the local layers' CP attention all-gathers K and V over one CP group")
 
 
 def check_moe(s: Settings, training=True):
@@ -181,6 +193,6 @@ def validate_run(settings: Settings, world_size, training=True):
     check_layout(settings, world_size)
     check_batch(settings, world_size)
     check_schedule(settings)
-    check_layer_features(settings)
+    check_sequence_and_context_parallel(settings)
     notices, extra = found
     return notices + check_moe(settings, training), extra

@@ -176,3 +176,67 @@ def test_thd_batch_reaches_every_stage():
     (middle stages need the boundaries too). TE's attention itself needs a GPU; see README."""
     run_distributed(check_thd_batch_reaches_every_stage, world_size=4, tp=2, pp=2, args=(16,))
     run_distributed(check_thd_batch_reaches_every_stage, world_size=4, tp=1, pp=4, args=(16,))
+
+
+def test_cp_packing_pads_every_sample_to_2cp():
+    row = packed_sample(make_samples(), SEQ, thd=True, cp_size=2)  # 6, 4, 9 positions -> 8, 4, 12
+    assert row["cu_seqlens"].tolist()[:5] == [0, 8, 12, 24, 24] and row["max_seqlen"].item() == 12
+    assert torch.equal(row["cu_seqlens_padded"], row["cu_seqlens"])
+    assert row["labels"][6:8].tolist() == [IGNORE_INDEX] * 2 and row["loss_mask"][6:8].sum() == 0
+    assert row["position_ids"][:12].tolist() == list(range(8)) + list(range(4))  # padding continues the positions
+    assert row["loss_mask"].sum().item() == (7 - 3) + (5 - 2) + (10 - 4)
+    assert pack_greedy([7, 5, 10], SEQ, multiple=4) == [[0, 1, 2]] and pack_greedy([7, 5, 14], SEQ, 4) == [[0, 1], [2]]
+
+
+def _cp_loss_and_grads(model, rows, spec, cfg):
+    """Sum of the loss over every sample and the parameter gradients, both summed over the CP group
+    (what DDP and Megatron's loop add up), with each row through the batch pipeline's CP slice."""
+    import torch.distributed as dist
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from sed_megatron.training.batch import get_batch
+    from sed_megatron.training.step import model_forward
+
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    model.zero_grad()
+    total = torch.zeros(())
+    for row in rows:
+        batch = get_batch(iter([{key: value.unsqueeze(0) for key, value in row.items()}]), spec, groups)
+        assert batch["tokens"].shape[1] == spec.seq_length // 2  # this rank's half of the row
+        loss, _ = sft_token_loss(model_forward(model, batch), batch["labels"], cfg)
+        total = total + masked_sum_and_count(loss, batch["loss_mask"])[0]
+    total.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for tensor in [total.detach(), *grads.values()]:
+        dist.all_reduce(tensor, group=groups.cp)
+    return total.detach(), grads
+
+
+def check_packed_equals_unpacked_under_cp():
+    """CP=2, local layers: one packed THD row (samples padded to 2 x CP, per-sample chunks) gives
+    the loss and gradients of the same samples unpacked (per-row chunks), through get_batch."""
+    from megatron.core import tensor_parallel
+
+    from sed_megatron.models import build_gpt_model
+    from sed_megatron.testing.models import tiny_model_config
+    from sed_megatron.training.batch import BatchSpec
+
+    model_cfg = tiny_model_config(VOCAB, SEQ)
+    torch.manual_seed(1234)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    model = build_gpt_model(model_cfg, model_cfg.transformer_config(context_parallel_size=2))
+    cfg = LossConfig(kind="sed", tau=0.05, top_k=2)
+    packed = [packed_sample(make_samples(), SEQ, thd=True, cp_size=2)]
+    unpacked = [sample_from_tokens(ids, mask, SEQ) for ids, mask in make_samples()]
+    thd = BatchSpec(micro_batch_size=1, seq_length=SEQ, create_attention_mask=False, packed_thd=True)
+    rows = BatchSpec(micro_batch_size=1, seq_length=SEQ, create_attention_mask=False)
+    packed_loss, packed_grads = _cp_loss_and_grads(model, packed, thd, cfg)
+    loss, grads = _cp_loss_and_grads(model, unpacked, rows, cfg)
+    # RoPE restarts per sample in both; the sums run in another order: fp32 rounding, ~1e-7.
+    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(packed_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_equals_unpacked_under_cp():
+    run_distributed(check_packed_equals_unpacked_under_cp, world_size=2, cp=2)

@@ -161,6 +161,11 @@ def test_cli_contract(tmp_path, tokenizer_dir):
                           str(tmp_path / "a" / "ds"), "--seq-length", "64", "--no-progress"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "a")) == ["ds.bin", "ds.idx", "ds_loss_mask.bin", "ds_loss_mask.idx"]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    n = summary["lengths"]["max"]
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"preprocess_sft_data.py: 1 samples, {n} tokens ({summary['loss_tokens']} with loss); sample length p50 {n}, "
+        f"p90 {n}, max {n} tokens; dropped 0")
     bad = write_jsonl(tmp_path / "bad.jsonl", [CHAT, {"prompt": "x"}])
     out = subprocess.run([sys.executable, tool, "--input", bad, "--tokenizer", tokenizer_dir, "--output-prefix",
                           str(tmp_path / "b" / "ds"), "--no-progress"], capture_output=True, text=True)
@@ -183,3 +188,15 @@ def test_indexed_dataset_splits_and_epochs(tmp_path, tokenizer_dir):
     assert [again[i]["tokens"].tolist() for i in range(18)] == first_epoch
     with pytest.raises(ValueError, match="do not fit --seq-length"):
         IndexedSFTDataset(prefix, train_idx, length=4, seq_length=4, seed=3)
+
+
+def test_default_keeps_samples_up_to_the_papers_32000_tokens(tmp_path, tokenizer_dir):
+    """Without --seq-length a sample of 32,000 tokens is kept (the published MAX_SEQ_LENGTH), one
+    of 32,001 is not; the summary reports the lengths and the drop."""
+    template = run(tmp_path / "probe", tokenizer_dir, [{"prompt": "hello", "response": "hi"}])[0]["tokens"] - 1
+    fits = {"prompt": "hello", "response": "hi " * (32000 - template)}
+    over = {"prompt": "hello", "response": "hi " * (32001 - template)}
+    summary, _ = run(tmp_path / "paper", tokenizer_dir, [fits, over, fits], truncation="skip")
+    assert summary["samples"] == 2 and summary["skipped"] == 1 and summary["skipped_lines"] == [2]
+    assert summary["lengths"] == {"p50": 32000, "p90": 32000, "max": 32000}
+    assert list(summary["reasons"]) == ["longer than --seq-length + 1 = 32000 tokens"]

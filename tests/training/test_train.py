@@ -2,10 +2,13 @@
 
 Every run here fine-tunes the same TP=1 checkpoint (made once per module) without its optimizer
 state, so all layouts start from identical weights and read the same samples in the same order.
+Each run calibrates tau on that initial model before its first step (100 validation samples),
+so every layout also shows that the calibration is layout-free.
 """
 
 import json
 import os
+import re
 
 import pytest
 
@@ -13,18 +16,39 @@ from .launch import read_metrics, train, train_until_sigterm
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "tiny_finetune.json")
 PARITY_ITERS = 5
-# tau near the initial median top-2 mass, so the SED mask splits the tokens.
-SED_FLAGS = ["--loss-type", "sed", "--sed-tau", "0.0118", "--sed-top-k", "2", "--sed-lambda", "1.0"]
+# No --sed-tau: tau is calibrated (an explicit tau would win). r = 0.5 puts tau at the initial
+# median top-2 mass, so the SED mask splits the tokens for all 5 steps.
+SED_FLAGS = ["--loss-type", "sed", "--sed-calibrate-ratio", "0.5", "--sed-top-k", "2", "--sed-lambda", "1.0"]
 LAYOUTS = {  # name -> (processes, flags)
     "tp1": (1, ["--tensor-model-parallel-size", "1"]),
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
     "pp2": (2, ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"]),
     "dp2": (2, ["--tensor-model-parallel-size", "1", "--use-distributed-optimizer"]),
+    # Sequence and context parallelism on the local layers (SP norms, the CP attention).
+    "tp2_sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "cp2": (2, ["--tensor-model-parallel-size", "1", "--context-parallel-size", "2"]),
+    "tp2_cp2": (4, ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2"]),
+    "pp2_cp2": (4, ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
+                    "--context-parallel-size", "2"]),
+    # fused vs materialized output-layer loss: the fused-linear-loss branch adds its layout here
+    # (["--tensor-model-parallel-size", "2", "--sft-fused-linear"]) under the same RTOL.
 }
 # Same model, same data, sums in another order: fp32 round-off grows over Adam steps; the runs
 # here agree to ~1e-7, so 2e-5 relative catches any real difference (a wrong shard, a lost
-# token, a per-micro-batch normalization) while allowing another reduction order.
+# token, a per-micro-batch normalization, a CP chunk attending to the wrong keys) while
+# allowing another reduction order. The same tolerance holds for SP, CP, TP x CP and PP x CP.
 RTOL = 2e-5
+# tau is one of the calibration values, each a top-2 mass from the same forward pass in another
+# reduction order (~1e-7 apart): 1e-6 relative catches a lost sample or chunk.
+TAU_RTOL = 1e-6
+
+
+def calibrated_tau(log_path):
+    """The tau a run calibrated before its first step (its 'SED tau=...' line)."""
+    with open(log_path) as f:
+        found = re.findall(r"SED tau=([-+.\deE]+) calibrated", f.read())
+    assert len(found) == 1, f"{log_path}: expected one calibration line, found {found}"
+    return float(found[0])
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +75,7 @@ def layout_runs(base_checkpoint, tmp_path_factory):
             tensorboard = ["--tensorboard-dir", runs["dp2_tensorboard"]]
         runs[name] = train(str(run_dir), nproc, finetune_flags(base_checkpoint, PARITY_ITERS) + flags + tensorboard)
         runs[f"{name}_log"] = str(run_dir / "train.log")
+        runs[f"{name}_tau"] = calibrated_tau(runs[f"{name}_log"])
     return runs
 
 
@@ -74,6 +99,7 @@ def test_layouts_give_the_same_loss_curve(layout_runs):
     assert all(r["sed_penalty"] > 0 for r in reference)
     for name in LAYOUTS:
         assert_curves_close(layout_runs[name], reference, f"{name} vs tp1")
+        assert layout_runs[f"{name}_tau"] == pytest.approx(layout_runs["tp1_tau"], rel=TAU_RTOL), name
 
 
 def test_loss_curve_matches_golden(layout_runs):
@@ -173,7 +199,9 @@ def test_sigterm_leaves_a_checkpoint_that_resumes_at_another_layout(base_checkpo
 def test_bf16_follows_the_fp32_curve(base_checkpoint, layout_runs, tmp_path):
     """The production precision: bf16 weights and logits (the loss upcasts to fp32 internally)."""
     nproc, layout = LAYOUTS["tp2"]
-    records = train(str(tmp_path), nproc, finetune_flags(base_checkpoint, PARITY_ITERS) + layout + ["--bf16"])
+    # The fp32 run's tau: the calibration itself is not what this compares.
+    records = train(str(tmp_path), nproc, finetune_flags(base_checkpoint, PARITY_ITERS) + layout
+                    + ["--bf16", "--sed-tau", repr(layout_runs["tp2_tau"])])
     # bf16 keeps 8 bits of mantissa: logits differ by ~1e-2 absolute, the mean loss by well under 1 %.
     for got, want in zip(records, layout_runs["tp2"], strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-2), (got["iteration"], got["loss"], want["loss"])

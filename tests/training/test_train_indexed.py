@@ -1,16 +1,22 @@
-"""Training reads a preprocessed chat dataset (tokens + assistant-only loss masks)."""
+"""Training reads a preprocessed chat dataset (tokens + assistant-only loss masks), packed or not."""
 
 import json
+
+import pytest
 
 from sed_megatron.data.sft_preprocess import PreprocessConfig, preprocess
 from sed_megatron.testing.tiny_hf import make_tokenizer
 
 from .launch import train
+from .test_train import TAU_RTOL, assert_curves_close, calibrated_tau
 
 NUMBERS = "zero one two three four five six seven eight nine".split()
 
 
-def test_train_on_indexed_chat_data(tmp_path):
+@pytest.fixture(scope="module")
+def sums_dataset(tmp_path_factory):
+    """100 chats 'what is A plus B' -> the sum; every sample has the same 10 tokens."""
+    tmp_path = tmp_path_factory.mktemp("sums")
     make_tokenizer(str(tmp_path / "tok"), ["what", "is", "plus"] + NUMBERS)
     with open(tmp_path / "chats.jsonl", "w") as f:
         for a in range(10):
@@ -21,12 +27,40 @@ def test_train_on_indexed_chat_data(tmp_path):
     prefix = str(tmp_path / "data" / "sums")
     summary = preprocess(PreprocessConfig(input=str(tmp_path / "chats.jsonl"), tokenizer=str(tmp_path / "tok"),
                                           output_prefix=prefix, seq_length=64), progress=False)
-    assert summary["samples"] == 100
-    flags = ["--sft-data-kind", "indexed", "--sft-data-path", prefix, "--sft-valid-fraction", "0.1",
-             "--train-iters", "30", "--save", "", "--sed-calibrate-samples", "10", "--lr", "3e-3"]
+    assert summary["samples"] == 100 and summary["lengths"]["p50"] == summary["lengths"]["max"] == 10
+    return prefix
+
+
+def data_flags(prefix):
+    return ["--sft-data-kind", "indexed", "--sft-data-path", prefix, "--sft-valid-fraction", "0.1"]
+
+
+def test_train_on_indexed_chat_data(sums_dataset, tmp_path):
+    flags = data_flags(sums_dataset) + ["--train-iters", "30", "--save", "", "--sed-calibrate-samples", "10",
+                                        "--lr", "3e-3"]
     for run, extra in (("plain", []), ("packed", ["--sft-pack"])):
         records = train(str(tmp_path / run), 2, flags + extra)
         assert len(records) == 30
         # Only the answer digits and the end-of-turn token carry loss; the model learns them.
         first, last = records[0], records[-1]
         assert last["ce_loss"] < first["ce_loss"] - 1.0, (run, first["ce_loss"], last["ce_loss"])
+
+
+def test_packed_and_unpacked_rows_train_alike_under_cp(sums_dataset, tmp_path):
+    """CP=2 on the local layers: packed THD rows (each 9-position sample padded to 12 = a multiple
+    of 2 x CP, 5 per row of 64, chunked per sample) and unpacked rows (chunked per row, with the
+    data loader's causal mask) over the same 10 samples per step give the same 5-step curve and
+    the same calibrated tau (the packed calibration scores the rows of exactly the first 10
+    validation samples)."""
+    flags = data_flags(sums_dataset) + ["--tensor-model-parallel-size", "1", "--context-parallel-size", "2",
+                                        "--train-iters", "5", "--save", "", "--sed-calibrate-samples", "10",
+                                        "--lr", "3e-4"]
+    # One step: 10 samples = 2 micro-batches of 5 unpacked rows, or 2 packed rows of 5 samples.
+    unpacked = train(str(tmp_path / "unpacked"), 2, flags + ["--micro-batch-size", "5", "--global-batch-size", "10"])
+    packed = train(str(tmp_path / "packed"), 2, flags + ["--sft-pack", "--micro-batch-size", "1",
+                                                         "--global-batch-size", "2"])
+    assert len(unpacked) == 5 and 0.0 < unpacked[0]["mask_rate"] < 1.0  # the SED mask splits the tokens
+    # RTOL as for the layouts: RoPE restarts per sample in both, only the summation order differs.
+    assert_curves_close(packed, unpacked, "packed vs unpacked at CP=2")
+    tau = calibrated_tau(str(tmp_path / "unpacked" / "train.log"))
+    assert calibrated_tau(str(tmp_path / "packed" / "train.log")) == pytest.approx(tau, rel=TAU_RTOL)

@@ -1,6 +1,7 @@
 """Start-up checks: each bad setting stops the run with one line naming the flag (and its YAML key)."""
 
 import argparse
+import glob
 import os
 
 import pytest
@@ -112,11 +113,51 @@ def test_warmup_longer_than_the_run(parser):
     assert message.startswith("--lr-warmup-iters 5 (") and message.endswith("--train-iters 3")
 
 
-def test_features_the_local_layers_lack(parser):
-    assert fails(parser, ["--config", TINY, "--sequence-parallel"]).startswith(
-        "--sequence-parallel: sequence parallelism needs Transformer Engine layers")
-    assert "context parallelism needs Transformer Engine" in fails(
-        parser, ["--config", TINY, "--tensor-model-parallel-size", "1", "--context-parallel-size", "2"])
+def test_sequence_and_context_parallel(parser):
+    # The local layers run both now; what remains are the layout rules and the CP variants the
+    # local attention lacks, each named by its flag.
+    validate_run(settings(parser, ["--config", TINY, "--sequence-parallel"]), 2)
+    validate_run(settings(parser, ["--config", TINY, "--tensor-model-parallel-size", "1",
+                                   "--context-parallel-size", "2"]), 2)
+    validate_run(settings(parser, ["--config", TINY, "--context-parallel-size", "2", "--sequence-parallel"]), 4)
+    assert fails(parser, ["--config", TINY, "--tensor-model-parallel-size", "1", "--sequence-parallel"]).startswith(
+        "--sequence-parallel needs more than one tensor-parallel rank (--tensor-model-parallel-size 1):")
+    assert fails(parser, ["--config", TINY, "--tensor-model-parallel-size", "1", "--context-parallel-size", "2",
+                          "--seq-length", "62"]) == (
+        "--seq-length 62 is not a multiple of 2 x --context-parallel-size 2 = 4: each CP rank holds 2 of 2 x CP "
+        "equal chunks of every sequence")
+    assert "tokens per CP rank do not split over --tensor-model-parallel-size 4" in fails(
+        parser, ["--config", TINY, "--tensor-model-parallel-size", "4", "--num-query-groups", "4", "--context-parallel-size",
+                 "2", "--seq-length", "68", "--sequence-parallel"], 8)
+    assert fails(parser, ["--config", TINY, "--tensor-model-parallel-size", "1", "--context-parallel-size", "2",
+                          "--hybrid-context-parallel"]).startswith(
+        "--hybrid-context-parallel: hybrid context parallelism needs Transformer Engine layers")
+
+
+PAPER_ARCHITECTURES = {  # the converted checkpoints' model files carry these; the recipes have no model section
+    "llama32_3b": ["--num-layers", "28", "--hidden-size", "3072", "--ffn-hidden-size", "8192",
+                   "--num-attention-heads", "24", "--group-query-attention", "--num-query-groups", "8"],
+    "qwen25_math_7b": ["--num-layers", "28", "--hidden-size", "3584", "--ffn-hidden-size", "18944",
+                       "--num-attention-heads", "28", "--group-query-attention", "--num-query-groups", "4"],
+    "qwen3_8b": ["--num-layers", "36", "--hidden-size", "4096", "--ffn-hidden-size", "12288", "--kv-channels", "128",
+                 "--num-attention-heads", "32", "--group-query-attention", "--num-query-groups", "8", "--qk-layernorm"],
+    "qwen3_30b_a3b": ["--num-layers", "48", "--hidden-size", "2048", "--ffn-hidden-size", "6144", "--kv-channels",
+                      "128", "--num-attention-heads", "32", "--group-query-attention", "--num-query-groups", "4",
+                      "--qk-layernorm", "--num-experts", "128", "--moe-router-topk", "8", "--moe-ffn-hidden-size",
+                      "768"],
+}
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "examples", "paper", "*.yaml"))),
+                         ids=os.path.basename)
+def test_paper_recipes_pass_the_start_up_checks(parser, path):
+    """Each recipe's layout (32k-token packed rows) at its node count, with its model's heads."""
+    name = os.path.basename(path)
+    model = next(key for key in PAPER_ARCHITECTURES if name.startswith(key))
+    world = 8 * int(name.split("_")[-2][0])  # ..._1x8_sed.yaml: 1 node of 8 GPUs
+    s = settings(parser, ["--config", path, *PAPER_ARCHITECTURES[model]])
+    assert s.seq_length == 32768 and s.sft_pack
+    assert validate_run(s, world) == ([], [])
 
 
 def test_load_without_a_checkpoint(parser, tmp_path):
