@@ -322,3 +322,149 @@ def test_mutation_wrong_chunk_boundary_is_caught(monkeypatch):
     monkeypatch.setattr(fused_module, "_token_slices", overlapping)
     with pytest.raises(AssertionError):
         check_case(torch.float32, 2, "sed", None, 0, 1, seed=2, chunk_size=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Megatron's weight-gradient conventions: main_grad, tied embeddings, DDP, distributed optimizer
+
+
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_accumulation_fusion_adds_into_main_grad(dtype, grad_in_forward):
+    """As LinearWithGradAccumulationAndAsyncCommunication: main_grad += dL/dW, a dummy gradient, the flag set."""
+    hidden, weight, loss_mask = make_inputs(212, dtype, seed=7)
+    target = make_target(212, seed=7)
+    cfg, _, _, _, ref_grad_weight, clear = reference_case(hidden, weight, target, loss_mask, "sed", 2, 212)
+    assert clear.all()
+    for zero_out_wgrad in (False, True):
+        param = torch.nn.Parameter(weight.clone())
+        before = torch.randn(param.shape, generator=torch.Generator().manual_seed(8))  # earlier micro-batches
+        param.main_grad = before.clone()  # fp32, as Megatron's grad buffers
+        param.grad_added_to_main_grad = False
+        if zero_out_wgrad:
+            param.zero_out_wgrad = True  # set by Megatron when the embedding shares the weight on this stage
+        loss_sum, _ = fused_linear_sft_loss(hidden, param, target, loss_mask, cfg, chunk_size=5,
+                                            gradient_accumulation_fusion=True, grad_in_forward=grad_in_forward)
+        (loss_sum * 2.0).backward()
+        assert param.grad_added_to_main_grad
+        assert param.grad is not None and param.grad.shape == param.shape  # DDP's hook needs a gradient
+        if zero_out_wgrad:
+            assert torch.all(param.grad == 0)
+        tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else \
+            dict(atol=BF16_GRAD_ATOL_SCALE * 2 * float(ref_grad_weight.abs().max()), rtol=0)
+        torch.testing.assert_close(param.main_grad.double() - before.double(), ref_grad_weight * 2.0, **tol)
+
+    # Without the fusion (or without a main_grad) autograd gets the gradient, main_grad is left alone.
+    param = torch.nn.Parameter(weight.clone())
+    param.main_grad = torch.zeros(param.shape)
+    loss_sum, _ = fused_linear_sft_loss(hidden, param, target, loss_mask, cfg, chunk_size=5,
+                                        grad_in_forward=grad_in_forward)
+    loss_sum.backward()
+    assert torch.all(param.main_grad == 0) and param.grad.dtype == dtype
+
+
+def test_frozen_weight_or_hidden_gets_no_gradient_work():
+    hidden, weight, loss_mask = make_inputs(212, torch.float32, seed=9)
+    target = make_target(212, seed=9)
+    cfg, _, _, ref_grad_hidden, ref_grad_weight, _ = reference_case(hidden, weight, target, loss_mask, "ce", 2, 212)
+    for grad_in_forward in (False, True):
+        leaf = hidden.clone().requires_grad_()
+        loss_sum, _ = fused_linear_sft_loss(leaf, weight, target, loss_mask, cfg, chunk_size=5,
+                                            grad_in_forward=grad_in_forward)
+        loss_sum.backward()
+        torch.testing.assert_close(leaf.grad.double(), ref_grad_hidden, atol=2e-5, rtol=1e-5)
+        leaf = weight.clone().requires_grad_()
+        loss_sum, _ = fused_linear_sft_loss(hidden, leaf, target, loss_mask, cfg, chunk_size=5,
+                                            grad_in_forward=grad_in_forward)
+        loss_sum.backward()
+        torch.testing.assert_close(leaf.grad.double(), ref_grad_weight, atol=2e-5, rtol=1e-5)
+
+
+def _tiny_tied_gpt(seed):
+    """A 1-layer GPTModel with tied embeddings at TP = 2 on the CPU.
+
+    Without sequence parallelism: on the CPU layer Megatron's own SP layers cannot run their
+    backward (ColumnParallelLinear allocates on the GPU there, outside the CPU device mode), which
+    is why the trainer refuses SP with the local layers. The fused loss's SP path is tested on
+    its own above (test_sequence_parallel_equals_replicated_input and the TP parity cases).
+    """
+    from megatron.core import tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+        normalization="RMSNorm", gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=2,
+        use_cpu_initialization=True, params_dtype=torch.float32, gradient_accumulation_fusion=False,
+        persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=90,
+                     max_sequence_length=16, position_embedding_type="rope", share_embeddings_and_output_weights=True)
+    return config, model
+
+
+def check_megatron_tied_ddp():
+    """A GPTModel with tied embeddings, TP = 2, DP = 2, Megatron's DDP with the distributed optimizer's
+    buffers and overlapped gradient reduction: the fused loss through GPTModel's output_processor
+    hook (as the trainer plugs it in) gives every parameter the main_grad the materialized path
+    gives it, the shared embedding/output weight's included."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from sed_megatron.loss import LossConfig
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    gen = torch.Generator().manual_seed(100 + dp_rank)  # each DP rank its own micro-batch
+    tokens = torch.randint(0, 90, (2, 16), generator=gen)  # [b, s]
+    labels = torch.randint(0, 90, (2, 16), generator=gen)
+    labels[0, :5] = IGNORE_INDEX  # a prompt
+    loss_mask = (labels != IGNORE_INDEX).float()
+    position_ids = torch.arange(16).expand(2, 16)
+    cfg = LossConfig(kind="sed", top_k=2, tau=0.05, lam=1.0)
+
+    def fused_output(hidden_states, output_layer, output_weight, context, **unused):
+        grad_in_forward = context["grad_in_forward"]
+        weight = output_layer.weight if output_weight is None else output_weight
+        return fused_linear_sft_loss(
+            hidden_states, weight, context["labels"].t(), context["loss_mask"].t(), cfg, output_layer.tp_group,
+            chunk_size=7, sequence_parallel=output_layer.sequence_parallel, vocab_size=90,
+            gradient_accumulation_fusion=True, grad_in_forward=grad_in_forward)
+
+    results = []
+    for fused in (None, False, True):  # materialized; fused (recompute); fused (gradients in the forward)
+        config, model = _tiny_tied_gpt(seed=11)
+        assert model.shared_embedding_or_output_weight().zero_out_wgrad  # tied on one stage
+        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True,
+                                                   overlap_grad_reduce=True, bucket_size=None)
+        ddp = DistributedDataParallel(config, ddp_config, model)
+        ddp.zero_grad_buffer()
+        if fused is not None:
+            loss_sum, stats = ddp(tokens, position_ids, None, output_processor=fused_output,
+                                  output_processor_context={"labels": labels, "loss_mask": loss_mask,
+                                                            "grad_in_forward": fused})
+        else:
+            logits = ddp(tokens, position_ids, None)  # [b, s, V/tp]
+            loss, stats = sft_token_loss(logits, labels, cfg, tp_group, inplace=True, vocab_size=90)
+            loss_sum, _ = masked_sum_and_count(loss, loss_mask)
+        (loss_sum * 2.0).backward()  # a loss scale
+        ddp.finish_grad_sync()
+        grads = {name: param.main_grad.clone() for name, param in ddp.module.named_parameters()}
+        results.append((loss_sum.detach(), stats["topk_mass"].reshape(-1).sort().values, grads))
+    (loss_sum, topk, grads), *fused_results = results
+    assert "embedding.word_embeddings.weight" in grads and "output_layer.weight" not in grads  # tied
+    assert float(grads["embedding.word_embeddings.weight"].abs().sum()) > 0
+    for fused_sum, fused_topk, fused_grads in fused_results:
+        torch.testing.assert_close(fused_sum, loss_sum, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused_topk, topk, atol=1e-6, rtol=1e-6)  # [b, s] vs [s, b]: compare sorted
+        assert grads.keys() == fused_grads.keys()
+        for name in grads:  # fp32 sums in another order: ~1e-7 relative
+            torch.testing.assert_close(fused_grads[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_megatron_gpt_tied_embeddings_distributed_optimizer():
+    run_distributed(check_megatron_tied_ddp, world_size=4, tp=2)
