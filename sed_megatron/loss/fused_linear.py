@@ -324,11 +324,11 @@ def _use_triton(backend, kind, cfg, device):
         return False
     fits = triton_kernels.supports(kind, cfg)
     if backend == "triton":
-        if not triton_kernels.available(device):
-            raise ValueError("fused_linear_sft_loss: backend='triton' needs Triton and a GPU (or TRITON_INTERPRET=1)")
         if not fits:
             raise ValueError(f"fused_linear_sft_loss: the Triton kernels do not cover loss kind {cfg.kind!r} "
                              f"(extra sums or its own gradient form); use backend='torch' or 'auto'")
+        if not triton_kernels.available(device):
+            raise ValueError("fused_linear_sft_loss: backend='triton' needs Triton and a GPU (or TRITON_INTERPRET=1)")
         return True
     return fits and device.type == "cuda" and triton_kernels.available(device)
 

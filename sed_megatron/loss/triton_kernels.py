@@ -14,24 +14,22 @@
 They cover the kinds whose gradient is the CE form times one number per token and that need no
 extra sums (ce, dft, sed; `supports(kind, cfg)`); GEM keeps the PyTorch chunk math.
 
-Importing this module never fails and launches nothing: without Triton `HAVE_TRITON` is False.
-The kernels are compiled on first use (`_kernels()`), so TRITON_INTERPRET=1 (Triton's
-interpreter, which runs them on CPU tensors) is read then, not at import.
+Importing this module never imports Triton and never fails: `HAVE_TRITON` only says whether it
+is installed; Triton is imported and the kernels defined on first use (`_kernels()`). Triton
+reads TRITON_INTERPRET=1 (its interpreter, which runs the kernels on CPU tensors) when it is
+first imported, so set it before the process imports Triton (the tests set it in the
+processes they spawn).
 """
 
 import functools
+import importlib.util
 import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # no Triton: the PyTorch path is used
-    triton = tl = None
-    HAVE_TRITON = False
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+"""Triton is installed (the kernels may still need a GPU or the interpreter: `available`)."""
+triton = tl = None  # imported by _kernels()
 
 BLOCK_COLUMNS = 2048
 """Columns one program reads per step (a power of two); read at each call, so tests may lower it."""
@@ -54,9 +52,11 @@ def supports(kind, cfg):
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(interpret):
-    """Define (and let Triton compile) the kernels; keyed by the interpreter flag it was read with."""
-    del interpret  # part of the cache key: triton.jit reads TRITON_INTERPRET when it decorates
+def _kernels():
+    """Import Triton and define the kernels (compiled at their first launch); module globals, as Triton wants."""
+    global triton, tl
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def local_stats_kernel(logits_ptr, row_stride, real, index_ptr, in_shard_ptr,
@@ -145,7 +145,7 @@ def local_shard_stats(logits, index, in_shard, real, count, with_entropy):
     `[c, count]` (-inf where the shard has fewer real ids) and the target's logit `[c]` (0 where
     absent). With no real column m_l is -inf and both sums are 0.
     """
-    local_stats_kernel, _ = _kernels(interpreting())
+    local_stats_kernel, _ = _kernels()
     rows = logits.size(0)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -172,7 +172,7 @@ def write_gradient_(logits, logits_max, scale, target_coef, index, real):
     coef where the target lies in this shard (else 0), all fp32 `[c]`. The result keeps the
     logits' dtype. Returns logits.
     """
-    _, gradient_kernel = _kernels(interpreting())
+    _, gradient_kernel = _kernels()
     rows, num_columns = logits.shape
     if logits.stride(-1) != 1:
         raise ValueError("write_gradient_: the logits' rows must be contiguous")

@@ -31,7 +31,7 @@ import itertools
 import pytest
 import torch
 
-from sed_megatron.loss import IGNORE_INDEX, fused_linear_sft_loss, masked_sum_and_count, sft_token_loss
+from sed_megatron.loss import IGNORE_INDEX, LossConfig, fused_linear_sft_loss, masked_sum_and_count, sft_token_loss
 from sed_megatron.loss import fused_linear as fused_module
 from sed_megatron.testing.distributed import run_distributed
 
@@ -218,12 +218,23 @@ def test_bool_mask_and_no_grad():
 
 
 def tp_cases(world_size):
-    """(dtype, top_k, variant, sequence_parallel, grad_in_forward, chunk_size, padding) per case."""
+    """(dtype, top_k, variant, sequence_parallel, grad_in_forward, chunk_size, padding) per case.
+
+    TP = 2: every variant x dtype x SP, the chunk sizes in turn (1 included: a collective pair
+    per token). TP = 4: every variant once per dtype, SP and the gradient strategy alternating
+    (four ranks share the two cores, so chunks of one token are left to TP = 2).
+    """
     cases = []
-    for index, (variant, dtype, sequence_parallel) in enumerate(
-            itertools.product(VARIANTS, (torch.float32, torch.bfloat16), (False, True))):
-        chunk_size = CHUNK_SIZES[index % len(CHUNK_SIZES)]
-        cases.append((dtype, 2, variant, sequence_parallel, index % 2 == 1, chunk_size, 0))
+    if world_size == 2:
+        combos = list(itertools.product(VARIANTS, (torch.float32, torch.bfloat16), (False, True)))
+        chunk_sizes = CHUNK_SIZES
+    else:
+        combos = [(variant, dtype, index % 2 == 0) for index, (variant, dtype) in
+                  enumerate(itertools.product(VARIANTS, (torch.float32, torch.bfloat16)))]
+        chunk_sizes = (5, 7, 24, 100)
+    for index, (variant, dtype, sequence_parallel) in enumerate(combos):
+        chunk_size = chunk_sizes[index % len(chunk_sizes)]
+        cases.append((dtype, 2, variant, sequence_parallel, index % 3 == 1, chunk_size, 0))
     for index, variant in enumerate(VARIANTS):  # k = 5 and padding ids (12 ids: shards of 3 at TP = 4)
         cases.append((torch.float32, 5, variant, index % 2 == 0, index % 2 == 1, 5, 4 if world_size == 2 else 8))
     return cases
@@ -238,20 +249,20 @@ def check_tensor_parallel(world_size):
     for seed, (dtype, top_k, variant, sp, grad_in_forward, chunk_size, padding) in enumerate(tp_cases(world_size)):
         check_case(dtype, top_k, variant, tp_group, rank, world_size, seed, chunk_size=chunk_size,
                    sequence_parallel=sp, grad_in_forward=grad_in_forward, padding=padding)
+    if world_size == 2:  # in the same ranks, to spare a start-up
+        check_sequence_parallel_equals_replicated(tp_group, rank, world_size)
+        check_mutation_local_topk_is_caught(tp_group, rank)
 
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_matches_reference(tp):
+    """The cases of tp_cases; at TP = 2 also SP == the replicated input, and the mutation check
+    (a local instead of the global top-k must fail check_case)."""
     run_distributed(check_tensor_parallel, world_size=tp, tp=tp, args=(tp,))
 
 
-def check_sequence_parallel_equals_replicated():
+def check_sequence_parallel_equals_replicated(tp_group, rank, world_size):
     """SP (sharded input, reduce-scattered gradient) == the replicated input's gradient, sliced."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    rank, world_size = dist.get_rank(group=tp_group), dist.get_world_size(group=tp_group)
     hidden, weight, loss_mask = make_inputs(212, torch.float32, seed=6)
     target = make_target(212, seed=6)
     cfg, *_ = reference_case(hidden, weight, target, loss_mask, "sed", 2, 212)
@@ -273,24 +284,14 @@ def check_sequence_parallel_equals_replicated():
     torch.testing.assert_close(sp_weight, grad_weight, atol=1e-6, rtol=1e-6)
 
 
-def test_sequence_parallel_equals_replicated_input():
-    run_distributed(check_sequence_parallel_equals_replicated, world_size=2, tp=2)
-
-
 # ---------------------------------------------------------------------------------------------
 # The tests can fail: mutations of the fused path are caught
 
 
-def check_mutation_local_topk_is_caught():
+def check_mutation_local_topk_is_caught(tp_group, rank):
     """A mutation: each rank uses the top-k (and max) of its own shard; the target logit is still gathered."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
     from sed_megatron.loss import vocab_parallel
 
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    rank = dist.get_rank(group=tp_group)
-    check_case(torch.float32, 2, "ce", tp_group, rank, 2, seed=1, chunk_size=5)  # the genuine path passes
     genuine = vocab_parallel.global_topk_and_target
 
     def local_topk_only(candidates, target_logit, target, cfg, group, world_size):
@@ -306,10 +307,6 @@ def check_mutation_local_topk_is_caught():
     finally:
         vocab_parallel.global_topk_and_target = genuine
     raise RuntimeError("a local top-k went unnoticed")
-
-
-def test_mutation_local_instead_of_global_topk_is_caught():
-    run_distributed(check_mutation_local_topk_is_caught, world_size=2, tp=2)
 
 
 def test_mutation_wrong_chunk_boundary_is_caught(monkeypatch):
@@ -415,8 +412,6 @@ def check_megatron_tied_ddp():
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from sed_megatron.loss import LossConfig
-
     tp_group = parallel_state.get_tensor_model_parallel_group()
     dp_rank = parallel_state.get_data_parallel_rank()
     gen = torch.Generator().manual_seed(100 + dp_rank)  # each DP rank its own micro-batch
@@ -468,3 +463,173 @@ def check_megatron_tied_ddp():
 
 def test_megatron_gpt_tied_embeddings_distributed_optimizer():
     run_distributed(check_megatron_tied_ddp, world_size=4, tp=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# No [tokens, V/tp] tensor larger than one chunk
+
+
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+@pytest.mark.parametrize("dtype,variant", [(torch.float32, "sed"), (torch.bfloat16, "sed"),
+                                           (torch.float32, "gem/h=logsigmoid"), (torch.bfloat16, "gem")])
+def test_allocations_are_bounded_by_one_chunk(dtype, variant, grad_in_forward):
+    """Every tensor the fused loss allocates, forward and backward, holds at most one chunk of logits.
+
+    256 tokens x 512 ids, h = 8, 16-token chunks: the whole logits would be 512 KiB in fp32, one
+    chunk is 32 KiB. The largest other tensors are the weight's gradient (16 KiB), the hidden's
+    (8 KiB) and the per-token results (<= 8 KiB), so a bound of one fp32 chunk catches anything
+    of the logits' size (the materialized path allocates 512 KiB).
+    """
+    from .test_loss_kinds import LargestAllocations
+
+    tokens, vocab, hidden_size, chunk_tokens = 256, 512, 8, 16
+    gen = torch.Generator().manual_seed(10)
+    hidden = torch.randn(tokens, 1, hidden_size, generator=gen).to(dtype).requires_grad_()
+    weight = torch.randn(vocab, hidden_size, generator=gen).to(dtype).requires_grad_()
+    target = torch.randint(0, vocab, (tokens, 1), generator=gen)
+    loss_mask = torch.ones(tokens, 1)
+    kind, fields = VARIANTS[variant]
+    cfg = LossConfig(kind=kind, tau=0.5 if kind == "sed" else None, **fields)
+    bound = chunk_tokens * vocab * 4
+    with LargestAllocations() as probe:
+        loss_sum, _ = fused_linear_sft_loss(hidden, weight, target, loss_mask, cfg, chunk_size=chunk_tokens,
+                                            with_entropy=True, grad_in_forward=grad_in_forward)
+        torch.autograd.grad(loss_sum, (hidden, weight))
+    assert max(probe.sizes) <= bound, (max(probe.sizes), bound)
+    assert max(probe.sizes) >= chunk_tokens * vocab * dtype.itemsize  # the chunk's logits are seen
+    if not grad_in_forward:  # the probe sees the materialized path's logits
+        with LargestAllocations() as probe:
+            loss, _ = sft_token_loss(hidden @ weight.t(), target, cfg, inplace=True)
+            torch.autograd.grad(masked_sum_and_count(loss, loss_mask)[0], (hidden, weight))
+        assert max(probe.sizes) >= tokens * vocab * dtype.itemsize
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton kernels, run on the CPU by Triton's interpreter (TRITON_INTERPRET=1)
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """TRITON_INTERPRET=1 for the ranks this test spawns: Triton reads it when a process first imports it."""
+    from sed_megatron.loss import triton_kernels
+
+    if not triton_kernels.HAVE_TRITON:
+        pytest.fail("Triton is not installed: the kernels cannot be checked (pip install triton)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _interpreted_kernels(block_columns):
+    """In a spawned rank: the kernels module, with small column blocks so that a row takes several
+    steps of the online max, sums and top-k merge (the interpreter's time grows with the steps)."""
+    from sed_megatron.loss import triton_kernels
+
+    assert triton_kernels.interpreting() and triton_kernels.available(torch.device("cpu"))
+    triton_kernels.BLOCK_COLUMNS = block_columns
+    return triton_kernels
+
+
+def check_triton_kernels_on_a_chunk(dtype):
+    """Both passes on one chunk, against torch: ties, padding ids, rows shorter than k, an empty shard."""
+    kernels = _interpreted_kernels(16)
+    gen = torch.Generator().manual_seed(12)
+    rows, columns, real = 6, 70, 61  # 9 padding ids; 4 column steps of 16 (the last one partial)
+    logits = (torch.randn(rows, columns, generator=gen) * 3).to(dtype)
+    logits[0, 10] = logits[0, 40] = logits[0, 60] = 50.0  # a three-way tie for the max
+    logits[1, :real] = 1.5  # all equal
+    logits[2, real:] = 100.0  # padding ids that would win if they were read
+    index = torch.tensor([10, 3, 60, 0, 33, 7])
+    in_shard = torch.tensor([True, True, True, False, True, True])
+    values = logits[:, :real].float()
+    for count in (1, 3, 5):
+        local_max, sum_exp, sum_exp_x, candidates, target_logit = kernels.local_shard_stats(
+            logits, index, in_shard, real, count, with_entropy=True)
+        torch.testing.assert_close(local_max, values.amax(-1), atol=0, rtol=0)
+        shifted = values - values.amax(-1, keepdim=True)
+        torch.testing.assert_close(sum_exp, shifted.exp().sum(-1), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(sum_exp_x, (shifted.exp() * shifted).sum(-1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(candidates.sort(-1).values, values.topk(count, -1).values.sort(-1).values,
+                                   atol=0, rtol=0)
+        torch.testing.assert_close(target_logit, torch.where(in_shard, values.gather(-1, index[:, None])[:, 0], 0.0),
+                                   atol=0, rtol=0)
+    # A shard of padding only (the last rank of a padded vocabulary): nothing, and -inf candidates.
+    local_max, sum_exp, _, candidates, target_logit = kernels.local_shard_stats(
+        logits, index, torch.zeros(rows, dtype=torch.bool), 0, 2, with_entropy=False)
+    assert torch.all(local_max == float("-inf")) and torch.all(sum_exp == 0) and torch.all(candidates == float("-inf"))
+    assert torch.all(target_logit == 0)
+
+    logits_max = values.amax(-1) + 0.25  # any m
+    coef = torch.rand(rows, generator=gen) + 0.5
+    normalizer = (values - logits_max[:, None]).exp().sum(-1)
+    expected = coef[:, None] * (values - logits_max[:, None]).exp() / normalizer[:, None]
+    expected = torch.cat([expected, torch.zeros(rows, columns - real)], dim=-1)
+    expected[torch.arange(rows), index] -= coef * in_shard
+    grad = kernels.write_gradient_(logits.clone(), logits_max, coef / normalizer, coef * in_shard, index, real)
+    assert grad.dtype == dtype
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=8e-3)  # one bf16 rounding
+    torch.testing.assert_close(grad.float(), expected, **tol)
+
+
+def check_triton_backend(world_size):
+    """The fused loss with backend="triton" against the float64 reference, as check_case does for "torch"."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if world_size == 1:
+        for dtype in (torch.float32, torch.bfloat16):
+            check_triton_kernels_on_a_chunk(dtype)
+        tp_group, rank = None, 0
+        cases = [  # (dtype, top_k, variant, chunk_size, sequence_parallel, grad_in_forward, padding)
+            (torch.float32, 2, "ce", 7, False, False, 0),
+            (torch.bfloat16, 2, "dft", 10, False, True, 0),
+            (torch.float32, 1, "sed", 24, False, True, 4),
+            (torch.bfloat16, 5, "sed/mask=none", 9, False, False, 4),
+        ]
+    else:
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        rank = dist.get_rank(group=tp_group)
+        cases = [
+            (torch.float32, 5, "sed", 7, True, False, 4),
+            (torch.bfloat16, 2, "dft", 10, False, True, 0),
+        ]
+    _interpreted_kernels(64)  # 212 ids: 4 steps per row
+    for seed, (dtype, top_k, variant, chunk_size, sp, grad_in_forward, padding) in enumerate(cases):
+        check_case(dtype, top_k, variant, tp_group, rank, world_size, seed, chunk_size=chunk_size,
+                   sequence_parallel=sp, grad_in_forward=grad_in_forward, padding=padding, backend="triton",
+                   with_entropy=seed % 2 == 0)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_triton_kernels_under_the_interpreter(triton_interpreter, tp):
+    """Triton's interpreter runs the kernels on the CPU: one chunk against torch, then the fused
+    loss with the Triton backend against the reference at TP = 1 and 2 (with SP)."""
+    run_distributed(check_triton_backend, world_size=tp, tp=tp, args=(tp,))
+
+
+def test_backend_choice():
+    hidden, weight, loss_mask = make_inputs(212, torch.float32, seed=13)
+    target = make_target(212, seed=13)
+    with pytest.raises(ValueError, match="do not cover loss kind 'gem'"):
+        fused_linear_sft_loss(hidden, weight, target, loss_mask, LossConfig(kind="gem"), backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fused_linear_sft_loss(hidden, weight, target, loss_mask, LossConfig(), backend="cuda")
+    assert not fused_module._use_triton("auto", fused_module.get_kind("ce"), LossConfig(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (dict(target=torch.zeros(8, 2, dtype=torch.int64)), ValueError, "does not match the tokens of hidden"),
+        (dict(loss_mask=torch.ones(8, 2)), ValueError, "loss_mask shape"),
+        (dict(weight=torch.zeros(212, 15)), ValueError, r"weight must be \[V/tp, h\]"),
+        (dict(weight=torch.zeros(212, 16, dtype=torch.float64)), TypeError, "share dtype"),
+        (dict(target=torch.full((8, 3), 212)), ValueError, "fused_linear_sft_loss: target id 212"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+    ],
+)
+def test_input_errors(change, error, message):
+    hidden, weight, loss_mask = make_inputs(212, torch.float32, seed=14)
+    args = dict(hidden=hidden, weight=weight, target=make_target(212, seed=14), loss_mask=loss_mask, chunk_size=None)
+    args.update(change)
+    with pytest.raises(error, match=message):
+        fused_linear_sft_loss(args["hidden"], args["weight"], args["target"], args["loss_mask"], LossConfig(),
+                              chunk_size=args["chunk_size"])
