@@ -136,10 +136,28 @@ def _chunk_gradient(logits, buffer, opts: _Options, kind, sums: TokenSums, logit
     return kind.gradient_(opts.cfg, buffer, sums, coef, index, in_shard)
 
 
+def _cpu_16bit_hidden_grad(grad, weight, out):
+    """out = G @ W for a 16-bit W on the CPU: fp32 GEMMs over blocks of vocabulary rows.
+
+    PyTorch's CPU bf16 GEMM with the vocabulary as its inner dim runs at ~0.2 GFLOP/s on a CPU
+    without bf16 instructions (the dev machine), ~50x slower than fp32 in blocks; the casts are
+    one block of W and G at a time. (On a GPU the 16-bit GEMM is used, as Megatron's layer does.)
+    """
+    total = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    rows = max(1, chunks.CHUNK_ELEMENTS // weight.size(1))
+    for start in range(0, weight.size(0), rows):
+        block = slice(start, start + rows)
+        total.addmm_(grad[:, block].float(), weight[block].float())
+    out.copy_(total)
+
+
 def _apply_gradient(grad, hidden_rows, weight, grad_hidden_rows, wgrad):
     """dL/dhidden[rows] = G @ W (into grad_hidden_rows) and wgrad += G^T @ hidden[rows], for G `[c, V/tp]`."""
-    grad_low = grad.to(weight.dtype) if grad_hidden_rows is not None or grad.dtype != torch.float32 else None
-    if grad_hidden_rows is not None:
+    cpu_16bit = not weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
+    grad_low = grad.to(weight.dtype) if grad.dtype != weight.dtype and not cpu_16bit else grad
+    if grad_hidden_rows is not None and cpu_16bit:
+        _cpu_16bit_hidden_grad(grad, weight, grad_hidden_rows)
+    elif grad_hidden_rows is not None:
         torch.matmul(grad_low, weight, out=grad_hidden_rows)  # [c, h], as the output layer's backward
     if wgrad is None:
         return
@@ -147,7 +165,7 @@ def _apply_gradient(grad, hidden_rows, weight, grad_hidden_rows, wgrad):
         wgrad.addmm_(grad.t(), hidden_rows)
         return
     fused = _fused_wgrad_accumulate() if wgrad.is_cuda and wgrad.dtype == torch.float32 else None
-    if fused is not None and grad_low is not None and grad_low.dtype == hidden_rows.dtype:
+    if fused is not None and grad_low.dtype == hidden_rows.dtype:
         fused(hidden_rows.contiguous(), grad_low.contiguous(), wgrad)  # bf16 GEMM, fp32 accumulation
         return
     # Mixed precision without the fused GEMM: chunk-sized casts, one fp32 GEMM into the accumulator.
@@ -214,20 +232,20 @@ class _FusedLinearSFTLoss(torch.autograd.Function):
                 del logits  # fp32: it is the buffer; 16-bit: the buffer is an fp32 copy
             token_loss[rows] = result.kind_loss.loss
             stats[:, rows] = torch.stack(result.stat_values)
-            if not need_grad:
-                continue
-            chunk_coef = mask[rows] * result.kind_loss.grad_scale
             if keep:
                 logits_max[rows], sum_exp[rows], target_shifted[rows] = (result.logits_max, result.sums.sum_exp,
                                                                           result.sums.target_logit)
-                coef[rows] = chunk_coef
+                coef[rows] = mask[rows] * result.kind_loss.grad_scale
                 extra[:, rows] = result.sums.extra
-                continue
-            grad = _chunk_gradient(logits if opts.use_triton else None, result.buffer, opts, kind, result.sums,
-                                   result.logits_max, chunk_coef, result.index, result.in_shard, real)
-            logits = result = None  # the chunk's logits (Triton) now are the gradient
-            _apply_gradient(grad, flat_hidden[rows], weight, None if grad_hidden is None else grad_hidden[rows], wgrad)
-            del grad
+            elif need_grad:
+                grad = _chunk_gradient(logits if opts.use_triton else None, result.buffer, opts, kind, result.sums,
+                                       result.logits_max, mask[rows] * result.kind_loss.grad_scale, result.index,
+                                       result.in_shard, real)
+                logits = result = None  # the chunk's logits (Triton) or buffer now hold the gradient
+                _apply_gradient(grad, flat_hidden[rows], weight, None if grad_hidden is None else grad_hidden[rows],
+                                wgrad)
+                del grad
+            logits = result = None  # one chunk at a time: drop it before the next GEMM
         loss_sum = (token_loss * mask).sum()
 
         ctx.opts, ctx.real, ctx.hidden_shape = opts, real, hidden.shape
