@@ -2,6 +2,7 @@
 
     python tools/bench_fused_linear.py                                  # the tables of docs/PERFORMANCE.md
     python tools/bench_fused_linear.py --shapes 8192x3584x76032 --dtypes fp32 --methods materialized fused
+    python tools/bench_fused_linear.py --shapes 1024x3584x76032 --dtypes fp32 --interleaved 3   # time only
 
 Shapes are TOKENSxHIDDENxSHARD: hidden [TOKENS, 1, HIDDEN], an output-layer shard [SHARD, HIDDEN]
 (8192x3584x76032: 8192 tokens of Qwen2.5-7B, whose 152064 ids make 76032 per rank at TP = 2).
@@ -181,6 +182,33 @@ def _child(args):
     print(json.dumps(row))
 
 
+def run_interleaved(methods, shape, dtype_name, rounds, chunk_size, device):
+    """CPU time of each method, the methods taking turns in one process for `rounds` rounds.
+
+    On a machine shared with other jobs the load drifts over minutes; turns expose every method
+    to the same drift. Returns {method: [CPU seconds per round]} (no memory figure: the methods
+    share an allocator here).
+    """
+    tokens, hidden_size, shard = _parse_shape(shape)
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(tokens, 1, hidden_size, generator=gen, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(shard, hidden_size, generator=gen, device=device) * 0.02).to(dtype).requires_grad_()
+    weight.main_grad = torch.zeros(shard, hidden_size, dtype=torch.float32, device=device)
+    target = torch.randint(0, shard, (tokens, 1), generator=gen, device=device)
+    loss_mask = torch.ones(tokens, 1, device=device)
+    loss_fns = {method: _loss_fn(method, chunk_size) for method in methods}
+    times = {method: [] for method in methods}
+    for _ in range(rounds):
+        for method in methods:
+            hidden.grad = None
+            start = time.process_time()
+            loss_fns[method](hidden, weight, target, loss_mask).backward()
+            times[method].append(time.process_time() - start)
+            print(f"  {shape} {dtype_name} {method}: {times[method][-1]:.1f} s CPU", file=sys.stderr, flush=True)
+    return times
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["2048x3584x76032", "8192x3584x76032"],
@@ -191,6 +219,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk of the fused methods")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--interleaved", type=int, metavar="ROUNDS",
+                        help="time only: the methods take turns in one process, ROUNDS rounds per shape and dtype")
     parser.add_argument("--json", help="also write the rows to this file (rewritten after each row)")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--shape", help=argparse.SUPPRESS)
@@ -198,6 +228,25 @@ def main():
     args = parser.parse_args()
     if args.method:
         return _child(args)
+    if args.interleaved:
+        results = []
+        for shape in args.shapes:
+            for dtype in args.dtypes:
+                times = run_interleaved(args.methods, shape, dtype, args.interleaved, args.chunk_size,
+                                        torch.device(args.device))
+                results.append({"shape": shape, "dtype": dtype, "cpu_s": times})
+                if args.json:
+                    with open(args.json, "w") as out_file:
+                        json.dump(results, out_file, indent=1)
+        print("| tokens x hidden x shard | dtype | method | CPU s per round | median / materialized |")
+        print("|---|---|---|---|---:|")
+        for result in results:
+            ref = statistics.median(result["cpu_s"]["materialized"]) if "materialized" in result["cpu_s"] else None
+            for method, values in result["cpu_s"].items():
+                ratio = f"{statistics.median(values) / ref:.2f}" if ref else "-"
+                print(f"| {result['shape']} | {result['dtype']} | {method} | "
+                      f"{', '.join(f'{v:.1f}' for v in values)} | {ratio} |")
+        return
 
     rows = []
     for shape in args.shapes:

@@ -14,6 +14,10 @@ Collectives per call over `tp_group` (none when it is None or has one rank):
      + 1 with the entropy + the kind's extra sums (GEM: 2, or 3 with h = logsigmoid).
 Megatron's vocab_parallel_cross_entropy does three all-reduces of `[t]`.
 
+The steps of one block of tokens are `shard_loss_forward` (both collectives), built from
+functions that the fused output-layer loss (`fused_linear.py`) also runs, once per chunk of
+tokens, so both paths share one implementation of every step.
+
 Memory: one fp32 `[t, V/tp]` buffer, as in Megatron's CE. It holds exp(z - m) from forward
 to backward and becomes the gradient in place. With fp32 contiguous logits and inplace=True
 the buffer is the caller's logits tensor (Megatron's convention: the logits are overwritten),
