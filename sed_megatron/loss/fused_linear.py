@@ -10,12 +10,14 @@ exp and partial sums -> all-reduce -> the kind's loss), and the chunk's logits a
 
 Gradients (default, `grad_in_forward=False`): the forward keeps per token only the global max,
 the reduced sums and the gradient coefficient (loss_mask * the kind's grad_scale); the backward
-recomputes each chunk's logits and forms G = coef * d loss / d z in place, then
-dL/dhidden[chunk] = G @ W and dL/dW += G^T @ hidden[chunk]. Four GEMMs instead of three, no
-collective in the backward but the hidden gradient's reduction, and nothing larger than one
-chunk of logits: this is the memory-lean form (Megatron-LM's own linear cross entropy and Cut
-Cross-Entropy recompute too). The backward skips the tokens whose coefficient is 0 (prompt
-tokens, loss_mask = 0), whose gradient is exactly 0.
+recomputes the logits block by block of the vocabulary (`_recompute_gradients`: a logit's
+gradient needs only those per-token results, so every backward GEMM spans all tokens and reads
+each weight row once) and forms G = coef * d loss / d z in place, then dL/dhidden += G @ W[block]
+and dL/dW[block] += G^T @ hidden. Four GEMMs instead of three, no collective in the backward
+but the hidden gradient's reduction, and no block larger than one chunk of logits: the
+memory-lean form (Megatron-LM's own linear cross entropy and Cut Cross-Entropy recompute too).
+The backward skips the tokens whose coefficient is 0 (prompt tokens, loss_mask = 0), whose
+gradient is exactly 0.
 
 `grad_in_forward=True` forms G right after each chunk's loss in the forward (three GEMMs, no
 recompute) and keeps dL/dhidden `[t, h]` and dL/dW (an fp32 `[V/tp, h]` accumulator) until the
@@ -151,25 +153,38 @@ def _cpu_16bit_hidden_grad(grad, weight, out):
     out.copy_(total)
 
 
-def _apply_gradient(grad, hidden_rows, weight, grad_hidden_rows, wgrad):
-    """dL/dhidden[rows] = G @ W (into grad_hidden_rows) and wgrad += G^T @ hidden[rows], for G `[c, V/tp]`."""
-    cpu_16bit = not weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
-    grad_low = grad.to(weight.dtype) if grad.dtype != weight.dtype and not cpu_16bit else grad
-    if grad_hidden_rows is not None and cpu_16bit:
-        _cpu_16bit_hidden_grad(grad, weight, grad_hidden_rows)
-    elif grad_hidden_rows is not None:
-        torch.matmul(grad_low, weight, out=grad_hidden_rows)  # [c, h], as the output layer's backward
-    if wgrad is None:
-        return
-    if grad.dtype == hidden_rows.dtype == wgrad.dtype:
-        wgrad.addmm_(grad.t(), hidden_rows)
+def _accumulate_weight_grad_(wgrad, grad, hidden):
+    """wgrad `[v, h]` += G^T @ hidden for G `[t, v]`, hidden `[t, h]` (wgrad fp32 for 16-bit weights)."""
+    if grad.dtype == hidden.dtype == wgrad.dtype:
+        wgrad.addmm_(grad.t(), hidden)
         return
     fused = _fused_wgrad_accumulate() if wgrad.is_cuda and wgrad.dtype == torch.float32 else None
-    if fused is not None and grad_low.dtype == hidden_rows.dtype:
-        fused(hidden_rows.contiguous(), grad_low.contiguous(), wgrad)  # bf16 GEMM, fp32 accumulation
+    if fused is not None and hidden.dtype in (torch.bfloat16, torch.float16):
+        fused(hidden.contiguous(), grad.to(hidden.dtype).contiguous(), wgrad)  # 16-bit GEMM, fp32 accumulation
         return
-    # Mixed precision without the fused GEMM: chunk-sized casts, one fp32 GEMM into the accumulator.
-    wgrad.addmm_(grad.to(wgrad.dtype).t(), hidden_rows.to(wgrad.dtype))
+    # Mixed precision without the fused GEMM: casts of the operands, one fp32 GEMM into the accumulator.
+    wgrad.addmm_(grad.to(wgrad.dtype).t(), hidden.to(wgrad.dtype))
+
+
+def _apply_gradient(grad, hidden_rows, weight, grad_hidden_rows, wgrad):
+    """grad_in_forward, one chunk of tokens: dL/dhidden[rows] = G @ W and wgrad += G^T @ hidden[rows]."""
+    if grad_hidden_rows is not None:
+        if not weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16):
+            _cpu_16bit_hidden_grad(grad, weight, grad_hidden_rows)
+        else:
+            torch.matmul(grad.to(weight.dtype), weight, out=grad_hidden_rows)  # [c, h], as the output layer's backward
+    if wgrad is not None:
+        _accumulate_weight_grad_(wgrad, grad, hidden_rows)
+
+
+def _accumulate_hidden_grad_(grad_hidden, grad, weight_block):
+    """grad_hidden `[t, h]` += G @ W[block] for G `[t, v]` (grad_hidden fp32 for 16-bit weights)."""
+    if grad.dtype == weight_block.dtype == grad_hidden.dtype:
+        grad_hidden.addmm_(grad, weight_block)
+    elif weight_block.is_cuda:  # the 16-bit GEMM of the output layer's backward, added up in fp32
+        grad_hidden.add_(grad.to(weight_block.dtype) @ weight_block)
+    else:  # see _cpu_16bit_hidden_grad: fp32 GEMM, block-sized casts
+        grad_hidden.addmm_(grad.float(), weight_block.float())
 
 
 def _weight_grad_accumulator(weight, main_grad):
@@ -297,8 +312,23 @@ def _token_slices(num_tokens, chunk_size):
     return [slice(start, min(start + chunk_size, num_tokens)) for start in range(0, num_tokens, chunk_size)]
 
 
+def _vocab_blocks(shard_size, num_tokens, chunk_size):
+    """Row slices of the weight for the backward: a block of logits `[t, rows]` holds at most the
+    elements of one forward chunk (chunk_size x V/tp), so chunk_size bounds both passes."""
+    rows = max(1, chunk_size * shard_size // max(1, num_tokens))
+    return [slice(start, min(start + rows, shard_size)) for start in range(0, shard_size, rows)]
+
+
 def _recompute_gradients(ctx, scale, rank, world_size):
-    """The default backward: each chunk's logits again, G in place, the two GEMMs. -> (dL/dhidden `[t, h]`, wgrad)."""
+    """The default backward, block by block of the vocabulary. -> (dL/dhidden `[t, h]`, wgrad).
+
+    The gradient of a logit needs only per-token results (the global max and sums, kept from the
+    forward) and the logit itself, so the backward may walk the vocabulary instead of the tokens:
+    each block recomputes logits `[t, rows]` = hidden @ W[block]^T, forms G in place and adds
+    G @ W[block] to dL/dhidden and G^T @ hidden to dL/dW[block]. Every GEMM then spans all
+    tokens, each weight row is read once and each gradient row written once; in chunks of tokens
+    the weight and its fp32 gradient would be read (and the gradient written) once per chunk.
+    """
     opts: _Options = ctx.opts
     hidden, weight, flat_target, per_token = ctx.saved_tensors
     total = _gather_sequence(hidden, opts.tp_group, world_size) if opts.sequence_parallel and world_size > 1 \
@@ -306,7 +336,6 @@ def _recompute_gradients(ctx, scale, rank, world_size):
     flat_hidden = total.reshape(-1, total.size(-1))  # [t, h]
     kind = get_kind(opts.cfg.kind)
     shard_size = weight.size(0)
-    vocab_start = rank * shard_size
     coef = per_token[3] * scale  # [t]
     # Tokens with a zero coefficient (loss_mask = 0, ignored targets) have an exactly zero
     # gradient: the GEMMs run on the others only (one host sync to count them).
@@ -315,23 +344,41 @@ def _recompute_gradients(ctx, scale, rank, world_size):
     if not everything:
         flat_hidden, flat_target = flat_hidden.index_select(0, active), flat_target.index_select(0, active)
         per_token, coef = per_token.index_select(1, active), coef.index_select(0, active)
-    logits_max, sum_exp, target_shifted, extra = per_token[0], per_token[1], per_token[2], per_token[4:]
+    sums = TokenSums(per_token[1], per_token[2], per_token[4:])
+    logits_max = per_token[0]
+    index, in_shard = loss_math.shard_target_index(flat_target, rank * shard_size, (rank + 1) * shard_size)
 
-    grad_hidden = torch.empty_like(flat_hidden) if opts.need_hidden_grad else None
+    sixteen_bit = weight.dtype in (torch.bfloat16, torch.float16)
+    grad_hidden = None
+    if opts.need_hidden_grad:  # fp32 across the blocks, rounded once at the end
+        grad_hidden = torch.zeros(flat_hidden.shape, dtype=torch.float32 if sixteen_bit else flat_hidden.dtype,
+                                  device=flat_hidden.device)
     wgrad = _weight_grad_accumulator(weight, ctx.main_grad) if opts.need_weight_grad else None
-    for rows in _token_slices(active.numel(), opts.chunk_size):
-        logits = flat_hidden[rows] @ weight.t()  # [c, V/tp], recomputed
-        index, in_shard = loss_math.shard_target_index(flat_target[rows], vocab_start, vocab_start + shard_size)
-        sums = TokenSums(sum_exp[rows], target_shifted[rows], extra[:, rows])
-        grad = _chunk_gradient(logits, None, opts, kind, sums, logits_max[rows], coef[rows], index, in_shard,
-                               ctx.real)
+    # The weight-gradient GEMM's other operand, cast once if it must be (16-bit without the fused GEMM).
+    hidden_for_wgrad = flat_hidden
+    if wgrad is not None and wgrad.dtype != flat_hidden.dtype and not (
+            wgrad.is_cuda and _fused_wgrad_accumulate() is not None and wgrad.dtype == torch.float32):
+        hidden_for_wgrad = flat_hidden.to(wgrad.dtype)
+    for block in _vocab_blocks(shard_size, active.numel(), opts.chunk_size):
+        weight_block = weight[block]  # [rows, h]
+        logits = flat_hidden @ weight_block.t()  # [t, rows], recomputed
+        in_block = in_shard & (index >= block.start) & (index < block.stop)
+        block_index = torch.where(in_block, index - block.start, 0)
+        block_real = max(0, min(block.stop, ctx.real) - block.start)
+        grad = _chunk_gradient(logits, None, opts, kind, sums, logits_max, coef, block_index, in_block, block_real)
         del logits
-        _apply_gradient(grad, flat_hidden[rows], weight, None if grad_hidden is None else grad_hidden[rows], wgrad)
+        if grad_hidden is not None:
+            _accumulate_hidden_grad_(grad_hidden, grad, weight_block)
+        if wgrad is not None:
+            _accumulate_weight_grad_(wgrad[block], grad, hidden_for_wgrad)
         del grad
+    del hidden_for_wgrad
 
-    if grad_hidden is not None and not everything:
-        full = grad_hidden.new_zeros((ctx.num_tokens, grad_hidden.size(-1)))
-        grad_hidden = full.index_copy_(0, active, grad_hidden)
+    if grad_hidden is not None:
+        grad_hidden = grad_hidden.to(flat_hidden.dtype)
+        if not everything:
+            grad_hidden = grad_hidden.new_zeros((ctx.num_tokens, grad_hidden.size(-1))).index_copy_(0, active,
+                                                                                                    grad_hidden)
     return grad_hidden, wgrad
 
 

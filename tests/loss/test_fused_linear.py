@@ -310,15 +310,22 @@ def check_mutation_local_topk_is_caught(tp_group, rank):
 
 
 def test_mutation_wrong_chunk_boundary_is_caught(monkeypatch):
-    genuine = fused_module._token_slices
+    """Chunks of tokens that stop one token short (forward), vocabulary blocks that overlap by one
+    row (backward): each must fail check_case."""
+    genuine_slices, genuine_blocks = fused_module._token_slices, fused_module._vocab_blocks
 
-    def overlapping(num_tokens, chunk_size):  # every chunk but the first starts one token early
-        return [slice(max(0, s.start - 1), s.stop) for s in genuine(num_tokens, chunk_size)]
+    def short(num_tokens, chunk_size):
+        return [slice(s.start, max(s.start, s.stop - 1)) for s in genuine_slices(num_tokens, chunk_size)]
+
+    def overlapping(shard_size, num_tokens, chunk_size):
+        return [slice(max(0, b.start - 1), b.stop) for b in genuine_blocks(shard_size, num_tokens, chunk_size)]
 
     check_case(torch.float32, 2, "sed", None, 0, 1, seed=2, chunk_size=5)
-    monkeypatch.setattr(fused_module, "_token_slices", overlapping)
-    with pytest.raises(AssertionError):
-        check_case(torch.float32, 2, "sed", None, 0, 1, seed=2, chunk_size=5)
+    for name, mutation in (("_token_slices", short), ("_vocab_blocks", overlapping)):
+        with monkeypatch.context() as patch:
+            patch.setattr(fused_module, name, mutation)
+            with pytest.raises(AssertionError):
+                check_case(torch.float32, 2, "sed", None, 0, 1, seed=2, chunk_size=5)
 
 
 # ---------------------------------------------------------------------------------------------
