@@ -1,6 +1,7 @@
 # Sourced by the launch scripts: find Python 3.12 and make the project's virtual environment.
 #   source launch/env.sh   ->   $VENV_PY is .venv/bin/python with sed_megatron installed
-# PYTHON=/path/to/python3.12 overrides the search; VENV=DIR moves the environment.
+# PYTHON=/path/to/python3.12 overrides the search; VENV=DIR moves the environment;
+# SED_MEGATRON_UNPINNED=1 skips the lock (requirements/lock.txt).
 
 _find_python312() {
   if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
@@ -25,6 +26,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$_py" -m venv "$VENV" || exit 1
 fi
 VENV_PY="$VENV/bin/python"
-# Installs only what is missing; the editable install keeps the checkout importable.
-"$VENV_PY" -m pip install -q --disable-pip-version-check -e ".[test]" || exit 1
+# Installs only what is missing; the editable install keeps the checkout importable. The lock
+# pins every package to the versions that produced the documented figures;
+# SED_MEGATRON_UNPINNED=1 installs the newest versions setup.py allows instead.
+_constraints=(-c requirements/lock.txt)
+if [ "${SED_MEGATRON_UNPINNED:-0}" = "1" ]; then _constraints=(); fi
+"$VENV_PY" -m pip install -q --disable-pip-version-check "${_constraints[@]}" -e ".[test]" || exit 1
 export VENV_PY

@@ -5,8 +5,8 @@ that a share r (the masking ratio) of tokens is left without the penalty:
 
     tau = sorted(P_topk)[N - floor(r N)]      (ascending, N values; the published rule)
 
-so about (1 - r) N tokens have P_topk < tau. floor(r N) = 0 (r N < 1) gives tau = 1: every
-token with P_topk < 1 is penalized. The values are gathered from every data-parallel rank
+so about (1 - r) N tokens have P_topk < tau. floor(r N) = 0 (r N < 1) gives, as the published
+`sorted(values)[-0]` does, the smallest value: no token lies below it, none is penalized. The values are gathered from every data-parallel rank
 before the quantile is taken, so τ does not depend on the parallel layout.
 """
 
@@ -26,9 +26,8 @@ def tau_from_topk_mass(values, mask_ratio):
     if values.numel() == 0:
         raise ValueError("no tokens to calibrate tau on (empty calibration set or no response tokens)")
     unpenalized = math.floor(mask_ratio * values.numel())
-    if unpenalized == 0:
-        return 1.0
-    return float(torch.sort(values).values[values.numel() - unpenalized])
+    # Python's [-0] is [0]: with floor(r N) = 0 the published rule returns the smallest value.
+    return float(torch.sort(values).values[(values.numel() - unpenalized) % values.numel()])
 
 
 def gather_values(values, group):

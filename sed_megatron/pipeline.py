@@ -1,39 +1,24 @@
-"""The end-to-end steps (preprocess, convert, train, calibrate, export, evaluate) as subprocesses.
+"""The end-to-end steps (preprocess, convert, train, calibrate, export, evaluate) as function calls.
 
-The CPU quickstart and the GSM8K experiment drive the same command-line tools a user runs;
-this module holds the pieces they share: running a step with its log, writing a run YAML,
-saving a locally trained tokenizer and a random Llama, and export + evaluation of a run.
+The CPU quickstart and the GSM8K experiment share them. Each step calls the package function
+that the matching tool calls: in-process where it holds no global state (preprocessing,
+evaluation, plots), in a spawned process where Megatron's global state would outlive it (the
+converters), and under torchrun where it needs several processes (training, calibration).
+Results are read from the files the steps write (the calibrated config, metrics.jsonl,
+RESULT.json), never from log text. Each step's output goes to `<workdir>/<step>.log`.
 """
 
 import json
 import os
-import subprocess
-import sys
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHON = sys.executable
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+import yaml
 
-
-def run_step(cmd, log_path, name="pipeline"):
-    """Run cmd from the repository root, output to log_path; exit with the log's tail on failure."""
-    started = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "TORCHDYNAMO_DISABLE": "1"})
-    if proc.returncode != 0:
-        with open(log_path) as log:
-            tail = log.read()[-4000:]
-        sys.exit(f"{name}: step failed ({' '.join(cmd[:4])} ...), log {log_path}:\n{tail}")
-    return time.time() - started
+from .launch import run_isolated, torchrun
 
 
 def write_run_yaml(path, *, data_prefix, iters, seed, loss, tp=1, micro_batch=8, global_batch=16, seq_length=64,
                    lr=2.0e-3, pack=False):
     """A training YAML for a converted checkpoint (the architecture comes from --load)."""
-    import yaml
-
     config = {
         "parallel": {"tensor_model_parallel_size": tp},
         "training": {"micro_batch_size": micro_batch, "global_batch_size": global_batch, "train_iters": iters,
@@ -84,37 +69,69 @@ def random_llama(directory, tokenizer_dir, vocab_size, seed, *, hidden=128, ffn=
     return directory
 
 
-def train(workdir, name, config, load, save, nproc=1, name_for_errors="pipeline"):
+def preprocess(input_path, tokenizer_dir, output_prefix, *, prompt_key, response_key, seq_length, truncation="error"):
+    """Prompt/response JSONL -> indexed dataset at output_prefix; returns the summary."""
+    from sed_megatron.data.sft_preprocess import PreprocessConfig
+    from sed_megatron.data.sft_preprocess import preprocess as run
+
+    return run(PreprocessConfig(input=input_path, tokenizer=tokenizer_dir, output_prefix=output_prefix,
+                                seq_length=seq_length, prompt_key=prompt_key, response_key=response_key,
+                                truncation=truncation), progress=False)
+
+
+def convert(workdir, hf_dir, save):
+    """The Hugging Face model at hf_dir as a Megatron checkpoint at save."""
+    from sed_megatron.convert import convert_hf_to_mcore
+
+    run_isolated(convert_hf_to_mcore, hf_dir, save, progress=False, log=os.path.join(workdir, "convert.log"))
+    return save
+
+
+def train(workdir, name, config, load, save, nproc=1):
     """Fine-tune from `load` (weights only) with the run YAML `config`; checkpoint at `save`."""
-    cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "-m", "sed_megatron.train", "--config", config, "--load", load,
-           "--finetune", "--no-load-optim", "--no-load-rng", "--save", save]
-    return run_step(cmd, os.path.join(workdir, f"{name}.log"), name_for_errors)
+    torchrun("sed_megatron.train", ["--config", config, "--load", load, "--finetune", "--no-load-optim",
+                                    "--no-load-rng", "--save", save], nproc, log=os.path.join(workdir, f"{name}.log"))
+    return save
 
 
-def calibrate_tau(workdir, config, load, out_config, mask_ratio, nproc=1, name_for_errors="pipeline"):
-    """τ of the model at `load` on the config's data; writes out_config (the config with tau set)."""
-    log = os.path.join(workdir, "tau.log")
-    run_step([TORCHRUN, "--nproc_per_node", str(nproc), "tools/calibrate_tau.py", "--config", config,
-              "--mask-ratio", str(mask_ratio), "--load", load, "--write-config", out_config], log, name_for_errors)
-    with open(log) as f:
-        return float(f.read().strip().splitlines()[-1].split("=")[1])
+def calibrate_tau(workdir, config, load, out_config, mask_ratio, nproc=1):
+    """τ of the model at `load` on the config's data; writes out_config (the config with tau set), returns τ."""
+    torchrun("sed_megatron.cli.calibrate_tau", ["--config", config, "--mask-ratio", mask_ratio, "--load", load,
+                                                "--write-config", out_config], nproc,
+             log=os.path.join(workdir, "tau.log"))
+    with open(out_config) as f:
+        return float(yaml.safe_load(f)["loss"]["tau"])
+
+
+def final_ce(ckpt):
+    """The training CE of the last metrics.jsonl record (the mean of its log interval)."""
+    with open(os.path.join(ckpt, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f][-1]["ce_loss"]
 
 
 def export_and_evaluate(workdir, name, ckpt, hf_template, prompts, *, num_samples, max_new_tokens, seed,
                         temperature=1.0, prompt_key="question", answer_key="answer", batch_prompts=1,
-                        strict_answers=False, name_for_errors="pipeline"):
-    """Export a run to HF, sample num_samples responses per prompt and return the metrics (+ final CE)."""
+                        strict_answers=False):
+    """Export a run to HF, sample num_samples responses per prompt; the metrics (+ final_ce), also
+    written to <workdir>/eval_<name>.json."""
+    from sed_megatron.convert import convert_mcore_to_hf
+    from sed_megatron.eval.diversity import EvalConfig, evaluate_checkpoint
+    from sed_megatron.utils import atomic_write_text
+
     hf_dir = os.path.join(workdir, f"hf_{name}")
-    run_step([PYTHON, "tools/convert_mcore_to_hf.py", "--load", ckpt, "--save", hf_dir, "--hf-template", hf_template],
-             os.path.join(workdir, f"export_{name}.log"), name_for_errors)
-    out = os.path.join(workdir, f"eval_{name}.json")
-    cmd = [PYTHON, "tools/eval_diversity.py", "--hf-dir", hf_dir, "--prompts", prompts, "--prompt-key", prompt_key,
-           "--answer-key", answer_key, "--num-samples", str(num_samples), "--max-new-tokens", str(max_new_tokens),
-           "--temperature", str(temperature), "--seed", str(seed), "--batch-prompts", str(batch_prompts), "--out", out]
-    run_step(cmd + (["--strict-answers"] if strict_answers else []), os.path.join(workdir, f"eval_{name}.log"),
-             name_for_errors)
-    with open(out) as f:
-        result = json.load(f)
-    with open(os.path.join(ckpt, "metrics.jsonl")) as f:
-        result["final_ce"] = [json.loads(line) for line in f][-1]["ce_loss"]
-    return result
+    run_isolated(convert_mcore_to_hf, ckpt, hf_dir, hf_template=hf_template, progress=False,
+                 log=os.path.join(workdir, f"export_{name}.log"))
+    cfg = EvalConfig(hf_dir=hf_dir, prompts=prompts, prompt_key=prompt_key, answer_key=answer_key,
+                     num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                     batch_prompts=batch_prompts, strict_answers=strict_answers, quiet=True)
+    result = evaluate_checkpoint(cfg)
+    atomic_write_text(os.path.join(workdir, f"eval_{name}.json"), json.dumps(result, indent=1))
+    return {**result, "final_ce": final_ce(ckpt)}
+
+
+def plot(runs, out):
+    """runs: {label: metrics.jsonl path}; the curves PNG at out."""
+    from sed_megatron.training.curves import plot_runs, read_run
+
+    plot_runs([read_run(f"{label}={path}") for label, path in runs.items()], out)
+    return out

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from sed_megatron.runtime import DeviceError, MegatronVersionError, prepare
 from sed_megatron.training.arguments import calibrates_tau
-from sed_megatron.training.setup import build_datasets, model_provider, parse_run_args, step_config
+from sed_megatron.training.setup import build_datasets, model_provider, parse_run_args, print_help_if_asked, step_config
 from sed_megatron.utils import fail
 
 PROG = "sed_megatron.train"
@@ -72,7 +72,7 @@ def _before_training(args, step_cfg, model):
 
 def _keep_model_file(args):
     """A run loaded from a converted checkpoint saves its architecture file beside its own checkpoints."""
-    from sed_megatron.convert.checkpoint import MODEL_FILE
+    from sed_megatron.models.model_file import MODEL_FILE
 
     source = os.path.join(args.load or "", MODEL_FILE)
     if not (args.load and args.save and os.path.exists(source)):
@@ -84,12 +84,14 @@ def _keep_model_file(args):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    print_help_if_asked(argv, PROG, __doc__)
     try:
-        runtime = prepare(training=True)
+        runtime = prepare(training=True, verbose="--verbose" in argv)
     except (DeviceError, MegatronVersionError) as err:
         fail(str(err), PROG)
-    args, loss_cfg = parse_run_args(argv, runtime)
+    args, loss_cfg = parse_run_args(argv, runtime, description=__doc__)
 
+    from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
@@ -108,13 +110,31 @@ def main(argv=None):
         fail(str(err), PROG)
     _keep_model_file(args)
     cfg = pretrain_cfg_container_from_args(args, model_cfg=None)  # None: our model provider builds it
-    pretrain(
-        cfg,
-        functools.partial(build_datasets, args),
-        ModelType.encoder_or_decoder,
-        functools.partial(forward_step, step_cfg),  # replaced by _before_training's once the model exists
-        model_provider=functools.partial(model_provider, args),
-    )
+    try:
+        pretrain(
+            cfg,
+            functools.partial(build_datasets, args),
+            ModelType.encoder_or_decoder,
+            functools.partial(forward_step, step_cfg),  # replaced by _before_training's once the model exists
+            model_provider=functools.partial(model_provider, args),
+        )
+    except (OSError, CheckpointingException) as err:
+        if not args.save:
+            raise
+        # A save that fails leaves the tracker on the previous complete checkpoint (written last).
+        print(f"{PROG}: error: iteration {args.curr_iteration + 1}: {type(err).__name__}: {err}".splitlines()[0]
+              + f" (the newest complete checkpoint in {args.save}: {_latest(args.save)})", file=sys.stderr, flush=True)
+        sys.exit(4)
+
+
+def _latest(save_dir):
+    from megatron.training.checkpointing import get_checkpoint_tracker_filename
+
+    try:
+        with open(get_checkpoint_tracker_filename(save_dir)) as f:
+            return f"iteration {f.read().strip()}"
+    except OSError:
+        return "none"
 
 
 if __name__ == "__main__":

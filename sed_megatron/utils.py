@@ -39,6 +39,19 @@ def atomic_write_text(path, text):
             f.write(text)
 
 
+@contextlib.contextmanager
+def quiet_stdout(enabled=True):
+    """Megatron's start-up banners (printed to stdout) are kept out of a tool's output; the tool
+    prints its result after the block. enabled=False (a tool's --verbose) lets them through."""
+    if not enabled:
+        yield
+        return
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
 def free_port():
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:

@@ -14,11 +14,10 @@ def test_matches_the_published_rule(ratio, n):
     values = torch.rand(n, generator=torch.Generator().manual_seed(n))
     tau = tau_from_topk_mass(values, ratio)
     k = int(ratio * n)
-    if k == 0:
-        assert tau == 1.0
-    else:
-        assert tau == float(sorted(values.double().tolist())[-k])  # published: sorted(values)[-int(r * N)]
-        # So (1 - r) of the tokens (up to one) fall under tau and get the penalty.
+    assert tau == float(sorted(values.double().tolist())[-k])  # published: sorted(values)[-int(r * N)]
+    if k == 0:  # [-0] is the smallest value: no token lies below it, none gets the penalty
+        assert tau == float(values.double().min()) and int((values.double() < tau).sum()) == 0
+    else:  # (1 - r) of the tokens (up to one) fall under tau and get the penalty
         assert int((values.double() < tau).sum()) == n - k
 
 

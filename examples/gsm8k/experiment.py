@@ -24,10 +24,9 @@ import statistics
 import sys
 import time
 
-from sed_megatron.pipeline import (PYTHON, REPO, calibrate_tau, export_and_evaluate, random_llama, run_step, train,
-                                   write_run_yaml)
+from sed_megatron import pipeline
 
-NAME = "gsm8k-experiment"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOSSES = {
     "ce": {"kind": "ce"},
     "dft": {"kind": "dft"},
@@ -37,8 +36,7 @@ LOSSES = {
     # calibrated mask selects tokens with p <= P_topk < tau; with tau < 0.5 it never opposes CE.
     "sed_all": {"kind": "sed", "lam": 1.0, "mask": "none"},
 }
-METRICS = ("self_bleu", "distinct_2", "pass_at_1", "pass_at_k", "final_ce")
-COLUMNS = METRICS + ("answered",)
+METRICS = ("self_bleu", "distinct_2", "pass_at_1", "pass_at_k", "final_ce", "answered")
 
 
 def split_train(gsm8k_dir, workdir, eval_prompts):
@@ -77,22 +75,13 @@ def train_tokenizer(workdir, corpus, vocab_size):
     return save_tokenizer(backend, os.path.join(workdir, "tokenizer"))
 
 
-def answered(eval_path):
-    """Share of samples that state a final answer (`#### x` or \\boxed{x}), right or wrong."""
-    from sed_megatron.eval.metrics import extract_answer
-
-    with open(eval_path) as f:
-        samples = [s for prompt in json.load(f)["prompts"] for s in prompt["samples"]]
-    return sum(extract_answer(s, fallback_last_number=False) is not None for s in samples) / len(samples)
-
-
 def summarize(results, losses, seeds):
     """{loss: {metric: (mean, std)}} over seeds."""
     table = {}
     for loss in losses:
         runs = [results[f"{loss}_s{seed}"] for seed in seeds]
         table[loss] = {m: (statistics.fmean(r[m] for r in runs),
-                           statistics.stdev(r[m] for r in runs) if len(runs) > 1 else 0.0) for m in COLUMNS}
+                           statistics.stdev(r[m] for r in runs) if len(runs) > 1 else 0.0) for m in METRICS}
     return table
 
 
@@ -119,7 +108,6 @@ def main():
     workdir = os.path.abspath(options.workdir)
     os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
     started = time.time()
-    seq = str(options.seq_length)
 
     def done(path):
         return os.path.exists(path)
@@ -132,28 +120,28 @@ def main():
     vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     for split in ("base", "sft"):
         if not done(os.path.join(workdir, "data", f"{split}.idx")):
-            run_step([PYTHON, "tools/preprocess_sft_data.py", "--input", data[split], "--tokenizer", tokenizer_dir,
-                      "--output-prefix", os.path.join(workdir, "data", split), "--prompt-key", "question",
-                      "--response-key", "answer", "--seq-length", seq, "--truncation", "skip", "--no-progress"],
-                     os.path.join(workdir, f"prep_{split}.log"), NAME)
+            pipeline.preprocess(data[split], tokenizer_dir, os.path.join(workdir, "data", split),
+                                prompt_key="question", response_key="answer", seq_length=options.seq_length,
+                                truncation="skip")
     hf_init = os.path.join(workdir, "hf_init")
     if not done(hf_init):
-        random_llama(hf_init, tokenizer_dir, vocab_size, 0, hidden=options.hidden, ffn=3 * options.hidden,
+        pipeline.random_llama(hf_init, tokenizer_dir, vocab_size, 0, hidden=options.hidden, ffn=3 * options.hidden,
                      layers=options.layers, max_positions=options.seq_length)
     ckpt_init, ckpt_base = os.path.join(workdir, "ckpt_init"), os.path.join(workdir, "ckpt_base")
     if not done(ckpt_init):
-        run_step([PYTHON, "tools/convert_hf_to_mcore.py", "--hf-dir", hf_init, "--save", ckpt_init],
-                 os.path.join(workdir, "convert.log"), NAME)
+        pipeline.convert(workdir, hf_init, ckpt_init)
 
     def config(name, prefix, iters, seed, loss, lr):
-        return write_run_yaml(os.path.join(workdir, f"{name}.yaml"), data_prefix=prefix, iters=iters, seed=seed,
-                              loss=loss, tp=options.nproc, micro_batch=4, global_batch=16,
-                              seq_length=options.seq_length, lr=lr, pack=True)
+        return pipeline.write_run_yaml(os.path.join(workdir, f"{name}.yaml"), data_prefix=prefix, iters=iters,
+                                       seed=seed, loss=loss, tp=options.nproc, micro_batch=4, global_batch=16,
+                                       seq_length=options.seq_length, lr=lr, pack=True)
 
     if not done(ckpt_base):
         base_yaml = config("base", os.path.join(workdir, "data", "base"), options.base_iters, 0, LOSSES["ce"], options.lr)
-        seconds = train(workdir, "base", base_yaml, ckpt_init, ckpt_base, options.nproc, NAME)
-        print(f"      initial model: {options.base_iters} iterations of CE in {seconds:.0f} s", flush=True)
+        base_started = time.time()
+        pipeline.train(workdir, "base", base_yaml, ckpt_init, ckpt_base, options.nproc)
+        print(f"      initial model: {options.base_iters} iterations of CE in {time.time() - base_started:.0f} s",
+              flush=True)
 
     print("[2/4] tau of the initial model on the SFT half (r = 0.7, k = 2)", flush=True)
     sft_prefix = os.path.join(workdir, "data", "sft")
@@ -161,8 +149,8 @@ def main():
     tau_path = os.path.join(workdir, "tau.json")
     if not done(tau_path):
         probe = config("sed_probe", sft_prefix, options.sft_iters, 0, LOSSES["sed"], sft_lr)
-        tau = calibrate_tau(workdir, probe, ckpt_base, os.path.join(workdir, "sed_probe_tau.yaml"), 0.7,
-                            options.nproc, NAME)
+        tau = pipeline.calibrate_tau(workdir, probe, ckpt_base, os.path.join(workdir, "sed_probe_tau.yaml"), 0.7,
+                                     options.nproc)
         with open(tau_path, "w") as f:
             json.dump({"tau": tau}, f)
     with open(tau_path) as f:
@@ -179,18 +167,18 @@ def main():
                 run_started = time.time()
                 spec = {**LOSSES[loss], "tau": tau} if loss == "sed" else LOSSES[loss]
                 ckpt = os.path.join(workdir, f"ckpt_{name}")
-                train(workdir, name, config(name, sft_prefix, options.sft_iters, seed, spec, sft_lr), ckpt_base, ckpt,
-                      options.nproc, NAME)
-                result = export_and_evaluate(workdir, name, ckpt, hf_init, data["eval"],
-                                             num_samples=options.num_samples, max_new_tokens=options.max_new_tokens,
-                                             seed=seed, batch_prompts=25, strict_answers=True,
-                                             name_for_errors=NAME)
+                pipeline.train(workdir, name, config(name, sft_prefix, options.sft_iters, seed, spec, sft_lr),
+                               ckpt_base, ckpt, options.nproc)
+                result = pipeline.export_and_evaluate(workdir, name, ckpt, hf_init, data["eval"],
+                                                      num_samples=options.num_samples,
+                                                      max_new_tokens=options.max_new_tokens, seed=seed,
+                                                      batch_prompts=25, strict_answers=True)
                 with open(summary, "w") as f:
                     json.dump({m: result[m] for m in METRICS + ("k",)}, f)
                 print(f"      {name}: {time.time() - run_started:.0f} s", flush=True)
             with open(summary) as f:
-                results[name] = {**json.load(f), "answered": answered(os.path.join(workdir, f"eval_{name}.json"))}
-            print(f"      {name}: " + ", ".join(f"{m} {results[name][m]:.3f}" for m in COLUMNS), flush=True)
+                results[name] = json.load(f)
+            print(f"      {name}: " + ", ".join(f"{m} {results[name][m]:.3f}" for m in METRICS), flush=True)
 
     print("[4/4] table", flush=True)
     table = summarize(results, options.losses, options.seeds)
@@ -202,10 +190,18 @@ def main():
     print(f"| loss | Self-BLEU (lower = more diverse) | distinct-2 | pass@1 | pass@{k} | final train CE | answered |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for loss in options.losses:
-        cells = " | ".join(f"{table[loss][m][0]:.3f} ± {table[loss][m][1]:.3f}" for m in COLUMNS)
+        cells = " | ".join(f"{table[loss][m][0]:.3f} ± {table[loss][m][1]:.3f}" for m in METRICS)
         print(f"| {loss.upper()} | {cells} |")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sed_megatron.launch import IsolatedError, StepFailed
+    from sed_megatron.runtime import quiet_known_notices
+
+    quiet_known_notices()  # Megatron's import-time notices about optional kernels
+
+    try:
+        sys.exit(main())
+    except (StepFailed, IsolatedError, ValueError) as err:
+        sys.exit(f"gsm8k experiment: a step failed: {err}")

@@ -21,10 +21,10 @@ import random
 import sys
 import time
 
-from sed_megatron.pipeline import (PYTHON, REPO, calibrate_tau, export_and_evaluate, random_llama, run_step, train,
-                                   write_run_yaml)
+from sed_megatron import pipeline
 
-NAME = "quickstart"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 NAMES = ["Tom", "Ana", "Lee", "Mia", "Sam", "Zoe"]
 ITEMS = ["apples", "books", "coins", "pens", "cards", "shells"]
 
@@ -89,6 +89,8 @@ def main():
     parser.add_argument("--sft-iters", type=int, default=200)
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--eval-prompts", type=int, default=40)
+    parser.add_argument("--check-readme", action="store_true",
+                        help="exit 1 unless the table matches the README's (within README_TOLERANCE)")
     options = parser.parse_args()
     workdir = os.path.abspath(options.workdir)
     if os.path.exists(workdir) and os.listdir(workdir):
@@ -101,58 +103,88 @@ def main():
     data = make_data(workdir, seed, num_train=3000, num_eval=options.eval_prompts)
     tokenizer_dir, vocab_size = train_tokenizer(workdir, [data["base"], data["sft"]])
     for split in ("base", "sft"):
-        run_step([PYTHON, "tools/preprocess_sft_data.py", "--input", data[split], "--tokenizer", tokenizer_dir,
-                  "--output-prefix", os.path.join(workdir, "data", split), "--prompt-key", "question",
-                  "--response-key", "answer", "--seq-length", "64", "--no-progress"],
-                 os.path.join(workdir, f"prep_{split}.log"), NAME)
+        pipeline.preprocess(data[split], tokenizer_dir, os.path.join(workdir, "data", split), prompt_key="question",
+                            response_key="answer", seq_length=64)
 
     print("[2/6] random Llama -> Megatron", flush=True)
-    hf_init = random_llama(os.path.join(workdir, "hf_init"), tokenizer_dir, vocab_size, seed)
-    run_step([PYTHON, "tools/convert_hf_to_mcore.py", "--hf-dir", hf_init, "--save", os.path.join(workdir, "ckpt_init")],
-             os.path.join(workdir, "convert.log"), NAME)
+    hf_init = pipeline.random_llama(os.path.join(workdir, "hf_init"), tokenizer_dir, vocab_size, seed)
+    pipeline.convert(workdir, hf_init, os.path.join(workdir, "ckpt_init"))
 
     def config(name, prefix, iters, loss):
-        return write_run_yaml(os.path.join(workdir, f"{name}.yaml"), data_prefix=prefix, iters=iters, seed=seed,
-                              loss=loss, tp=2)
+        return pipeline.write_run_yaml(os.path.join(workdir, f"{name}.yaml"), data_prefix=prefix, iters=iters,
+                                       seed=seed, loss=loss, tp=2)
 
     print("[3/6] initial model: CE on the first half", flush=True)
     base_yaml = config("base", os.path.join(workdir, "data", "base"), options.base_iters, {"kind": "ce"})
     ckpt_base = os.path.join(workdir, "ckpt_base")
-    train(workdir, "base", base_yaml, os.path.join(workdir, "ckpt_init"), ckpt_base, nproc=2, name_for_errors=NAME)
+    pipeline.train(workdir, "base", base_yaml, os.path.join(workdir, "ckpt_init"), ckpt_base, nproc=2)
 
     print("[4/6] tau calibration on the initial model (r = 0.7, k = 2)", flush=True)
     sft_prefix = os.path.join(workdir, "data", "sft")
     sed_yaml = config("sed", sft_prefix, options.sft_iters, {"kind": "sed", "top_k": 2, "lam": 1.0})
     calibrated = os.path.join(workdir, "sed_tau.yaml")
-    tau = calibrate_tau(workdir, sed_yaml, ckpt_base, calibrated, 0.7, nproc=2, name_for_errors=NAME)
+    tau = pipeline.calibrate_tau(workdir, sed_yaml, ckpt_base, calibrated, 0.7, nproc=2)
     print(f"      tau = {tau:.4f}", flush=True)
 
     print("[5/6] SFT with CE and with SED at TP=2", flush=True)
     ce_yaml = config("ce", sft_prefix, options.sft_iters, {"kind": "ce"})
     for name, path in (("ce", ce_yaml), ("sed", calibrated)):
-        train(workdir, name, path, ckpt_base, os.path.join(workdir, f"ckpt_{name}"), nproc=2, name_for_errors=NAME)
+        pipeline.train(workdir, name, path, ckpt_base, os.path.join(workdir, f"ckpt_{name}"), nproc=2)
 
     print("[6/6] export, sample, evaluate", flush=True)
     results = {
-        name: export_and_evaluate(workdir, name, os.path.join(workdir, f"ckpt_{name}"), hf_init, data["eval"],
-                                  num_samples=options.num_samples, max_new_tokens=24, seed=seed, name_for_errors=NAME)
+        name: pipeline.export_and_evaluate(workdir, name, os.path.join(workdir, f"ckpt_{name}"), hf_init, data["eval"],
+                                           num_samples=options.num_samples, max_new_tokens=24, seed=seed)
         for name in ("ce", "sed")
     }
-    run_step([PYTHON, "tools/plot_metrics.py", f"CE={os.path.join(workdir, 'ckpt_ce', 'metrics.jsonl')}",
-              f"SED={os.path.join(workdir, 'ckpt_sed', 'metrics.jsonl')}", "--out", os.path.join(workdir, "curves.png")],
-             os.path.join(workdir, "plot.log"), NAME)
+    pipeline.plot({label.upper(): os.path.join(workdir, f"ckpt_{label}", "metrics.jsonl") for label in ("ce", "sed")},
+                  os.path.join(workdir, "curves.png"))
 
     k = results["ce"]["k"]
+    rows = {name.upper(): [results[name][m] for m in ("self_bleu", "distinct_2", "pass_at_1", "pass_at_k", "final_ce")]
+            for name in ("ce", "sed")}
     print(f"\nquickstart: {options.eval_prompts} held-out prompts x {options.num_samples} samples, "
           f"temperature 1.0, tau = {tau:.4f}, {time.time() - started:.0f} s")
     print(f"| loss | Self-BLEU (lower = more diverse) | distinct-2 | pass@1 | pass@{k} | final train CE |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name in ("ce", "sed"):
-        r = results[name]
-        print(f"| {name.upper()} | {r['self_bleu']:.3f} | {r['distinct_2']:.3f} | {r['pass_at_1']:.3f} | "
-              f"{r['pass_at_k']:.3f} | {r['final_ce']:.3f} |")
+    for name, values in rows.items():
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     print(f"curves: {os.path.join(workdir, 'curves.png')}")
+    if options.check_readme:
+        check_readme(tau, rows)
+
+
+README_TOLERANCE = {"tau": 0.002, "metric": 0.03}
+"""How far a run under requirements/lock.txt may be from the README's table: reruns here are
+bit-identical; another CPU may round its BLAS sums differently, which moves sampling a little."""
+
+
+def check_readme(tau, rows):
+    """Exit 1 with one line unless the README's quickstart table is this run's, within README_TOLERANCE."""
+    import re
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    readme_tau = float(re.search(r"quickstart: .*tau = ([\d.]+)", text).group(1))
+    if abs(readme_tau - tau) > README_TOLERANCE["tau"]:
+        sys.exit(f"quickstart: tau {tau:.4f} differs from the README's {readme_tau:.4f} by more than "
+                 f"{README_TOLERANCE['tau']}")
+    for name, values in rows.items():
+        readme = [float(v) for v in re.search(rf"^\| {name} \| (.*) \|$", text, re.M).group(1).split(" | ")]
+        for column, (got, want) in enumerate(zip(values, readme, strict=True)):
+            if abs(got - want) > README_TOLERANCE["metric"]:
+                sys.exit(f"quickstart: {name} column {column + 1} is {got:.3f}, the README says {want:.3f} "
+                         f"(tolerance {README_TOLERANCE['metric']})")
+    print(f"quickstart: the table matches the README's (tolerance {README_TOLERANCE})")
 
 
 if __name__ == "__main__":
-    main()
+    from sed_megatron.launch import IsolatedError, StepFailed
+    from sed_megatron.runtime import quiet_known_notices
+
+    quiet_known_notices()  # Megatron's import-time notices about optional kernels
+
+    try:
+        main()
+    except (StepFailed, IsolatedError, ValueError) as err:
+        sys.exit(f"quickstart: a step failed: {err}")

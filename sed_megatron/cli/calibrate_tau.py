@@ -1,7 +1,9 @@
 """Set SED's τ from the initial model: the (1 - r) quantile of the top-k mass on a calibration set.
 
-    torchrun --nproc_per_node 2 tools/calibrate_tau.py --config examples/tiny_cpu.yaml --mask-ratio 0.7
-    torchrun ... tools/calibrate_tau.py --config CFG.yaml --load CKPT --mask-ratio 0.7 --write-config CFG_tau.yaml
+    python tools/calibrate_tau.py --config examples/tiny_cpu.yaml --mask-ratio 0.7
+    torchrun --nproc_per_node 2 tools/calibrate_tau.py --config CFG.yaml --load CKPT --mask-ratio 0.7 --write-config CFG_tau.yaml
+
+Without torchrun it starts TP x PP x CP processes itself (--nproc for more, data parallel).
 
 Runs the model of the run configuration (random init, or the weights of --load) forward only
 at any TP x PP x DP on --calibration-samples samples of the validation split (or the training
@@ -11,10 +13,11 @@ data-parallel ranks. Prints `tau=<value>` as its last line; --write-config write
 configuration with loss.tau set.
 """
 
+import os
 import sys
 
 from sed_megatron.calibration import TOKEN_SETS
-from sed_megatron.runtime import DeviceError, MegatronVersionError, prepare
+from sed_megatron.runtime import DeviceError, MegatronVersionError, prepare, quiet_tool
 from sed_megatron.utils import fail
 
 PROG = "calibrate_tau.py"
@@ -29,6 +32,8 @@ def add_calibration_arguments(parser):
                        help="response: the loss tokens; all: every position (the published code)")
     group.add_argument("--calibration-split", choices=["valid", "train"], default="valid")
     group.add_argument("--write-config", default=None, help="write the --config YAML with loss.tau set here")
+    group.add_argument("--nproc", type=int, default=None,
+                       help="without torchrun: the processes to start (default: TP x PP x CP of the run)")
     return parser
 
 
@@ -43,22 +48,43 @@ def check_arguments(args):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    from sed_megatron.training.setup import print_help_if_asked
+
+    print_help_if_asked(argv, PROG, __doc__, add_calibration_arguments)
+    if "--verbose" not in argv:
+        quiet_tool()
     try:
-        runtime = prepare(training=True)
+        runtime = prepare(training=True, verbose="--verbose" in argv)
     except (DeviceError, MegatronVersionError) as err:
         fail(err, PROG)
-    from sed_megatron.training.setup import parse_run_args
+    from sed_megatron.training.setup import parse_flags, parse_run_args
+    from sed_megatron.utils import quiet_stdout
 
-    args, _ = parse_run_args(argv, runtime, need_loss_config=False, extra_args_provider=add_calibration_arguments,
-                             precheck=check_arguments, prog=PROG)
+    if "RANK" not in os.environ:  # not under torchrun: start the ranks here (bad flags are reported first)
+        flags = parse_flags(argv, runtime, add_calibration_arguments, PROG)
+        check_arguments(flags)
+        nproc = flags.nproc or (flags.tensor_model_parallel_size * flags.pipeline_model_parallel_size
+                                * flags.context_parallel_size)
+        if nproc > 1:
+            from sed_megatron.launch import spawn_workers
+
+            return spawn_workers(__name__, argv, nproc)
+        from sed_megatron.convert.checkpoint import single_process_env
+
+        single_process_env()
+    verbose = "--verbose" in argv
+    with quiet_stdout(not verbose):
+        args, _ = parse_run_args(argv, runtime, need_loss_config=False, extra_args_provider=add_calibration_arguments,
+                                 precheck=check_arguments, prog=PROG, description=__doc__)
 
     import torch.distributed as dist
 
     from sed_megatron.training.arguments import write_config_with_tau
     from sed_megatron.training.calibrate import calibrate_from_args
 
-    tau = calibrate_from_args(args, runtime, args.mask_ratio, args.calibration_samples, args.calibration_tokens,
-                              args.calibration_split)
+    with quiet_stdout(not verbose):
+        tau = calibrate_from_args(args, runtime, args.mask_ratio, args.calibration_samples, args.calibration_tokens,
+                                  args.calibration_split, progress=sys.stderr.isatty())
     if dist.get_rank() == 0:
         if args.write_config:
             write_config_with_tau(args.config, args.write_config, tau)

@@ -1,13 +1,6 @@
-"""Hugging Face directory -> Megatron distributed checkpoint (and what training needs to load it).
+"""What both converters read and write: safetensors shards, staged output, a one-process world.
 
-    python tools/convert_hf_to_mcore.py --hf-dir HF_DIR --save CKPT_DIR
-
-The checkpoint is Megatron-LM's own (torch_dist, `iter_0000000`), written by its
-save_checkpoint from a TP=1 model, so training loads it at any TP x PP. Beside it,
-`sed_megatron_model.yaml` holds the architecture as Megatron-LM flags, the padded vocabulary
-size and the Hugging Face model type; `sed_megatron.train --load CKPT_DIR` reads it, so the
-architecture need not be repeated. The vocabulary is padded to a multiple of 1024 rows, so
-the embedding splits evenly at any TP dividing 1024; the padding rows are zero.
+The model file beside a checkpoint (its architecture) is sed_megatron/models/model_file.py's.
 """
 
 import contextlib
@@ -16,27 +9,7 @@ import os
 import shutil
 import struct
 
-import yaml
-
-MODEL_FILE = "sed_megatron_model.yaml"
-VOCAB_MULTIPLE = 1024
-
-
-def padded_vocab_size(vocab_size):
-    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
-def read_model_file(checkpoint_dir):
-    """The architecture stored beside a converted checkpoint, or None."""
-    path = os.path.join(checkpoint_dir or "", MODEL_FILE)
-    if not checkpoint_dir or not os.path.exists(path):
-        return None
-    with open(path) as f:
-        info = yaml.safe_load(f)
-    if not isinstance(info, dict) or not {"model", "model_type", "padded_vocab_size"} <= set(info):
-        raise ValueError(f"{path}: not a sed_megatron model file (model, model_type, padded_vocab_size expected)")
-    return info
-
+from sed_megatron.utils import UsageError
 
 _SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
@@ -51,19 +24,19 @@ def read_safetensors_header(path):
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             if header_len > size - 8:
-                raise ValueError("header longer than the file")
+                raise UsageError("header longer than the file")
             header = json.loads(f.read(header_len))
     except FileNotFoundError:
-        raise ValueError(f"{path}: shard listed in the index is missing") from None
+        raise UsageError(f"{path}: shard listed in the index is missing") from None
     except (OSError, struct.error, ValueError) as err:
-        raise ValueError(f"{path}: cannot read the shard (not a safetensors file: {err})") from None
+        raise UsageError(f"{path}: cannot read the shard (not a safetensors file: {err})") from None
     header.pop("__metadata__", None)
     data_start = 8 + header_len
     for name, entry in header.items():
         if entry.get("dtype") not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: {name} has an unsupported dtype {entry.get('dtype')!r}")
+            raise UsageError(f"{path}: {name} has an unsupported dtype {entry.get('dtype')!r}")
         if data_start + entry["data_offsets"][1] > size:
-            raise ValueError(f"{path}: the file is truncated ({name} lies past its end)")
+            raise UsageError(f"{path}: the file is truncated ({name} lies past its end)")
     return data_start, header
 
 
@@ -85,7 +58,7 @@ class HFTensors:
         elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
             where = None
         else:
-            raise ValueError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+            raise UsageError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
         self._entries = {}  # name -> (path, offset of the data, header entry)
         for shard in sorted(set(where.values())) if where else ["model.safetensors"]:
             path = os.path.join(hf_dir, shard)
@@ -95,7 +68,7 @@ class HFTensors:
                     self._entries[name] = (path, data_start, entry)
         for name, shard in (where or {}).items():
             if name not in self._entries:
-                raise ValueError(f"{os.path.join(hf_dir, shard)}: the index places {name} here, but the shard lacks it")
+                raise UsageError(f"{os.path.join(hf_dir, shard)}: the index places {name} here, but the shard lacks it")
 
     def __contains__(self, name):
         return name in self._entries
@@ -105,7 +78,7 @@ class HFTensors:
 
     def _entry(self, name):
         if name not in self._entries:
-            raise ValueError(f"{self.hf_dir}: tensor {name} is missing from the checkpoint")
+            raise UsageError(f"{self.hf_dir}: tensor {name} is missing from the checkpoint")
         return self._entries[name]
 
     def meta(self, name):
@@ -125,7 +98,7 @@ class HFTensors:
         with open(path, "rb") as f:
             f.seek(data_start + begin)
             if f.readinto(buffer) != len(buffer):
-                raise ValueError(f"{path}: cannot read {name} (the file is truncated)")
+                raise UsageError(f"{path}: cannot read {name} (the file is truncated)")
         if not buffer:
             return torch.empty(entry["shape"], dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
@@ -133,20 +106,61 @@ class HFTensors:
 
 def single_process_env():
     """A torch.distributed world of one process for the converters, unless torchrun set one up."""
-    import socket
+    from sed_megatron.utils import free_port
 
     if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    elif os.environ.get("WORLD_SIZE", "1") != "1":
+        raise UsageError("run the converter as a single process (no torchrun with several processes)")
+
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+
+
+def checkpoint_iteration_dir(load):
+    """The directory of the iteration Megatron's tracker file in `load` points to (torch_dist)."""
+    tracker = os.path.join(load, TRACKER_FILE)
+    if not os.path.exists(tracker):
+        raise UsageError(f"{tracker}: missing (not a Megatron checkpoint directory)")
+    with open(tracker) as f:
+        text = f.read().strip()
+    if text == "release":
+        return os.path.join(load, "release")
+    try:
+        return os.path.join(load, f"iter_{int(text):07d}")
+    except ValueError:
+        raise UsageError(f"{tracker}: {text!r} is neither an iteration nor 'release'") from None
+
+
+@contextlib.contextmanager
+def single_process_model_parallel():
+    """A gloo world of this one process with Megatron's model parallel state at TP=PP=1, torn
+    down on exit: enough to build a GPTModel and read its sharded state dict."""
+    import socket
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise UsageError("run the converter as a single process (no torchrun with several processes)")
+    created = not dist.is_initialized()
+    if created:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    elif os.environ.get("WORLD_SIZE", "1") != "1":
-        raise ValueError("run the converter as a single process (no torchrun with several processes)")
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        parallel_state.initialize_model_parallel(1, 1)
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        if created:
+            dist.destroy_process_group()
 
 
 def check_output_dir(path, overwrite):
     if os.path.exists(path) and os.listdir(path) and not overwrite:
-        raise ValueError(f"{path}: output directory is not empty (use --overwrite)")
+        raise UsageError(f"{path}: output directory is not empty (use --overwrite)")
 
 
 @contextlib.contextmanager

@@ -1,50 +1,91 @@
-"""GPT-family models (Llama 3.x, Qwen2 / Qwen2.5, Mistral) as Megatron-Core GPTModels.
+"""The GPTModel of one pipeline stage, built from a typed ModelConfig.
 
-The architecture comes from Megatron-LM's flags (or the YAML `model:` section): RMSNorm
-(`normalization: RMSNorm`), SwiGLU (`swiglu`), RoPE (`position_embedding_type: rope`,
-`rotary_base`, Llama-3 scaling with `use_rope_scaling` / `rope_scaling_factor`), GQA
-(`group_query_attention`, `num_query_groups`), QKV bias (`add_qkv_bias` with
-`disable_bias_linear`), tied or untied embeddings (`untie_embeddings_and_output_weights`).
+    model = build_gpt_model(model_cfg, model_cfg.transformer_config(), pre_process=True, post_process=True)
+
+The layers come from the model's family (its `block_spec`, by model_cfg.model_type) or, for a
+model defined by Megatron flags alone, from Megatron's standard GPT decoder block
+(`get_gpt_decoder_block_spec`): dense and MoE layers alike follow the TransformerConfig
+(`num_moe_experts`, `moe_layer_freq`), so an MoE family needs no change here. The
+TransformerConfig carries the runtime settings (parallel sizes, dtypes, fusions); it must agree
+with the ModelConfig on the architecture, which is checked.
 """
 
-from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+import dataclasses
 
 
-def transformer_engine_available():
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # an absent or broken install both mean "use the local layers"
-        return False
-    return True
+def gpt_block_spec(model_cfg, transformer_config, vp_stage=None, pp_rank=None):
+    """Megatron's standard GPT decoder block of one pipeline stage (Transformer Engine or local layers).
+
+    pp_rank: the pipeline rank the stage belongs to (None: Megatron's global parallel state)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    use_te = model_cfg.transformer_impl == "transformer_engine"
+    spec = get_gpt_decoder_block_spec(transformer_config, use_transformer_engine=use_te,
+                                      normalization=model_cfg.normalization, vp_stage=vp_stage, pp_rank=pp_rank)
+    if not use_te and model_cfg.normalization == "RMSNorm":
+        # The local layers' RMSNorm is torch's; Megatron would give the final norm apex's
+        # FusedLayerNorm whenever apex is importable, which has no RMSNorm.
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        spec = dataclasses.replace(spec, layer_norm=WrappedTorchNorm)
+    return spec
 
 
-def gpt_layer_spec(args):
-    """Transformer Engine layers when asked for (--transformer-impl transformer_engine), else local."""
-    if args.transformer_impl == "transformer_engine":
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+# (ModelConfig field, TransformerConfig field): the architecture both describe.
+_SHARED_FIELDS = (
+    ("num_layers", "num_layers"), ("hidden_size", "hidden_size"), ("ffn_hidden_size", "ffn_hidden_size"),
+    ("num_attention_heads", "num_attention_heads"), ("num_query_groups", "num_query_groups"),
+    ("kv_channels", "kv_channels"), ("normalization", "normalization"), ("norm_epsilon", "layernorm_epsilon"),
+    ("swiglu", "gated_linear_unit"), ("add_bias_linear", "add_bias_linear"), ("qkv_bias", "add_qkv_bias"),
+    ("qk_layernorm", "qk_layernorm"), ("num_experts", "num_moe_experts"), ("transformer_impl", "transformer_impl"),
+)
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_layernorm)
-    return get_gpt_layer_local_spec(normalization=args.normalization, qk_layernorm=args.qk_layernorm)
+
+def check_agrees(model_cfg, transformer_config):
+    """ValueError naming the first field on which the two configs describe different models."""
+    for ours, theirs in _SHARED_FIELDS:
+        if getattr(model_cfg, ours) != getattr(transformer_config, theirs):
+            raise ValueError(f"ModelConfig.{ours} is {getattr(model_cfg, ours)!r}, but the TransformerConfig's "
+                             f"{theirs} is {getattr(transformer_config, theirs)!r}")
 
 
-def build_gpt_model(args, transformer_config, pre_process=True, post_process=True, vp_stage=None, pg_collection=None):
-    """The GPTModel of one pipeline stage (Megatron's model_provider contract)."""
+def decoder_block_spec(model_cfg, transformer_config, vp_stage=None, pp_rank=None):
+    """The layer specs of one stage: the family's, or the standard GPT block without a model_type."""
+    if model_cfg.model_type is None:
+        return gpt_block_spec(model_cfg, transformer_config, vp_stage, pp_rank)
+    from .registry import family_for
+
+    return family_for(model_cfg.model_type).block_spec(model_cfg, transformer_config, vp_stage, pp_rank)
+
+
+def build_gpt_model(model_cfg, transformer_config, pre_process=True, post_process=True, vp_stage=None,
+                    pg_collection=None):
+    """The GPTModel of one pipeline stage (Megatron's model_provider contract).
+
+    Logits stay vocab-parallel ([b, s, padded_vocab/tp]): the loss works on the shards."""
+    from megatron.core.models.gpt import GPTModel
+
+    check_agrees(model_cfg, transformer_config)
+    pp_rank = None
+    if pg_collection is not None and getattr(pg_collection, "pp", None) is not None:
+        from megatron.core.utils import get_pg_rank
+
+        pp_rank = get_pg_rank(pg_collection.pp)
     return GPTModel(
         config=transformer_config,
-        transformer_layer_spec=gpt_layer_spec(args),
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
+        transformer_layer_spec=decoder_block_spec(model_cfg, transformer_config, vp_stage, pp_rank),
+        vocab_size=model_cfg.padded_vocab_size,
+        max_sequence_length=model_cfg.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
-        parallel_output=True,  # logits stay vocab-parallel: the loss works on the shards
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_percent=args.rotary_percent,
-        rotary_base=args.rotary_base,
-        rope_scaling=args.use_rope_scaling,
-        rope_scaling_factor=args.rope_scaling_factor,
-        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
+        parallel_output=True,
+        share_embeddings_and_output_weights=model_cfg.tied_embeddings,
+        position_embedding_type=model_cfg.position_embedding_type,
+        rotary_percent=model_cfg.rotary_percent,
+        rotary_base=model_cfg.rotary_base,
+        rope_scaling=model_cfg.rope_scaling_factor is not None,
+        rope_scaling_factor=model_cfg.rope_scaling_factor or 8.0,  # Megatron's default; unused without scaling
+        seq_len_interpolation_factor=model_cfg.rotary_seq_len_interpolation_factor,
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )

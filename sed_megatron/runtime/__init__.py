@@ -17,7 +17,7 @@ from .mcore import MegatronVersionError, check_signature, check_version, prepare
 __all__ = [
     "DEVICE_ENV", "DeviceError", "MegatronVersionError", "Runtime", "apply_cpu_runtime",
     "apply_cpu_training_runtime", "check_signature", "check_version", "cpu_runtime_applied", "prepare",
-    "missing_kernel_flags", "prepare_megatron",
+    "missing_kernel_flags", "prepare_megatron", "quiet_known_notices", "quiet_tool",
     "select_device", "transformer_engine_available",
 ]
 
@@ -96,6 +96,24 @@ def quiet_known_notices():
 
     warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|transformer-engine)\b.*", category=UserWarning)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def quiet_tool():
+    """A tool whose output is one result: no Python warnings, transformers' bars or Megatron's
+    info and warning logs (its --verbose keeps them)."""
+    import logging
+    import warnings
+
+    quiet_known_notices()
+    warnings.simplefilter("ignore")
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def prepare(training=True, environ=None, verbose=False):

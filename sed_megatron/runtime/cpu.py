@@ -147,7 +147,7 @@ def apply_cpu_runtime():
     # Entered for the life of the process: Megatron allocates on "cuda" at import, init and step.
     _CudaToCpuMode().__enter__()
     _applied = True
-    logger.info("no GPU: Megatron-Core runs on the CPU layer over gloo")
+    logger.debug("no GPU: Megatron-Core runs on the CPU layer over gloo")
 
 
 def apply_cpu_training_runtime():

@@ -8,6 +8,8 @@
   (a Makefile) is there.
 - Hooks: `check_signature` holds a Megatron function against the parameters a wrapper of ours
   relies on, so a Megatron that changed them stops with one line instead of misbehaving.
+- The checkpoint tracker (latest_checkpointed_iteration.txt) is replaced atomically, so a
+  process killed while saving always leaves it naming a complete checkpoint.
 """
 
 import inspect
@@ -83,7 +85,70 @@ def use_prebuilt_dataset_helpers():
     dataset_utils.compile_helpers = compile_helpers
 
 
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+"""Megatron-LM's pointer to the newest complete checkpoint of a --save directory."""
+
+
+class _AtomicFile:
+    """A file written beside its path and renamed over it when closed (never half-written)."""
+
+    def __init__(self, path, mode):
+        self.path = os.fspath(path)
+        self.tmp = f"{self.path}.tmp-{os.getpid()}"
+        self._file = open(self.tmp, mode)
+
+    def write(self, data):
+        return self._file.write(data)
+
+    def close(self):
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()
+            os.remove(self.tmp)
+        return False
+
+
+class _AtomicTrackerStorage:
+    """Megatron's storage helper (`maybe_msc`), except that the tracker file is replaced atomically.
+
+    Megatron rewrites latest_checkpointed_iteration.txt in place (open 'w', write): a process
+    killed in between leaves it empty, and the run can no longer resume."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def open(self, path, mode="r", *args, **kwargs):
+        from megatron.core.msc_utils import MultiStorageClientFeature
+
+        local = not MultiStorageClientFeature.is_enabled()
+        if local and "w" in mode and os.path.basename(os.fspath(path)) == TRACKER_FILE:
+            return _AtomicFile(path, mode)
+        return self._inner.open(path, mode, *args, **kwargs)
+
+
+def write_tracker_atomically():
+    import megatron.training.checkpointing as checkpointing
+
+    if not isinstance(checkpointing.maybe_msc, _AtomicTrackerStorage):
+        checkpointing.maybe_msc = _AtomicTrackerStorage(checkpointing.maybe_msc)
+
+
 def prepare_megatron():
-    """Every machine: check the version, use the built dataset helpers. Idempotent."""
+    """Every machine: check the version, use the built dataset helpers, write the checkpoint
+    tracker atomically. Idempotent."""
     check_version()
     use_prebuilt_dataset_helpers()
+    write_tracker_atomically()

@@ -1,4 +1,4 @@
-"""Tiny Hugging Face artefacts built locally (nothing is downloaded): a word-level tokenizer."""
+"""Tiny Hugging Face artefacts built locally (nothing is downloaded): a word-level tokenizer, random models."""
 
 import os
 
@@ -38,22 +38,23 @@ TINY_VARIANTS = {
                                      "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                          "original_max_position_embeddings": 8192}}),
+    "llama_mha": ("llama", {"tie_word_embeddings": False, "num_key_value_heads": 4}),
     "qwen2_bias": ("qwen2", {"tie_word_embeddings": False}),
     "mistral": ("mistral", {"tie_word_embeddings": False, "sliding_window": None}),
 }
 
 
 def tiny_hf_config(variant, vocab_size=120):
-    """A small transformers config of the given variant: 2 layers, 4 query heads in 2 groups."""
-    import transformers
+    """A small transformers config of the given variant: 2 layers, 4 query heads (in 2 groups unless
+    the variant says otherwise), head_dim 16 (not hidden / heads: an explicit head_dim must carry over)."""
+    from transformers import AutoConfig
 
     model_type, overrides = TINY_VARIANTS[variant]
-    classes = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}
     kwargs = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
                   rms_norm_eps=1e-5, hidden_act="silu")
     kwargs.update(overrides)
-    return classes[model_type](**kwargs)
+    return AutoConfig.for_model(model_type, **kwargs)
 
 
 def tiny_hf_model(variant, seed=0, vocab_size=120):

@@ -54,7 +54,7 @@ RUN_FLAGS = {  # run-level keys at the top of the YAML -> flag
 
 
 _OWN_KEYS = {flag[2:].replace("-", "_") for table in (LOSS_FLAGS, DATA_FLAGS, RUN_FLAGS) for flag in table.values()}
-_OWN_KEYS.add("config")
+_OWN_KEYS.update({"config", "verbose", "help_megatron"})
 
 
 class ConfigError(ValueError):
@@ -65,6 +65,9 @@ def add_sed_arguments(parser):
     """The SED-SFT argument group (Megatron's extra_args_provider)."""
     group = parser.add_argument_group("sed-sft")
     group.add_argument("--config", default=None, help="YAML run configuration (flags on the command line win)")
+    group.add_argument("--verbose", action="store_true",
+                       help="also print Megatron-LM's argument dump and its notices about optional kernels")
+    group.add_argument("--help-megatron", action="store_true", help="list every Megatron-LM flag (about 900) and exit")
     group.add_argument("--loss-type", default="ce", choices=LOSS_KINDS, help="token loss")
     group.add_argument("--sed-top-k", type=int, default=2, help="k of the top-k mass that decides the SED mask")
     group.add_argument("--sed-tau", type=float, default=None, help="SED threshold on the top-k mass")
@@ -158,7 +161,10 @@ def yaml_to_argv(path, parser, sources=None):
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from err
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
     if doc is None:
         return []
     if not isinstance(doc, dict):

@@ -26,8 +26,10 @@ def _calibration_loss(loss_cfg, vocab_size, token_set, tp_group, sink, labels, l
     return logits.new_zeros(()), torch.ones((), dtype=torch.int), {}
 
 
-def _calibration_step(step_cfg: StepConfig, token_set, sink, data_iterator, model):
+def _calibration_step(step_cfg: StepConfig, token_set, sink, progress, data_iterator, model):
     groups = model_groups(model)
+    if progress is not None:
+        progress.update()
     batch = get_batch(data_iterator, step_cfg.batch, groups)
     output = model_forward(model, batch)
     labels, loss_mask = (batch["labels"], batch["loss_mask"]) if batch is not None else (None, None)
@@ -35,10 +37,11 @@ def _calibration_step(step_cfg: StepConfig, token_set, sink, data_iterator, mode
                                      labels, loss_mask)
 
 
-def local_topk_masses(model_chunks, dataset, num_samples, step_cfg: StepConfig, token_set):
+def local_topk_masses(model_chunks, dataset, num_samples, step_cfg: StepConfig, token_set, progress=False):
     """This rank's share of the calibration values (empty except on the last pipeline stage).
 
-    The top-k mass uses k = step_cfg.loss.top_k, the k of training."""
+    The top-k mass uses k = step_cfg.loss.top_k, the k of training. progress: a bar on stderr
+    (global rank 0) over this rank's samples."""
     dp_group = model_groups(model_chunks[0]).dp
     dp_rank, dp_size = dist.get_rank(group=dp_group), dist.get_world_size(group=dp_group)
     if num_samples < dp_size:
@@ -49,12 +52,19 @@ def local_topk_masses(model_chunks, dataset, num_samples, step_cfg: StepConfig, 
     step_cfg = dataclasses.replace(step_cfg, loss=LossConfig(kind="ce", top_k=step_cfg.loss.top_k),
                                    batch=dataclasses.replace(step_cfg.batch, micro_batch_size=1))
     sink = []
+    bar = None
+    if progress and dist.get_rank() == 0:
+        import sys
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(indices), desc="calibration", unit=" samples", file=sys.stderr)
     was_training = [chunk.training for chunk in model_chunks]
     for chunk in model_chunks:
         chunk.eval()
     with torch.no_grad():
         get_forward_backward_func()(
-            forward_step_func=functools.partial(_calibration_step, step_cfg, token_set, sink),
+            forward_step_func=functools.partial(_calibration_step, step_cfg, token_set, sink, bar),
             data_iterator=samples,
             model=model_chunks,
             num_microbatches=len(indices),
@@ -64,13 +74,15 @@ def local_topk_masses(model_chunks, dataset, num_samples, step_cfg: StepConfig, 
         )
     for chunk, training in zip(model_chunks, was_training):
         chunk.train(training)
+    if bar is not None:
+        bar.close()
     return torch.cat(sink) if sink else torch.empty(0)
 
 
-def calibrate_tau(model_chunks, dataset, num_samples, step_cfg: StepConfig, mask_ratio, token_set):
+def calibrate_tau(model_chunks, dataset, num_samples, step_cfg: StepConfig, mask_ratio, token_set, progress=False):
     """τ from the model as it is now, with k = step_cfg.loss.top_k; the same float on every rank."""
     groups = model_groups(model_chunks[0])
-    values = local_topk_masses(model_chunks, dataset, num_samples, step_cfg, token_set)
+    values = local_topk_masses(model_chunks, dataset, num_samples, step_cfg, token_set, progress)
     # On the communication device (the current GPU; the CPU under the CPU runtime layer).
     tau = torch.zeros(1, dtype=torch.float64, device=torch.cuda.current_device())
     _, last = pipeline_stage(groups.pp)
@@ -81,7 +93,7 @@ def calibrate_tau(model_chunks, dataset, num_samples, step_cfg: StepConfig, mask
     return float(tau[0])
 
 
-def calibrate_from_args(args, runtime, mask_ratio, num_samples, token_set, split="valid"):
+def calibrate_from_args(args, runtime, mask_ratio, num_samples, token_set, split="valid", progress=False):
     """τ of the run that Megatron's parsed `args` describe: its model (random init, or the weights
     of args.load), its data split, its k (--sed-top-k). Initializes Megatron; every rank returns τ."""
     from megatron.core.enums import ModelType
@@ -99,4 +111,4 @@ def calibrate_from_args(args, runtime, mask_ratio, num_samples, token_set, split
         load_checkpoint(model, None, None)
     dataset = build_datasets(args, [num_samples, num_samples, 0])[0 if split == "train" else 1]
     step_cfg = step_config(args, LossConfig(kind="ce", top_k=args.sed_top_k))
-    return calibrate_tau(model, dataset, num_samples, step_cfg, mask_ratio, token_set)
+    return calibrate_tau(model, dataset, num_samples, step_cfg, mask_ratio, token_set, progress)

@@ -30,12 +30,55 @@ def _escape_bare_percent(parser):
                 action.help = action.help.replace("%", "%%")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's errors as one line: no usage block (Megatron's parser has ~900 flags)."""
+
+    def error(self, message):
+        _fail(message, self.prog)
+
+
+def print_help_if_asked(argv, prog, description=None, extra_args_provider=None):
+    """-h/--help: the tool's own options, then SED-SFT's, on one screen (Megatron-LM's ~900 flags
+    are behind --help-megatron); exit 0. Entry points call it before anything else."""
+    if "-h" not in argv and "--help" not in argv:
+        return
+    from .arguments import add_sed_arguments
+
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Every Megatron-LM flag (parallelism, precision, checkpoints, logging, "
+                                            "...) is accepted too: --help-megatron lists them.")
+    if extra_args_provider is not None:
+        parser = extra_args_provider(parser)
+    add_sed_arguments(parser).print_help()
+    sys.exit(0)
+
+
+def parse_flags(argv, runtime, extra_args_provider=None, prog="sed_megatron.train"):
+    """The flags of a run (defaults, YAML, command line) as an argparse namespace, without
+    Megatron's validation or global state: enough to know the layout before processes start."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    from .arguments import ConfigError, add_sed_arguments, expand_config
+
+    parser = add_megatron_arguments(OneLineErrorParser(prog=prog, allow_abbrev=False))
+    if extra_args_provider is not None:
+        parser = extra_args_provider(parser)
+    parser = add_sed_arguments(parser)
+    try:
+        expanded = expand_config(argv, parser)
+    except (ConfigError, ValueError) as err:
+        fail(str(err), prog)
+    return parser.parse_known_args(run_defaults(runtime) + expanded)[0]
+
+
 def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=None, precheck=None,
-                   prog="sed_megatron.train"):
+                   prog="sed_megatron.train", description=None):
     """(Megatron's validated args, LossConfig or None) from defaults + YAML + command line.
 
     precheck(namespace), if given, sees the parsed flags before Megatron validates them, so a
-    tool's own bad input is reported first.
+    tool's own bad input is reported first. -h/--help prints the tool's and SED-SFT's options
+    (with `description` above them) and exits; --help-megatron prints Megatron-LM's too.
     """
     import os
 
@@ -46,19 +89,27 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
     # Megatron requires it with tensor parallelism (kernel ordering on one CUDA stream queue).
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
-    from sed_megatron.convert.checkpoint import MODEL_FILE, read_model_file
+    from sed_megatron.models.model_file import MODEL_FILE, read_model_file
 
     from .arguments import ConfigError, add_sed_arguments, expand_config, option_names, yaml_flags_to_argv
     from .validate import Settings, StartupError, validate_run
 
     rank_zero = os.environ.get("RANK", "0") == "0"
 
-    def add_arguments(parser):
-        parser = add_sed_arguments(parser)
-        return extra_args_provider(parser) if extra_args_provider else parser
+    def add_arguments(parser):  # a tool's own options first, then SED-SFT's
+        parser = extra_args_provider(parser) if extra_args_provider else parser
+        return add_sed_arguments(parser)
 
-    parser = add_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    print_help_if_asked(argv, prog, description, extra_args_provider)
+    parser = add_arguments(add_megatron_arguments(OneLineErrorParser(prog=prog, allow_abbrev=False)))
     _escape_bare_percent(parser)
+    if "--help-megatron" in argv:
+        parser.print_help()
+        sys.exit(0)
+    if "--verbose" not in argv:
+        import megatron.training.arguments as megatron_arguments
+
+        megatron_arguments._print_args = lambda *args, **kwargs: None  # the ~900-line argument dump
     sources = {}  # where each setting came from, for the error messages
     try:
         expanded = expand_config(argv, parser, sources)
@@ -195,13 +246,53 @@ class _with_attention_mask:
         return {**self.dataset[index], "attention_mask": self.mask}
 
 
+def model_config_from_args(args):
+    """The typed ModelConfig of Megatron's validated args: the model code never reads the Namespace.
+
+    The Hugging Face model_type (which picks the family's layers) comes from the model file of a
+    converted checkpoint in --load; a model defined by flags alone has none."""
+    from sed_megatron.models import ModelConfig
+    from sed_megatron.models.model_file import read_model_file
+
+    info = read_model_file(args.load)
+    return ModelConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups if args.group_query_attention else args.num_attention_heads,
+        kv_channels=args.kv_channels,
+        vocab_size=args.vocab_size or args.padded_vocab_size,
+        padded_vocab_size=args.padded_vocab_size,
+        max_position_embeddings=args.max_position_embeddings,
+        normalization=args.normalization,
+        norm_epsilon=args.layernorm_epsilon,
+        swiglu=args.swiglu,
+        add_bias_linear=args.add_bias_linear,
+        qkv_bias=args.add_qkv_bias,
+        qk_layernorm=args.qk_layernorm,
+        position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
+        rotary_percent=args.rotary_percent,
+        rope_scaling_factor=args.rope_scaling_factor if args.use_rope_scaling else None,
+        rotary_seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
+        tied_embeddings=not args.untie_embeddings_and_output_weights,
+        num_experts=args.num_experts,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size if args.num_experts else None,
+        moe_router_topk=args.moe_router_topk,
+        model_type=None if info is None else info["model_type"],
+        transformer_impl=args.transformer_impl,
+    )
+
+
 def model_provider(args, pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
+    """Megatron's model_provider: the GPTModel of one pipeline stage, from the typed ModelConfig."""
     from megatron.training.argument_utils import core_transformer_config_from_args
 
-    from sed_megatron.models.gpt import build_gpt_model
+    from sed_megatron.models import build_gpt_model
 
     config = config or core_transformer_config_from_args(args)
-    return build_gpt_model(args, config, pre_process, post_process, vp_stage, pg_collection)
+    return build_gpt_model(model_config_from_args(args), config, pre_process, post_process, vp_stage, pg_collection)
 
 
 def step_config(args, loss_cfg):

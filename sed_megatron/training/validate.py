@@ -137,9 +137,20 @@ def check_checkpoints(s: Settings):
     return notices, extra
 
 
+def check_fault_injection(s: Settings):
+    from .nonfinite import Injection
+
+    if s.inject_non_finite:
+        try:
+            Injection.parse(s.inject_non_finite, clock=lambda: 0)
+        except ValueError as err:
+            raise StartupError(str(err)) from None
+
+
 def validate_run(settings: Settings, world_size):
     """(notices, extra flags); StartupError on the first problem."""
     check_required(settings)
+    check_fault_injection(settings)
     found = check_checkpoints(settings)  # first: a mistyped --load matters more than the rest
     check_layout(settings, world_size)
     check_batch(settings, world_size)

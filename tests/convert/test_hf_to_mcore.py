@@ -1,127 +1,125 @@
-"""tools/convert_hf_to_mcore.py and tools/compare_hf_mcore.py on tiny random models (CPU, gloo)."""
+"""convert_hf_to_mcore on tiny random models: logits equal to transformers at TP=1/2 and PP=2,
+checkpoints training loads at any layout, and bad input refused with the file named."""
 
 import json
 import os
-import subprocess
-import sys
+import shutil
 
 import pytest
 
-from sed_megatron.testing.tiny_hf import tiny_hf_model
-from sed_megatron.utils import free_port
+from sed_megatron.convert.hf_to_mcore import convert_hf_to_mcore
+from sed_megatron.models.model_file import read_model_file
 
-from ..training.launch import REPO, TINY, _env, train
-
-CONVERT = os.path.join(REPO, "tools", "convert_hf_to_mcore.py")
-COMPARE = os.path.join(REPO, "tools", "compare_hf_mcore.py")
+from ..training.launch import train
+from .common import compare, convert, save_hf, to_mcore, training_config  # noqa: F401  (convert: tests/examples)
 
 
-def save_hf(directory, variant, shard="50KB"):
-    tiny_hf_model(variant).save_pretrained(directory, max_shard_size=shard)
-    return str(directory)
-
-
-def convert(hf_dir, save, *flags):
-    return subprocess.run([sys.executable, CONVERT, "--hf-dir", hf_dir, "--save", save, *flags], cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=300)
-
-
-def compare(hf_dir, ckpt, tp):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    out = subprocess.run([torchrun, "--nproc_per_node", str(tp), "--master_port", str(free_port()), COMPARE,
-                          "--hf-dir", hf_dir, "--load", ckpt, "--tp", str(tp)],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    last = out.stdout.strip().splitlines()[-1]
-    assert last.startswith("max_abs_logit_diff=")
-    return float(last.split("=")[1])
-
-
-@pytest.mark.parametrize("variant,tps", [("llama_gqa_untied", (1, 2)), ("llama_gqa_tied", (2,)),
-                                         ("qwen2_bias", (2,)), ("llama_rope_scaling", (2,))])
-def test_converted_logits_equal_transformers(tmp_path, variant, tps):
+@pytest.mark.parametrize("variant,layouts", [("llama_gqa_untied", [(1, 1), (2, 1), (1, 2)]),
+                                             ("llama_gqa_tied", [(2, 1)]), ("qwen2_bias", [(2, 1)]),
+                                             ("llama_rope_scaling", [(2, 1)])])
+def test_converted_logits_equal_transformers(tmp_path, variant, layouts):
     hf_dir = save_hf(tmp_path / "hf", variant)
-    out = convert(hf_dir, str(tmp_path / "ckpt"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    for tp in tps:
+    done = to_mcore(hf_dir, tmp_path / "ckpt")
+    assert done.model_cfg.model_type == read_model_file(str(tmp_path / "ckpt"))["model_type"]
+    for tp, pp in layouts:
         # fp32 on both sides, another summation order: ~1e-6.
-        assert compare(hf_dir, str(tmp_path / "ckpt"), tp) < 1e-4
+        assert compare(hf_dir, tmp_path / "ckpt", tp, pp) < 1e-4, (tp, pp)
 
 
 def test_training_loads_the_converted_checkpoint_at_any_layout(tmp_path):
-    import yaml
-
     hf_dir = save_hf(tmp_path / "hf", "llama_gqa_untied")
     ckpt = str(tmp_path / "ckpt")
-    assert convert(hf_dir, ckpt).returncode == 0
-    with open(TINY) as f:
-        run = yaml.safe_load(f)
-    del run["model"]  # the architecture comes from the checkpoint
-    run["training"]["seq_length"] = 64
-    run["checkpoint"] = {}
-    config = str(tmp_path / "run.yaml")
-    with open(config, "w") as f:
-        yaml.safe_dump(run, f)
+    to_mcore(hf_dir, ckpt)
     flags = ["--load", ckpt, "--finetune", "--no-load-optim", "--no-load-rng", "--train-iters", "2", "--save", "",
              "--sed-tau", "0.05", "--sft-num-samples", "16"]
     first = {}
     for name, nproc, layout in (("tp1", 1, ["--tensor-model-parallel-size", "1"]),
                                 ("pp2", 2, ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"])):
-        records = train(str(tmp_path / name), nproc, flags + layout, config=config)
+        records = train(str(tmp_path / name), nproc, flags + layout, config=training_config(tmp_path))
         first[name] = records[0]["ce_loss"]
-    # The converted random model: CE near log(120) over the real vocabulary, not log(1024).
+    # The same weights at both layouts: the same loss up to the reduction order.
     assert first["pp2"] == pytest.approx(first["tp1"], rel=1e-5)
+    # The converted random model: CE near log(120) = 4.79 over the real vocabulary, not log(1024).
     assert 4.5 < first["tp1"] < 5.1
 
 
-def test_bad_inputs(tmp_path):
+def _copy(hf_dir, target):
+    shutil.copytree(hf_dir, target)
+    return target
+
+
+def test_bad_inputs_name_the_file_and_leave_nothing(tmp_path):
+    """Checked before Megatron starts: called in this process, which they leave untouched."""
     import transformers
 
+    world = {key: os.environ.get(key) for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     gpt2 = tmp_path / "gpt2"
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(gpt2)
-    out = convert(str(gpt2), str(tmp_path / "a"))
-    assert out.returncode == 2
-    assert "unsupported model_type 'gpt2'; supported: llama, mistral, qwen2" in out.stderr.strip().splitlines()[-1]
-    assert not os.path.exists(tmp_path / "a")
+    with pytest.raises(ValueError, match="gpt2/config.json: unsupported model_type 'gpt2'; supported: llama, mistral, qwen2"):
+        convert_hf_to_mcore(str(gpt2), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="absent: no config.json"):
+        convert_hf_to_mcore(str(tmp_path / "absent"), str(tmp_path / "out"))
 
     hf_dir = save_hf(tmp_path / "hf", "llama_gqa_untied")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    out = convert(hf_dir, str(tmp_path / "full"))
-    assert out.returncode == 2 and "output directory is not empty (use --overwrite)" in out.stderr
+    with pytest.raises(ValueError, match="output directory is not empty \\(use --overwrite\\)"):
+        convert_hf_to_mcore(hf_dir, str(tmp_path / "full"))
 
     with open(os.path.join(hf_dir, "model.safetensors.index.json")) as f:
         shard = sorted(set(json.load(f)["weight_map"].values()))[-1]
-    broken = tmp_path / "broken"
-    os.system(f"cp -r {hf_dir} {broken}")
-    os.remove(broken / shard)
-    out = convert(str(broken), str(tmp_path / "b"))
-    assert out.returncode == 2 and f"{shard}: shard listed in the index is missing" in out.stderr
-    assert not os.path.exists(tmp_path / "b")
+    missing_shard = _copy(hf_dir, tmp_path / "missing_shard")
+    os.remove(missing_shard / shard)
+    with pytest.raises(ValueError, match=f"{shard}: shard listed in the index is missing"):
+        convert_hf_to_mcore(str(missing_shard), str(tmp_path / "out"))
 
-    corrupt = tmp_path / "corrupt"
-    os.system(f"cp -r {hf_dir} {corrupt}")
+    corrupt = _copy(hf_dir, tmp_path / "corrupt")
     with open(corrupt / shard, "r+b") as f:
         f.truncate(100)
-    out = convert(str(corrupt), str(tmp_path / "d"))
-    assert out.returncode == 2 and f"{shard}: cannot read the shard" in out.stderr
-    assert not os.path.exists(tmp_path / "d")
+    with pytest.raises(ValueError, match=f"{shard}: cannot read the shard"):
+        convert_hf_to_mcore(str(corrupt), str(tmp_path / "out"))
 
     from sed_megatron.testing.tiny_hf import make_tokenizer
 
-    big_vocab = tmp_path / "big_vocab"
-    os.system(f"cp -r {hf_dir} {big_vocab}")
+    big_vocab = _copy(hf_dir, tmp_path / "big_vocab")
     make_tokenizer(str(big_vocab), [f"w{i}" for i in range(130)])
-    out = convert(str(big_vocab), str(tmp_path / "e"))
-    assert out.returncode == 2 and "vocab_size 120 is smaller than the tokenizer's 148 tokens" in out.stderr
+    with pytest.raises(ValueError, match="config.json: vocab_size 120 is smaller than the tokenizer's 148 tokens"):
+        convert_hf_to_mcore(str(big_vocab), str(tmp_path / "out"))
 
-    mismatch = tmp_path / "mismatch"
-    os.system(f"cp -r {hf_dir} {mismatch}")
-    with open(mismatch / "config.json") as f:
+    sliding = _copy(save_hf(tmp_path / "mistral", "mistral"), tmp_path / "sliding")
+    config = json.loads((sliding / "config.json").read_text())
+    (sliding / "config.json").write_text(json.dumps({**config, "sliding_window": 64}))
+    with pytest.raises(ValueError, match="sliding/config.json: sliding-window attention"):
+        convert_hf_to_mcore(str(sliding), str(tmp_path / "out"))
+
+    # Weights the name map does not know (Llama's o_proj bias) are refused, not dropped.
+    from safetensors.torch import load_file, save_file
+
+    extra = _copy(hf_dir, tmp_path / "extra")
+    for name in os.listdir(extra):
+        if name.endswith(".safetensors"):
+            state = load_file(extra / name)
+            if any(k.startswith("model.layers.0.") for k in state):
+                state["model.layers.0.self_attn.o_proj.bias"] = state[next(iter(state))].flatten()[:64].clone()
+                save_file(state, extra / name, metadata={"format": "pt"})
+                index = json.loads((extra / "model.safetensors.index.json").read_text())
+                index["weight_map"]["model.layers.0.self_attn.o_proj.bias"] = name
+                (extra / "model.safetensors.index.json").write_text(json.dumps(index))
+                break
+    with pytest.raises(ValueError, match="tensor model.layers.0.self_attn.o_proj.bias \\(and 0 more\\) has no place "
+                                         "in the llama name map"):
+        convert_hf_to_mcore(str(extra), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+    assert {key: os.environ.get(key) for key in world} == world  # no torch.distributed world was set up
+
+
+def test_shape_mismatch_is_found_before_anything_is_written(tmp_path):
+    mismatch = save_hf(tmp_path / "mismatch", "llama_gqa_untied")
+    with open(os.path.join(mismatch, "config.json")) as f:
         config = json.load(f)
     config["intermediate_size"] = 80
-    with open(mismatch / "config.json", "w") as f:
+    with open(os.path.join(mismatch, "config.json"), "w") as f:
         json.dump(config, f)
-    out = convert(str(mismatch), str(tmp_path / "c"))
-    assert out.returncode == 2 and "shape mismatch: decoder.layers.0.mlp.linear_fc1.weight" in out.stderr
-    assert not os.path.exists(tmp_path / "c")
+    with pytest.raises(ValueError, match="shape mismatch: decoder.layers.0.mlp.linear_fc1.weight is \\(192, 64\\)"):
+        to_mcore(mismatch, tmp_path / "c")
+    assert not os.path.exists(tmp_path / "c") and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]

@@ -8,7 +8,13 @@ import sys
 
 import pytest
 
-from sed_megatron.data.sft_preprocess import IndexedSFTDataset, PreprocessConfig, preprocess, read_indexed_sft, split_indices
+from sed_megatron.data.sft_preprocess import (
+    IndexedSFTDataset,
+    PreprocessConfig,
+    preprocess,
+    read_indexed_sft,
+    split_indices,
+)
 from sed_megatron.testing.tiny_hf import make_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -5,8 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from sed_megatron.loss import LOSS_KINDS, LossConfig, LossKind, get_kind, register, sft_token_loss
-from sed_megatron.loss import chunks
+from sed_megatron.loss import LOSS_KINDS, LossConfig, LossKind, chunks, get_kind, register, sft_token_loss
 from sed_megatron.loss.kinds import kind_names
 
 from .reference import REFERENCE_KINDS

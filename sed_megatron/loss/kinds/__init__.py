@@ -4,7 +4,7 @@ A new kind is one module here (a LossKind subclass under `@register`, imported b
 float64 reference in tests/loss/reference.py; nothing else branches on the kind.
 """
 
-from . import ce, dft, sed, gem  # noqa: F401  (registration order = LOSS_KINDS order)
+from . import ce, dft, gem, sed  # noqa: F401  (registration order = LOSS_KINDS order)
 from .base import KindLoss, LossKind, TokenSums, TokenTerms
 from .registry import get_kind, kind_names, register
 

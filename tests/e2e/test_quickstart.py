@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+pytestmark = pytest.mark.e2e  # the second phase of launch/run_tests.sh
 
 
 def test_quickstart_runs_end_to_end(tmp_path):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sed_megatron.convert.llama import Layout, hf_to_megatron, megatron_flags_from_hf
+from sed_megatron.models import family_for
+from sed_megatron.models.mapping import hf_to_megatron
 
 LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -33,15 +34,15 @@ def test_full_size_shapes(name):
     import transformers
 
     model_type, values = CONFIGS[name]
-    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
-    config = config_class(**values)
+    config = transformers.AutoConfig.for_model(model_type, **values)
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(config)
-    flags = megatron_flags_from_hf(config)
+    family = family_for(model_type)
+    cfg = family.config_from_hf(config)
     padded = -(-config.vocab_size // 1024) * 1024
-    layout = Layout.from_flags(flags, padded_vocab_size=padded)
-    state = dict(hf_to_megatron(hf.state_dict().__getitem__, layout))
-    h, d = config.hidden_size, flags["kv_channels"]
+    assert cfg.padded_vocab_size == padded
+    state = dict(hf_to_megatron(hf.state_dict().__getitem__, cfg, family.rows(cfg)))
+    h, d = config.hidden_size, cfg.kv_channels
     heads, groups, ffn = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
     expected = {"embedding.word_embeddings.weight": (padded, h), "decoder.final_layernorm.weight": (h,)}
     if not config.tie_word_embeddings:
@@ -62,4 +63,32 @@ def test_full_size_shapes(name):
     assert count == sum(p.numel() for p in hf.parameters())
     assert count / 1e9 == pytest.approx(PARAMS_BILLIONS[name], abs=0.01)
     if "rope_parameters" in values and values["rope_parameters"]["rope_type"] == "llama3":
-        assert flags["use_rope_scaling"] and flags["rope_scaling_factor"] == values["rope_parameters"]["factor"]
+        assert cfg.rope_scaling_factor == values["rope_parameters"]["factor"]
+
+
+def _megatron_shapes_match(names):
+    """In a fresh process: each full-size GPTModel built on the meta device from its ModelConfig
+    has exactly the shapes the converted tensors have."""
+    import transformers
+
+    from sed_megatron.convert.checkpoint import single_process_model_parallel
+    from sed_megatron.models import build_gpt_model
+
+    with single_process_model_parallel():
+        for name in names:
+            model_type, values = CONFIGS[name]
+            config = transformers.AutoConfig.for_model(model_type, **values)
+            family = family_for(model_type)
+            cfg = family.config_from_hf(config)
+            with torch.device("meta"):
+                hf = transformers.AutoModelForCausalLM.from_config(config)
+                model = build_gpt_model(cfg, cfg.transformer_config(perform_initialization=False))
+            converted = {k: tuple(v.shape) for k, v in hf_to_megatron(hf.state_dict().__getitem__, cfg, family.rows(cfg))}
+            built = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+            assert converted == built, name
+
+
+def test_full_size_megatron_models_have_the_converted_shapes():
+    from sed_megatron.launch import run_isolated
+
+    run_isolated(_megatron_shapes_match, list(CONFIGS))

@@ -6,7 +6,11 @@ import re
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+pytestmark = pytest.mark.e2e  # the second phase of launch/run_tests.sh
 
 
 def test_experiment_runs_and_resumes(tmp_path):

@@ -1,0 +1,52 @@
+"""Hugging Face Llama / Qwen2 / Mistral directory -> Megatron distributed checkpoint.
+
+    python tools/convert_hf_to_mcore.py --hf-dir HF_DIR --save CKPT_DIR [--dtype bfloat16] [--overwrite]
+    torchrun --nproc_per_node 2 -m sed_megatron.train --config run.yaml --load CKPT_DIR --finetune ...
+
+Writes Megatron-LM's torch_dist checkpoint of a TP=1 model (training loads it at any TP x PP)
+and `sed_megatron_model.yaml` with the architecture, which training reads from --load. The
+dtype of the Hugging Face weights is kept unless --dtype says otherwise. Bad input (an
+unsupported model_type, a missing or corrupt shard, a shape mismatch, a non-empty output
+directory) stops with one line and leaves nothing at --save.
+"""
+
+import argparse
+import sys
+
+PROG = "convert_hf_to_mcore.py"
+
+
+def build_parser():
+    from sed_megatron.convert.hf_to_mcore import DTYPES
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf-dir", required=True, help="Hugging Face model directory (config.json, safetensors)")
+    parser.add_argument("--save", required=True, help="output checkpoint directory")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the Hugging Face config's dtype")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save once converted")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
+    parser.add_argument("--verbose", action="store_true", help="show Megatron's start-up output and warnings")
+    return parser
+
+
+def main(argv=None):
+    options = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from sed_megatron.runtime import quiet_tool
+
+    if not options.verbose:
+        quiet_tool()
+    from sed_megatron.convert.hf_to_mcore import convert_hf_to_mcore
+    from sed_megatron.utils import fail, quiet_stdout
+
+    try:
+        with quiet_stdout(not options.verbose):
+            done = convert_hf_to_mcore(options.hf_dir, options.save, dtype=options.dtype, overwrite=options.overwrite,
+                                       progress=not options.quiet and sys.stderr.isatty())
+    except ValueError as err:
+        fail(err, PROG)  # one line, exit 2
+    print(f"saved {done.path} ({done.model_cfg.model_type}, {done.dtype}, padded vocab {done.model_cfg.padded_vocab_size})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

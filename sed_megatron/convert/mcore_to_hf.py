@@ -1,0 +1,116 @@
+"""Megatron checkpoint (converted or trained, any TP x PP) -> Hugging Face directory.
+
+    convert_mcore_to_hf("ckpt/llama32-3b-sed", "hf/llama32-3b-sed", hf_template="Llama-3.2-3B-Instruct")
+
+Reads the checkpoint one decoder layer at a time (each parameter as its region of the stored
+tensors, whatever TP x PP wrote them), maps the weights back with the family's name map (the
+per-group QKV split, gate/up split, padding rows dropped, tied embeddings left tied) and
+writes safetensors shards as they fill, with an index and a config.json (whose
+`architectures` names the family's transformers class): memory stays near one shard plus one
+layer. With hf_template, the tokenizer and generation files are copied from it and its
+special-token ids are kept. The output loads with transformers.AutoModelForCausalLM.
+
+The architecture comes from the checkpoint's sed_megatron_model.yaml. Bad input is a
+ValueError with one line naming the file, and nothing is left at `save`.
+"""
+
+import json
+import os
+
+from sed_megatron.models import build_gpt_model, family_for
+from sed_megatron.models.mapping import megatron_to_hf
+from sed_megatron.models.model_file import MODEL_FILE, model_config_from_file
+from sed_megatron.utils import UsageError
+
+from .checkpoint import check_output_dir, checkpoint_iteration_dir, single_process_model_parallel, staged_output
+from .hf_files import write_hf_files
+from .hf_to_mcore import DTYPES, Converted
+
+
+class ShardWriter:
+    """safetensors shards of at most max_bytes (unless one tensor is larger), written as they fill."""
+
+    def __init__(self, directory, max_bytes):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.files, self.weight_map, self.total = [], {}, 0
+        self._pending, self._size = {}, 0
+
+    def add(self, name, tensor):
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._size + nbytes > self.max_bytes:
+            self._flush()
+        self._pending[name] = tensor
+        self._size += nbytes
+        self.total += nbytes
+
+    def _flush(self):
+        from safetensors.torch import save_file
+
+        file_name = f"part-{len(self.files):05d}.safetensors"
+        save_file(self._pending, os.path.join(self.directory, file_name), metadata={"format": "pt"})
+        self.files.append((file_name, list(self._pending)))
+        self._pending, self._size = {}, 0
+
+    def close(self):
+        """Name the shards as transformers expects and write the index; the number of tensors."""
+        self._flush()
+        count = len(self.files)
+        for i, (file_name, names) in enumerate(self.files):
+            final = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(os.path.join(self.directory, file_name), os.path.join(self.directory, final))
+            self.weight_map.update(dict.fromkeys(names, final))
+        if count > 1:
+            with open(os.path.join(self.directory, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, f, indent=2)
+        return len(self.weight_map)
+
+
+def convert_mcore_to_hf(load, save, hf_template=None, dtype="auto", max_shard_size_mb=5000, overwrite=False,
+                        progress=True):
+    """Export the Megatron checkpoint at load as a Hugging Face directory at save; returns Converted.
+
+    dtype: auto (the dtype it was converted with), bfloat16, float16 or float32.
+    max_shard_size_mb: the largest safetensors shard (a larger single tensor gets its own)."""
+    import torch
+    from tqdm import tqdm
+
+    from .streaming import layer_groups, load_group
+
+    # The stored keys are the same for Transformer Engine and local layers: read through the local model.
+    loaded = model_config_from_file(load, transformer_impl="local")
+    if loaded is None:
+        raise UsageError(f"{load}: no {MODEL_FILE} (a checkpoint converted with tools/convert_hf_to_mcore.py, "
+                         f"or trained from one)")
+    model_cfg, stored_dtype = loaded
+    family = family_for(model_cfg.model_type)
+    check_output_dir(save, overwrite)
+    if hf_template and not os.path.exists(os.path.join(hf_template, "config.json")):
+        raise UsageError(f"{hf_template}: no config.json (--hf-template must be a Hugging Face model directory)")
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if max_shard_size_mb < 1:
+        raise UsageError(f"max_shard_size_mb: expected at least 1, got {max_shard_size_mb}")
+    dtype_name = stored_dtype if dtype == "auto" else dtype
+    checkpoint_dir = checkpoint_iteration_dir(load)
+    hf_config = family.hf_config(model_cfg, dtype=dtype_name)
+    hf_config.architectures = [family.architecture]  # vLLM and SGLang pick their model class by it
+    rows = family.rows(model_cfg)
+
+    with single_process_model_parallel(), staged_output(save) as tmp_dir:  # nothing at `save` unless all succeeds
+        with torch.device("meta"):
+            model = build_gpt_model(model_cfg, model_cfg.transformer_config(perform_initialization=False))
+        os.makedirs(tmp_dir)
+        writer = ShardWriter(tmp_dir, max_shard_size_mb * 2**20)
+        done = set()
+        for group in tqdm(layer_groups(model.sharded_state_dict()), desc="export", unit=" layers",
+                          disable=not progress):
+            tensors = load_group(group, checkpoint_dir, getattr(torch, dtype_name))  # one decoder layer
+            for name, tensor in megatron_to_hf(tensors.__getitem__, model_cfg, rows, only=tensors):
+                writer.add(name, tensor)
+            done.update(tensors)
+        missing = [row.megatron for row in rows if row.megatron not in done]
+        if missing:
+            raise UsageError(f"{checkpoint_dir}: no {missing[0]} in the checkpoint (and {len(missing) - 1} more)")
+        count = writer.close()
+        notes = write_hf_files(tmp_dir, hf_config, hf_template)
+    return Converted(save, model_cfg, dtype_name, count, tuple(notes))

@@ -1,0 +1,130 @@
+"""Running a step in processes of its own: a function in a spawned process, a module under torchrun.
+
+    done = run_isolated(convert_hf_to_mcore, hf_dir, save, log="convert.log")  # returns what it returned
+    with pytest.raises(ValueError, match="shape mismatch"):                     # re-raises what it raised
+        run_isolated(convert_hf_to_mcore, broken_dir, save)
+    torchrun("sed_megatron.train", ["--config", "run.yaml"], nproc=2, log="train.log")
+
+run_isolated: the function's global state (torch.distributed, Megatron's parsed args and
+parallel state, sys.argv, the CPU layer) dies with its process. fn must be a module-level
+function (imported by name in the child); its arguments and result must pickle. The child
+inherits os.environ plus `env`; its output goes to the parent's, or to `log`.
+"""
+
+import importlib
+import multiprocessing
+import os
+import queue as queue_module
+import subprocess
+import sys
+import time
+import traceback
+
+from .utils import free_port
+
+_ENV = {"TORCHDYNAMO_DISABLE": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1", "OMP_NUM_THREADS": "1"}
+
+
+class IsolatedError(RuntimeError):
+    """The child failed with an exception that does not pickle, or died."""
+
+
+class StepFailed(RuntimeError):
+    """A torchrun step exited non-zero; the message ends with the tail of its log."""
+
+
+def _child(queue, module, qualname, args, kwargs, env, log):
+    os.environ.update(env)  # before anything heavy is imported
+    if log is not None:  # the child's output (and its children's) into the log
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdout = os.fdopen(1, "w", buffering=1)
+        sys.stderr = os.fdopen(2, "w", buffering=1)
+    try:
+        fn = importlib.import_module(module)
+        for part in qualname.split("."):
+            fn = getattr(fn, part)
+        queue.put(("ok", fn(*args, **kwargs)))
+    except BaseException as err:  # noqa: BLE001 — everything goes back to the parent
+        text = traceback.format_exc()
+        try:
+            queue.put(("raised", err, text))
+        except Exception:  # the exception itself does not pickle
+            queue.put(("raised", None, text))
+
+
+def run_isolated(fn, *args, env=None, timeout=600, log=None, **kwargs):
+    """fn(*args, **kwargs) in a spawned process; its return value, or its exception re-raised."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, fn.__module__, fn.__qualname__, args, kwargs,
+                                                   {**_ENV, **(env or {})}, log))
+    process.start()
+    deadline = time.monotonic() + timeout
+    outcome = None
+    while outcome is None:
+        try:
+            outcome = queue.get(timeout=1.0)
+        except queue_module.Empty:
+            if not process.is_alive() and queue.empty():  # died without a word (a crash, os._exit)
+                raise IsolatedError(f"{fn.__qualname__}: the isolated process exited with {process.exitcode}") from None
+            if time.monotonic() > deadline:
+                process.kill()
+                process.join()
+                raise IsolatedError(f"{fn.__qualname__} gave no result within {timeout} s") from None
+    process.join()
+    if outcome[0] == "ok":
+        return outcome[1]
+    _, err, text = outcome
+    if isinstance(err, Exception):
+        raise err from IsolatedError(f"in the isolated process:\n{text}")
+    raise IsolatedError(f"{fn.__qualname__} failed in the isolated process:\n{text}")
+
+
+def torchrun(module, argv, nproc=1, log=None, timeout=None, env=None):
+    """`torchrun --nproc_per_node nproc -m module argv` from the current directory; StepFailed
+    (naming the log, with its tail) if it exits non-zero. Output goes to `log` (default: inherited)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), "-m", module, *map(str, argv)]
+    full_env = {**os.environ, **_ENV, **(env or {})}
+    if log is None:
+        returncode = subprocess.run(cmd, env=full_env, timeout=timeout).returncode
+    else:
+        with open(log, "w") as out:
+            returncode = subprocess.run(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                        timeout=timeout).returncode
+    if returncode != 0:
+        tail = ""
+        if log is not None:
+            with open(log) as f:
+                tail = ":\n" + f.read()[-3000:]
+        raise StepFailed(f"{module} exited with {returncode} (log {log}){tail}")
+
+
+def spawn_workers(module, argv, nproc):
+    """Run `python -m module argv` as nproc ranks of one torch.distributed world (RANK, WORLD_SIZE,
+    MASTER_ADDR, ... set as torchrun would), their output passed through; the first non-zero exit
+    code (the rest are stopped), else 0. A tool started without torchrun launches itself this way."""
+    port = str(free_port())
+    procs = []
+    for rank in range(nproc):
+        env = {**os.environ, **_ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *map(str, argv)], env=env))
+    code = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+            if failed:
+                code = failed[0]
+                break
+            time.sleep(0.1)
+        else:
+            code = next((p.returncode for p in procs if p.returncode != 0), 0)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    return code

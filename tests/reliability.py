@@ -1,0 +1,391 @@
+"""Every bad input and fault tried on the entry points, run, and written as docs/RELIABILITY.md.
+
+    python -m tests.reliability --write docs/RELIABILITY.md     # regenerate (from the repo root)
+    python -m tests.reliability --out /tmp/r.md                 # what tests/test_reliability.py compares
+
+Bad inputs run in this process, one after the other: each calls its tool's `main(argv)` and
+records the exit code, the first line on stderr and what is left at the output path. Faults
+that need a process to be killed or a run to train (kill -9 during a save, NaN steps, ...) are
+rows that name the test that checks them; the generator checks that the test exists.
+"""
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "examples/tiny_cpu.yaml"
+
+ENTRY = {  # name -> (module whose main(argv) runs it, the command a user types)
+    "train": ("sed_megatron.train", "torchrun --nproc_per_node {nproc} -m sed_megatron.train"),
+    "calibrate": ("sed_megatron.cli.calibrate_tau", "python tools/calibrate_tau.py"),
+    "preprocess": ("sed_megatron.cli.preprocess_sft_data", "python tools/preprocess_sft_data.py"),
+    "import": ("sed_megatron.cli.convert_hf_to_mcore", "python tools/convert_hf_to_mcore.py"),
+    "export": ("sed_megatron.cli.convert_mcore_to_hf", "python tools/convert_mcore_to_hf.py"),
+    "compare": ("sed_megatron.cli.compare_hf_mcore", "torchrun tools/compare_hf_mcore.py"),
+    "gguf": ("sed_megatron.cli.gguf_to_hf", "python tools/gguf_to_hf.py"),
+    "eval": ("sed_megatron.cli.eval_diversity", "python tools/eval_diversity.py"),
+    "plot": ("sed_megatron.cli.plot_metrics", "python tools/plot_metrics.py"),
+}
+
+
+@dataclass
+class Case:
+    entry: str
+    what: str
+    argv: list
+    """Arguments; "{tmp}" stands for the case's scratch directory."""
+    expect: str
+    """A regular expression the one stderr line must match (after `prog: error: `)."""
+    output: str | None = None
+    """The path whose state after the failure is reported ("nothing at ..." or its files)."""
+    files: dict = field(default_factory=dict)
+    """Files to create first: relative path -> text (or bytes)."""
+    env: dict = field(default_factory=dict)
+    code: int = 2
+
+
+CHAT = json.dumps({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]})
+
+
+def _yaml_edit(**sections):
+    """tiny_cpu.yaml with sections replaced (a section None: removed)."""
+    import yaml
+
+    with open(os.path.join(REPO, TINY)) as f:
+        config = yaml.safe_load(f)
+    for name, body in sections.items():
+        if body is None:
+            config.pop(name, None)
+        else:
+            config[name] = body
+    return yaml.safe_dump(config)
+
+
+def _tiny_model(**model):
+    import yaml
+
+    with open(os.path.join(REPO, TINY)) as f:
+        base = yaml.safe_load(f)["model"]
+    return _yaml_edit(model={**base, **model})
+
+
+def cases():
+    train = "train"
+    two = {"WORLD_SIZE": "2"}
+    return [
+        Case(train, "config file missing", ["--config", "{tmp}/none.yaml"], r"none\.yaml: cannot read the config file"),
+        Case(train, "config not YAML", ["--config", "{tmp}/bad.yaml"], r"bad\.yaml:2: not valid YAML",
+             files={"bad.yaml": "model: [1, 2\n"}),
+        Case(train, "config top level not a mapping", ["--config", "{tmp}/list.yaml"],
+             r"the top level must be a mapping", files={"list.yaml": "- 1\n- 2\n"}),
+        Case(train, "unknown section", ["--config", "{tmp}/c.yaml"], r"unknown section 'modle'",
+             files={"c.yaml": "modle: {num_layers: 2}\n"}),
+        Case(train, "unknown loss key", ["--config", "{tmp}/c.yaml"], r"loss\.tua: unknown key",
+             files={"c.yaml": "loss: {tua: 0.5}\n"}),
+        Case(train, "unknown Megatron flag in the YAML", ["--config", "{tmp}/c.yaml"],
+             r"model\.num_layer: unknown Megatron-LM flag --num-layer", files={"c.yaml": "model: {num_layer: 2}\n"}),
+        Case(train, "a switch given a value", ["--config", "{tmp}/c.yaml"], r"--swiglu is a switch",
+             files={"c.yaml": "model: {swiglu: 3}\n"}),
+        Case(train, "empty YAML (no batch size)", ["--config", "{tmp}/empty.yaml"],
+             r"--micro-batch-size is required", files={"empty.yaml": ""}),
+        Case(train, "SED without tau", ["--config", "{tmp}/c.yaml"], r"--sed-tau \(loss\.tau\): SED with mask",
+             files={"c.yaml": _yaml_edit(loss={"kind": "sed"})}),
+        Case(train, "tau outside (0, 1]", ["--config", TINY, "--sed-tau", "1.5"], r"--sed-tau \(loss\.tau\): must lie"),
+        Case(train, "top-k of 0", ["--config", TINY, "--sed-top-k", "0"], r"--sed-top-k \(loss\.top_k\): must be"),
+        Case(train, "unknown loss kind", ["--config", TINY, "--loss-type", "focal"], r"invalid choice: 'focal'"),
+        Case(train, "--load typo with --finetune", ["--config", TINY, "--load", "{tmp}/ckpt-typo", "--finetune",
+                                                    "--save", "{tmp}/out"],
+             r"--load .*ckpt-typo: no checkpoint there .* --finetune", output="{tmp}/out"),
+        Case(train, "--load without a checkpoint, other --save", ["--config", TINY, "--load", "{tmp}/nothing",
+                                                                  "--save", "{tmp}/out"],
+             r"no checkpoint there .* differs from --save", output="{tmp}/out"),
+        Case(train, "heads that TP does not split", ["--config", "{tmp}/c.yaml"],
+             r"--num-attention-heads 9 .* does not split over --tensor-model-parallel-size 2",
+             files={"c.yaml": _tiny_model(num_attention_heads=9, num_query_groups=3, kv_channels=8)}, env=two),
+        Case(train, "TP x PP does not divide the processes", ["--config", TINY, "--pipeline-model-parallel-size", "2"],
+             r"= 4 does not divide the 2 processes", env=two),
+        Case(train, "layers that PP does not split", ["--config", TINY, "--tensor-model-parallel-size", "1",
+                                                      "--pipeline-model-parallel-size", "3"],
+             r"--num-layers 2 .* does not split evenly over", env={"WORLD_SIZE": "3"}),
+        Case(train, "global batch not a multiple", ["--config", TINY, "--global-batch-size", "6"],
+             r"--global-batch-size 6 is not a multiple of --micro-batch-size 4", env=two),
+        Case(train, "warm-up longer than the run", ["--config", TINY, "--train-iters", "3"],
+             r"--lr-warmup-iters 5 .* must be less than the decay iterations, --train-iters 3", env=two),
+        Case(train, "experts without an MoE model", ["--config", TINY, "--expert-model-parallel-size", "2"],
+             r"needs a model with experts", env=two),
+        Case(train, "sequence parallelism on the local layers", ["--config", TINY, "--sequence-parallel"],
+             r"--sequence-parallel: sequence parallelism needs Transformer Engine", env=two),
+        Case(train, "indexed data without a path", ["--config", TINY, "--sft-data-kind", "indexed"],
+             r"--sft-data-kind indexed needs --sft-data-path"),
+        Case(train, "packing without indexed data", ["--config", TINY, "--sft-pack"],
+             r"--sft-pack needs --sft-data-kind indexed"),
+        Case(train, "a bad fault injection", ["--config", TINY, "--inject-non-finite", "soon"],
+             r"--inject-non-finite 'soon': expected ITERATION:loss or ITERATION:grad", env=two),
+        Case(train, "SED_MEGATRON_DEVICE misspelt", ["--config", TINY], r"SED_MEGATRON_DEVICE='gpu': expected one of",
+             env={"SED_MEGATRON_DEVICE": "gpu"}),
+        Case("calibrate", "mask ratio outside [0, 1]", ["--config", TINY, "--mask-ratio", "1.5"],
+             r"--mask-ratio must lie in \[0, 1\], got 1\.5"),
+        Case("calibrate", "no calibration samples", ["--config", TINY, "--mask-ratio", "0.7",
+                                                     "--calibration-samples", "0"],
+             r"--calibration-samples must be >= 1"),
+        Case("calibrate", "--write-config without --config", ["--mask-ratio", "0.7", "--write-config", "{tmp}/o.yaml",
+                                                              "--micro-batch-size", "1", "--seq-length", "8"],
+             r"--write-config needs --config", output="{tmp}/o.yaml"),
+        Case("preprocess", "input file missing", ["--input", "{tmp}/none.jsonl", "--tokenizer", "{tok}",
+                                                  "--output-prefix", "{tmp}/ds"], r"none\.jsonl: no such input file",
+             output="{tmp}/ds.bin"),
+        Case("preprocess", "malformed JSON line", ["--input", "{tmp}/in.jsonl", "--tokenizer", "{tok}",
+                                                   "--output-prefix", "{tmp}/ds"],
+             r"in\.jsonl:2: malformed JSON", output="{tmp}/ds.bin", files={"in.jsonl": CHAT + "\n{oops\n"}),
+        Case("preprocess", "missing response field", ["--input", "{tmp}/in.jsonl", "--tokenizer", "{tok}",
+                                                      "--output-prefix", "{tmp}/ds"],
+             r"in\.jsonl:1: missing field 'response'", output="{tmp}/ds.bin",
+             files={"in.jsonl": json.dumps({"prompt": "hi"}) + "\n"}),
+        Case("preprocess", "unknown role", ["--input", "{tmp}/in.jsonl", "--tokenizer", "{tok}", "--output-prefix",
+                                            "{tmp}/ds"], r"in\.jsonl:1: message 0: unknown role 'robot'",
+             output="{tmp}/ds.bin", files={"in.jsonl": json.dumps({"messages": [{"role": "robot", "content": "x"}]})
+                                           + "\n"}),
+        Case("preprocess", "bytes that are not UTF-8", ["--input", "{tmp}/in.jsonl", "--tokenizer", "{tok}",
+                                                        "--output-prefix", "{tmp}/ds"],
+             r"in\.jsonl:1: not valid UTF-8", output="{tmp}/ds.bin", files={"in.jsonl": b"\xff\xfe{}\n"}),
+        Case("preprocess", "sample longer than --seq-length", ["--input", "{tmp}/in.jsonl", "--tokenizer", "{tok}",
+                                                               "--output-prefix", "{tmp}/ds", "--seq-length", "4"],
+             r"in\.jsonl:1: sample of \d+ tokens exceeds --seq-length \+ 1 = 5", output="{tmp}/ds.bin",
+             files={"in.jsonl": CHAT + "\n"}),
+        Case("preprocess", "tokenizer without a chat template", ["--input", "{tmp}/in.jsonl", "--tokenizer",
+                                                                 "{tok_plain}", "--output-prefix", "{tmp}/ds"],
+             r"no chat template", output="{tmp}/ds.bin", files={"in.jsonl": CHAT + "\n"}),
+        Case("preprocess", "--vocab-size below the tokenizer's", ["--input", "{tmp}/in.jsonl", "--tokenizer", "{tok}",
+                                                                  "--output-prefix", "{tmp}/ds", "--vocab-size", "5"],
+             r"--vocab-size 5 is smaller than the tokenizer's", output="{tmp}/ds.bin",
+             files={"in.jsonl": CHAT + "\n"}),
+        Case("import", "no config.json", ["--hf-dir", "{tmp}", "--save", "{tmp}/out"], r"no config\.json",
+             output="{tmp}/out"),
+        Case("import", "unsupported model_type", ["--hf-dir", "{tmp}/gpt2", "--save", "{tmp}/out"],
+             r"model_type 'gpt2'", output="{tmp}/out",
+             files={"gpt2/config.json": json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})}),
+        Case("import", "a shard listed in the index is missing", ["--hf-dir", "{hf_missing_shard}", "--save",
+                                                                  "{tmp}/out"],
+             r"shard listed in the index is missing", output="{tmp}/out"),
+        Case("import", "non-empty --save", ["--hf-dir", "{hf}", "--save", "{tmp}/full"],
+             r"output directory is not empty \(use --overwrite\)", output=None, files={"full/keep.txt": "mine"}),
+        Case("export", "--load is not a converted or trained checkpoint", ["--load", "{tmp}", "--save", "{tmp}/out"],
+             r"no sed_megatron_model\.yaml", output="{tmp}/out"),
+        Case("export", "--hf-template without config.json", ["--load", "{tmp}", "--save", "{tmp}/out",
+                                                             "--hf-template", "{tmp}/nothing"],
+             r"sed_megatron_model\.yaml|no config\.json", output="{tmp}/out"),
+        Case("compare", "--load is not a converted checkpoint", ["--hf-dir", "{hf}", "--load", "{tmp}", "--tp", "1"],
+             r"no sed_megatron_model\.yaml"),
+        Case("gguf", "GGUF file missing", ["--gguf", "{tmp}/none.gguf", "--save", "{tmp}/out"], r"none\.gguf",
+             output="{tmp}/out"),
+        Case("gguf", "not a GGUF file", ["--gguf", "{tmp}/fake.gguf", "--save", "{tmp}/out"], r"fake\.gguf",
+             output="{tmp}/out", files={"fake.gguf": "not a gguf file at all"}),
+        Case("eval", "prompts file missing", ["--hf-dir", "{hf}", "--prompts", "{tmp}/none.jsonl", "--out",
+                                              "{tmp}/r.json"], r"none\.jsonl", output="{tmp}/r.json"),
+        Case("eval", "--k above --num-samples", ["--hf-dir", "{hf}", "--prompts", "{tmp}/p.jsonl", "--num-samples",
+                                                 "2", "--k", "4", "--out", "{tmp}/r.json"],
+             r"--k must lie in \[1, --num-samples = 2\], got 4", output="{tmp}/r.json",
+             files={"p.jsonl": json.dumps({"prompt": "hi"}) + "\n"}),
+        Case("eval", "a prompt line that is not JSON", ["--hf-dir", "{hf}", "--prompts", "{tmp}/p.jsonl", "--out",
+                                                        "{tmp}/r.json"], r"p\.jsonl:2: not JSON", output="{tmp}/r.json",
+             files={"p.jsonl": json.dumps({"prompt": "hi"}) + "\n{oops\n"}),
+        Case("plot", "a metrics line that is not JSON", ["{tmp}/m.jsonl", "--out", "{tmp}/c.png"],
+             r"m\.jsonl:2: not JSON", output="{tmp}/c.png", files={"m.jsonl": '{"iteration": 1}\n{oops\n'}),
+        Case("plot", "metrics file missing", ["{tmp}/none.jsonl", "--out", "{tmp}/c.png"], r"none\.jsonl",
+             output="{tmp}/c.png"),
+    ]
+
+
+# Faults checked by their own tests (they kill processes or train): (entry, what, user sees, on disk, test).
+FAULTS = [
+    ("train", "kill -9 while writing a checkpoint's tensors", "the process dies",
+     "the tracker still names the previous complete checkpoint; resume works",
+     "tests/training/test_crash_safety.py::test_kill_during_a_save_leaves_a_complete_checkpoint"),
+    ("train", "kill -9 before a checkpoint's metadata is written", "the process dies",
+     "as above", "tests/training/test_crash_safety.py::test_kill_during_a_save_leaves_a_complete_checkpoint"),
+    ("train", "kill -9 while the tracker file is replaced", "the process dies",
+     "the old tracker (written atomically); resume works",
+     "tests/training/test_crash_safety.py::test_kill_during_a_save_leaves_a_complete_checkpoint"),
+    ("train", "a save that fails (its directory cannot be made)",
+     "`error: iteration 4: FileExistsError: ... (the newest complete checkpoint in CKPT: iteration 2)`, exit 4",
+     "the tracker stays on the last complete checkpoint",
+     "tests/training/test_crash_safety.py::test_a_failing_save_stops_in_one_line"),
+    ("train", "NaN loss", "`error: iteration 3: NaN in the loss (value nan, rank 0); stopped before the optimizer "
+     "step ...`, exit 3", "no checkpoint holds the iteration; resume works",
+     "tests/training/test_nonfinite.py::test_non_finite_stops_before_the_step_and_resumes"),
+    ("train", "NaN gradients (finite loss)", "`error: iteration 3: NaN in the gradients (bucket 0) ...`, exit 3",
+     "as above", "tests/training/test_nonfinite.py::test_non_finite_stops_before_the_step_and_resumes"),
+    ("train", "SIGTERM (a scheduler's time limit)", "the workers finish the step, save and exit",
+     "a checkpoint at the last step; resumes at another layout",
+     "tests/training/test_train.py::test_sigterm_leaves_a_checkpoint_that_resumes_at_another_layout"),
+    ("train", "nvidia-smi lists GPUs that torch cannot see", "`error: nvidia-smi lists 2 GPU(s) but torch sees "
+     "none ...`, exit 2", "nothing", "tests/runtime/test_runtime.py::test_training_entry_point_stops_on_invisible_gpus"),
+    ("train", "a broken GPU driver (nvidia-smi fails)", "one line naming nvidia-smi's message, exit 2", "nothing",
+     "tests/runtime/test_runtime.py::test_broken_driver_is_an_error"),
+    ("train", "an unsupported megatron-core", "`error: megatron-core X is installed; sed_megatron supports "
+     "megatron-core>=0.19.2,<0.20 ...`", "nothing", "tests/runtime/test_runtime.py::test_megatron_version_range"),
+    ("preprocess", "kill -9 while writing", "the process dies", "nothing at the prefix (only `.tmp-PID` files beside "
+     "it)", "tests/data/test_interrupted.py::test_preprocess_killed_mid_write_leaves_nothing"),
+]
+
+
+def _fixtures(root):
+    """Shared inputs the cases name: {tok}, {tok_plain}, {hf}, {hf_missing_shard}."""
+    from sed_megatron.testing.tiny_hf import make_tokenizer, tiny_hf_model
+
+    paths = {"tok": os.path.join(root, "tok"), "tok_plain": os.path.join(root, "tok_plain"),
+             "hf": os.path.join(root, "hf"), "hf_missing_shard": os.path.join(root, "hf_sharded")}
+    words = ["hello", "hi", "there"]
+    make_tokenizer(paths["tok"], words)
+    make_tokenizer(paths["tok_plain"], words, chat_template=False)
+    model = tiny_hf_model("llama_gqa_tied")
+    model.save_pretrained(paths["hf"])
+    model.save_pretrained(paths["hf_missing_shard"], max_shard_size="50KB")
+    shards = sorted(f for f in os.listdir(paths["hf_missing_shard"]) if f.endswith(".safetensors"))
+    os.remove(os.path.join(paths["hf_missing_shard"], shards[-1]))
+    return paths
+
+
+def _fill(text, values):
+    for key, value in values.items():
+        text = text.replace("{" + key + "}", value)
+    return text
+
+
+def run_case(case, scratch, fixtures):
+    """(exit code, the stderr line, what is left at the output)."""
+    os.makedirs(scratch)
+    for rel, content in case.files.items():
+        path = os.path.join(scratch, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb" if isinstance(content, bytes) else "w") as f:
+            f.write(content)
+    values = {**fixtures, "tmp": scratch}
+    argv = [_fill(a, values) for a in case.argv]
+    module = importlib.import_module(ENTRY[case.entry][0])
+    saved_env = {k: os.environ.get(k) for k in case.env}
+    os.environ.update(case.env)
+    stderr, stdout = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
+            code = module.main(argv) or 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    except PassedStartUp:
+        code, stderr = 0, io.StringIO("(passed every start-up check)")
+    finally:
+        _forget_megatron_args()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    lines = [line for line in stderr.getvalue().splitlines() if line.strip()]
+    seen = lines[-1] if lines else ""
+    left = "-"
+    if case.output is not None:
+        output = _fill(case.output, values)
+        left = (f"nothing at `{os.path.relpath(output, scratch)}`" if not os.path.exists(output)
+                else f"`{os.path.relpath(output, scratch)}` exists")
+    return code, seen, left, lines
+
+
+class PassedStartUp(Exception):
+    """A case that got past every start-up check: it would have started training."""
+
+
+def _stop_before_work():
+    """Training and calibration stop right after their start-up checks instead of running."""
+    import megatron.training
+
+    import sed_megatron.training.calibrate as calibrate
+
+    def stop(*args, **kwargs):
+        raise PassedStartUp()
+
+    megatron.training.pretrain = stop
+    calibrate.calibrate_from_args = stop
+
+
+def _forget_megatron_args():
+    """A case that passed the start-up checks left Megatron's global args set; the next needs none."""
+    from megatron.training.global_vars import unset_global_variables
+
+    unset_global_variables()
+
+
+def generate():
+    """The Markdown of docs/RELIABILITY.md, and a list of problems (cases that did not behave)."""
+    from sed_megatron.runtime import prepare
+
+    prepare(training=True)  # the CPU layer once, as every entry point would
+    _stop_before_work()
+    problems, rows = [], []
+    root = tempfile.mkdtemp(prefix="reliability-")
+    try:
+        fixtures = _fixtures(root)
+        for number, case in enumerate(cases(), 1):
+            code, seen, left, lines = run_case(case, os.path.join(root, f"case{number}"), fixtures)
+            prog_line = re.sub(r"^\S+: error: ", "", seen)
+            if code != case.code or not re.search(case.expect, prog_line) or len(lines) != 1:
+                problems.append(f"{case.entry}: {case.what}: exit {code}, {len(lines)} stderr line(s), last: {seen!r}")
+            shown = re.sub(re.escape(root) + r"/(case\d+|\w+)", lambda m: "$TMP" if m.group(1).startswith("case")
+                           else m.group(1).upper(), seen)
+            nproc = case.env.get("WORLD_SIZE", "1")
+            command = " ".join([ENTRY[case.entry][1].replace("{nproc}", nproc), *case.argv]).replace("{tmp}", "$TMP")
+            command = re.sub(r"\{(\w+)\}", lambda m: m.group(1).upper(), command)
+            env = " ".join(f"{k}={v}" for k, v in case.env.items() if k != "WORLD_SIZE")
+            rows.append(f"| {number} | {case.entry} | {case.what} | `{(env + ' ') if env else ''}{command}` | "
+                        f"`{shown}` | {code} | {left} |")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    for entry, what, seen, left, test in FAULTS:
+        path, _, name = test.partition("::")
+        module = importlib.import_module(path[:-3].replace("/", "."))
+        if not callable(getattr(module, name, None)):
+            problems.append(f"{test}: no such test")
+    start = len(rows) + 1
+    fault_rows = [f"| {start + i} | {entry} | {what} | `pytest {test}` | {seen} | - | {left} |"
+                  for i, (entry, what, seen, left, test) in enumerate(FAULTS)]
+    header = (
+        "# Reliability: every bad input and fault tried\n\n"
+        "Generated by `python -m tests.reliability --write docs/RELIABILITY.md`; `tests/test_reliability.py` "
+        "runs every case again and fails when this file is not what they do. Bad inputs (rows 1-"
+        f"{len(rows)}) run each entry point's `main`; `$TMP` is the case's scratch directory, HF / TOK "
+        "fixtures are a tiny Llama and a word-level tokenizer. Every one ends in one line on stderr, "
+        "`<tool>: error: <what is wrong, naming the file, line, flag or field>`, and the exit code shown. "
+        "Faults (the other rows) are run by the test named.\n\n"
+        "| # | entry point | bad input or fault | command | what the user sees | exit | left on disk |\n"
+        "|---|---|---|---|---|---:|---|\n")
+    return header + "\n".join(rows + fault_rows) + "\n", problems
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", help="write the Markdown here (docs/RELIABILITY.md)")
+    parser.add_argument("--out", help="write the Markdown here and a JSON list of problems beside it (.json)")
+    options = parser.parse_args(argv)
+    text, problems = generate()
+    for path in filter(None, (options.write, options.out)):
+        with open(path, "w") as f:
+            f.write(text)
+    if options.out:
+        with open(options.out + ".json", "w") as f:
+            json.dump(problems, f, indent=1)
+    for problem in problems:
+        print(f"reliability: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""kill -9 during a checkpoint save, and a save that fails: the tracker always names a complete
+checkpoint, and training resumes from it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sed_megatron.utils import free_port
+
+from .launch import REPO, TINY, _env, read_metrics, train
+
+DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_driver.py")
+FLAGS = ["--config", TINY, "--tensor-model-parallel-size", "1", "--train-iters", "4", "--save-interval", "2",
+         "--loss-type", "ce", "--log-interval", "1", "--eval-iters", "0", "--lr-warmup-iters", "0",
+         "--lr-decay-style", "constant"]
+
+
+def tracker(save):
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
+        return f.read().strip()
+
+
+def resume_from(tmp_path, save):
+    """Iterations 3 and 4 from the checkpoint of iteration 2."""
+    records = train(str(tmp_path / "resume"), 1, ["--tensor-model-parallel-size", "1", "--train-iters", "4",
+                                                  "--save-interval", "2", "--loss-type", "ce", "--load", save,
+                                                  "--save", save, "--lr-warmup-iters", "0",
+                                                  "--lr-decay-style", "constant"])
+    assert [r["iteration"] for r in records] == [3, 4]
+    assert tracker(save) == "4"
+
+
+@pytest.mark.parametrize("phase", ["write", "finish", "tracker"])
+def test_kill_during_a_save_leaves_a_complete_checkpoint(tmp_path, phase):
+    save = str(tmp_path / "ckpt")
+    env = {**_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "SED_MEGATRON_DEVICE": "cpu"}
+    out = subprocess.run([sys.executable, DRIVER, phase, "4", "--", *FLAGS, "--save", save,
+                          "--metrics-file", str(tmp_path / "metrics.jsonl")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert out.returncode == -9, out.stderr[-3000:]
+    assert [r["iteration"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))] == [1, 2, 3, 4]
+    assert tracker(save) == "2", phase  # the save of iteration 4 never completed
+    assert os.path.exists(os.path.join(save, "iter_0000002", ".metadata"))
+    resume_from(tmp_path, save)
+
+
+def test_a_failing_save_stops_in_one_line(tmp_path):
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    (save / "iter_0000004").write_text("in the way")  # the save of iteration 4 cannot make its directory
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "1", "--master_port",
+           str(free_port()), "-m", "sed_megatron.train", *FLAGS, "--save", str(save)]
+    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if "sed_megatron.train: error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("sed_megatron.train: error: iteration 4: "), out.stderr[-3000:]
+    assert errors[0].endswith(f"(the newest complete checkpoint in {save}: iteration 2)")
+    assert tracker(str(save)) == "2"
