@@ -8,10 +8,10 @@ kernels); `reduce.py` applies the loss mask and the global token count.
 """
 
 from .config import GEM_H, IGNORE_INDEX, LOSS_KINDS, SED_MASKS, LossConfig
+from .fused_linear import fused_linear_sft_loss
 from .kinds import LossKind, get_kind, register
 from .math import STAT_NAMES
 from .reduce import masked_sum_and_count, masked_token_mean
-from .fused_linear import fused_linear_sft_loss
 from .vocab_parallel import sft_token_loss
 
 __all__ = [
