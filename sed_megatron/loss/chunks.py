@@ -14,3 +14,17 @@ def token_chunks(num_tokens, row_elements):
     """Row slices that cover [0, num_tokens), each of at most CHUNK_ELEMENTS // row_elements rows (>= 1)."""
     rows = max(1, CHUNK_ELEMENTS // max(1, row_elements))
     return [slice(start, min(start + rows, num_tokens)) for start in range(0, num_tokens, rows)]
+
+
+FUSED_CHUNK_ELEMENTS = 1 << 24
+"""Default logits elements of one chunk of the fused output-layer loss on the CPU (64 MiB in
+fp32; 220 tokens of a 76032-id shard, enough for the GEMMs to run at full speed there)."""
+FUSED_CHUNK_ELEMENTS_GPU = 1 << 26
+"""The same on a GPU, where a GEMM needs ~1000 rows to stop being bound by reading the weight
+(882 tokens of a 76032-id shard; 128 MiB of bf16 logits). Not yet measured on a GPU."""
+
+
+def fused_chunk_tokens(shard_size, device):
+    """Default chunk of the fused output-layer loss, in tokens: an element budget per device type."""
+    budget = FUSED_CHUNK_ELEMENTS_GPU if device.type == "cuda" else FUSED_CHUNK_ELEMENTS
+    return max(1, budget // max(1, shard_size))

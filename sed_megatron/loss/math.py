@@ -93,6 +93,22 @@ def exp_and_partial_sums_(shifted, target_shifted, kind: LossKind, cfg, with_ent
     return sums
 
 
+def rescale_partial_sums(local_max, logits_max, sum_exp, sum_exp_x=None):
+    """Sums taken relative to this shard's own max m_l -> relative to the global max m: `[n, t]`.
+
+    With d = m_l - m <= 0: sum_j e^(z_j - m) = e^d S0 and sum_j e^(z_j - m) (z_j - m) =
+    e^d (S1 + d S0), where S0, S1 are the sums relative to m_l (`[t]` fp32). A shard without a
+    real id (m_l = -inf, S0 = 0) contributes 0. Rows as in exp_and_partial_sums_ (no extra sums).
+    """
+    present = sum_exp > 0
+    shift = torch.where(present, local_max - logits_max, 0.0)
+    rescale = torch.where(present, torch.exp(shift), 0.0)
+    rows = [rescale * sum_exp]
+    if sum_exp_x is not None:
+        rows.append(rescale * (sum_exp_x + shift * sum_exp))
+    return torch.stack(rows)
+
+
 def split_sums(partial, with_entropy):
     """The reduced `[n, t]` of exp_and_partial_sums_ -> (sum_exp `[t]`, entropy's sum `[t]` or None, extra `[n', t]`)."""
     sum_exp_x = partial[1] if with_entropy else None

@@ -14,6 +14,10 @@ Collectives per call over `tp_group` (none when it is None or has one rank):
      + 1 with the entropy + the kind's extra sums (GEM: 2, or 3 with h = logsigmoid).
 Megatron's vocab_parallel_cross_entropy does three all-reduces of `[t]`.
 
+The steps of one block of tokens are `shard_loss_forward` (both collectives), built from
+functions that the fused output-layer loss (`fused_linear.py`) also runs, once per chunk of
+tokens, so both paths share one implementation of every step.
+
 Memory: one fp32 `[t, V/tp]` buffer, as in Megatron's CE. It holds exp(z - m) from forward
 to backward and becomes the gradient in place. With fp32 contiguous logits and inplace=True
 the buffer is the caller's logits tensor (Megatron's convention: the logits are overwritten),
@@ -21,18 +25,27 @@ otherwise a copy. Passes with extra sums (GEM, the entropy) add temporaries of o
 tokens (`chunks.CHUNK_ELEMENTS` elements), whatever the shard's size.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
 from . import math as loss_math
 from .config import IGNORE_INDEX, LossConfig
-from .kinds import TokenSums, get_kind
+from .kinds import KindLoss, TokenSums, get_kind
 
 
-def _group_rank_and_size(tp_group):
+def group_rank_and_size(tp_group):
+    """(rank, size) of this process in the tensor-parallel group; (0, 1) when tp_group is None."""
     if tp_group is None:
         return 0, 1
     return dist.get_rank(group=tp_group), dist.get_world_size(group=tp_group)
+
+
+def real_columns(vocab_size, vocab_start, shard_size):
+    """How many of this shard's ids are real tokens: ids >= vocab_size are padding rows of the
+    embedding (added for TP divisibility), with no probability and no gradient."""
+    return max(0, min(shard_size, vocab_size - vocab_start))
 
 
 def _all_gather_candidates(candidates, target_part, tp_group, world_size):
@@ -48,52 +61,101 @@ def _all_gather_candidates(candidates, target_part, tp_group, world_size):
     return gathered[..., :count].reshape(num_tokens, world_size * count), gathered[..., count].sum(dim=-1)
 
 
+def global_topk_and_target(candidates, target_logit, target, cfg: LossConfig, tp_group, world_size):
+    """Collective 1: this rank's top-k candidates `[t, k']` and target-logit part `[t]` (fp32)
+    -> the global top-k logits `[t, k]`, the global max m `[t]` and x_y = z_y - m `[t]`."""
+    if world_size > 1:
+        candidates, target_logit = _all_gather_candidates(candidates, target_logit, tp_group, world_size)
+    topk_logits = loss_math.global_topk(candidates, cfg.top_k)  # [t, k]
+    logits_max = topk_logits.amax(dim=-1)  # [t]
+    return topk_logits, logits_max, loss_math.shifted_target_logit(target, target_logit, logits_max)
+
+
+def all_reduce_sums_(partial, tp_group, world_size):
+    """Collective 2: the packed per-token partial sums `[n, t]`, summed over the group in place."""
+    if world_size > 1:
+        dist.all_reduce(partial, group=tp_group)
+    return partial
+
+
+class ShardLoss(NamedTuple):
+    """One block of tokens on this rank's shard after the forward: what the gradient needs, and the results."""
+
+    buffer: torch.Tensor
+    """`[t, V/tp]` fp32 exp(z - m) (0 at padding ids); the gradient form works in it in place."""
+    index: torch.Tensor
+    """`[t]` int64 the target's column in this shard (0 where absent)."""
+    in_shard: torch.Tensor
+    """`[t]` bool whether the target lies in this shard."""
+    logits_max: torch.Tensor
+    """`[t]` fp32 the global max m (the recompute of exp(z - m) needs it)."""
+    sums: TokenSums
+    kind_loss: KindLoss
+    stat_values: tuple
+    """The stats `[t]`, in the order of `math.stat_names`."""
+
+
+def token_results(target, target_shifted, partial, topk_logits, logits_max, kind, cfg, with_entropy):
+    """From the globally reduced sums `[n, t]`: (TokenSums, the kind's KindLoss, the stats in stat_names order)."""
+    sum_exp, sum_exp_x, extra = loss_math.split_sums(partial, with_entropy)
+    sums = TokenSums(sum_exp, target_shifted, extra)
+    terms = loss_math.token_terms(target, sums, topk_logits - logits_max.unsqueeze(-1))
+    kind_loss = kind.token_loss(cfg, terms)
+    stats = loss_math.token_stats(terms, kind_loss, sum_exp_x)
+    return sums, kind_loss, tuple(stats[name] for name in loss_math.stat_names(kind, with_entropy))
+
+
+def shifted_buffer(logits, logits_max, real, inplace):
+    """The fp32 `[t, V/tp]` working buffer x = z - m, padding ids at the most negative float.
+
+    With fp32 logits and inplace it is the caller's tensor, else a copy. A mixed bf16 - fp32
+    subtraction would materialize a promoted copy on CPU: convert, then shift.
+    """
+    buffer = logits.to(torch.float32, copy=not inplace).sub_(logits_max.unsqueeze(-1))
+    if real < buffer.size(-1):
+        # exp() = 0: no probability, no gradient. Finite, so 0 * x stays 0 in the sums.
+        buffer[:, real:] = torch.finfo(torch.float32).min
+    return buffer
+
+
+def shard_loss_forward(logits, target, cfg: LossConfig, tp_group, inplace, with_entropy, vocab_size) -> ShardLoss:
+    """The loss of tokens `[t]` from this rank's logits `[t, V/tp]`: both collectives, every kind.
+
+    sft_token_loss runs it once on all tokens; the fused output-layer loss once per chunk.
+    """
+    kind = get_kind(cfg.kind)
+    rank, world_size = group_rank_and_size(tp_group)
+    shard_size = logits.size(-1)
+    vocab_start = rank * shard_size
+    real = real_columns(vocab_size, vocab_start, shard_size)
+    index, in_shard = loss_math.shard_target_index(target, vocab_start, vocab_start + shard_size)
+
+    # Top-k candidates and z_y straight from the input dtype (exact: bf16 values are fp32 values).
+    candidates = loss_math.local_topk_candidates(logits[:, :real], cfg.top_k, shard_size)  # [t, k']
+    target_logit = loss_math.local_target_logit(logits, index, in_shard)  # [t]
+    topk_logits, logits_max, target_shifted = global_topk_and_target(candidates, target_logit, target, cfg,
+                                                                      tp_group, world_size)
+
+    # The one fp32 [t, V/tp] buffer: x = z - m, then exp(x) in place, kept for backward.
+    buffer = shifted_buffer(logits, logits_max, real, inplace)
+    partial = loss_math.exp_and_partial_sums_(buffer, target_shifted, kind, cfg, with_entropy)  # [n, t]
+    all_reduce_sums_(partial, tp_group, world_size)
+    sums, kind_loss, stat_values = token_results(target, target_shifted, partial, topk_logits, logits_max, kind, cfg,
+                                                 with_entropy)
+    return ShardLoss(buffer, index, in_shard, logits_max, sums, kind_loss, stat_values)
+
+
 class _VocabParallelSFTLoss(torch.autograd.Function):
     """logits `[t, V/tp]`, target `[t]` -> loss `[t]` and the stats `[t]` (t tokens, flattened by the caller)."""
 
     @staticmethod
     def forward(ctx, logits, target, cfg: LossConfig, tp_group, inplace, with_entropy, vocab_size):
-        kind = get_kind(cfg.kind)
-        rank, world_size = _group_rank_and_size(tp_group)
-        distributed = world_size > 1
-        shard_size = logits.size(-1)
-        vocab_start = rank * shard_size
-        # Ids >= vocab_size are padding rows of the embedding (TP divisibility): not tokens.
-        real = max(0, min(shard_size, vocab_size - vocab_start))
-        index, in_shard = loss_math.shard_target_index(target, vocab_start, vocab_start + shard_size)
-
-        # Top-k candidates and z_y straight from the input dtype (exact: bf16 values are fp32 values).
-        candidates = loss_math.local_topk_candidates(logits[:, :real], cfg.top_k, shard_size)  # [t, k']
-        target_logit = loss_math.local_target_logit(logits, index, in_shard)  # [t]
-        if distributed:
-            candidates, target_logit = _all_gather_candidates(candidates, target_logit, tp_group, world_size)
-        topk_logits = loss_math.global_topk(candidates, cfg.top_k)  # [t, k]
-        logits_max = topk_logits.amax(dim=-1)  # [t]
-        target_shifted = loss_math.shifted_target_logit(target, target_logit, logits_max)  # x_y, [t]
-
-        # The one fp32 [t, V/tp] buffer: x = z - m, then exp(x) in place, kept for backward.
-        # With fp32 logits and inplace it is the caller's tensor (Megatron's convention). A mixed
-        # bf16 - fp32 subtraction would materialize a promoted copy on CPU: convert, then shift.
-        buffer = logits.to(torch.float32, copy=not inplace).sub_(logits_max.unsqueeze(-1))
-        if real < shard_size:
-            # exp() = 0: no probability, no gradient. Finite, so 0 * x stays 0 in the sums.
-            buffer[:, real:] = torch.finfo(torch.float32).min
-        partial = loss_math.exp_and_partial_sums_(buffer, target_shifted, kind, cfg, with_entropy)  # [n, t]
-        if distributed:
-            dist.all_reduce(partial, group=tp_group)
-        sum_exp, sum_exp_x, extra = loss_math.split_sums(partial, with_entropy)
-
-        sums = TokenSums(sum_exp, target_shifted, extra)
-        terms = loss_math.token_terms(target, sums, topk_logits - logits_max.unsqueeze(-1))
-        kind_loss = kind.token_loss(cfg, terms)
-        stats = loss_math.token_stats(terms, kind_loss, sum_exp_x)
-        stat_values = tuple(stats[name] for name in loss_math.stat_names(kind, with_entropy))
-
-        ctx.kind, ctx.cfg = kind, cfg
+        result = shard_loss_forward(logits, target, cfg, tp_group, inplace, with_entropy, vocab_size)
+        ctx.kind, ctx.cfg = get_kind(cfg.kind), cfg
         ctx.input_dtype = logits.dtype
-        ctx.save_for_backward(buffer, index, in_shard, kind_loss.grad_scale, *sums)
-        ctx.mark_non_differentiable(*stat_values)
-        return (kind_loss.loss, *stat_values)
+        ctx.save_for_backward(result.buffer, result.index, result.in_shard, result.kind_loss.grad_scale, *result.sums)
+        ctx.mark_non_differentiable(*result.stat_values)
+        return (result.kind_loss.loss, *result.stat_values)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):
@@ -122,14 +184,15 @@ def _validate_inputs(logits, target, cfg):
         )
 
 
-def _validate_target_ids(target, cfg, vocab_size):
+def validate_target_ids(target, cfg, vocab_size, caller="sft_token_loss"):
+    """top_k fits the vocabulary, and every target is a real id or IGNORE_INDEX (one device sync)."""
     if cfg.top_k > vocab_size:
         raise ValueError(f"LossConfig.top_k: {cfg.top_k} exceeds the vocabulary size {vocab_size}")
     bad = ((target < 0) & (target != IGNORE_INDEX)) | (target >= vocab_size)
     if bool(bad.any()):  # one device sync per call; a wrong id would otherwise give a silent zero
         bad_id = int(target[bad][0])
         raise ValueError(
-            f"sft_token_loss: target id {bad_id} is outside the vocabulary [0, {vocab_size}) "
+            f"{caller}: target id {bad_id} is outside the vocabulary [0, {vocab_size}) "
             f"(and not the ignore index {IGNORE_INDEX})"
         )
 
@@ -168,13 +231,13 @@ def sft_token_loss(logits, target, cfg: LossConfig, tp_group=None, *, inplace=Fa
             Ignored positions have 0 in every stat but topk_mass and entropy.
     """
     _validate_inputs(logits, target, cfg)
-    _, world_size = _group_rank_and_size(tp_group)
+    _, world_size = group_rank_and_size(tp_group)
     padded_size = logits.size(-1) * world_size
     if vocab_size is None:
         vocab_size = padded_size
     elif not 0 < vocab_size <= padded_size:
         raise ValueError(f"sft_token_loss: vocab_size {vocab_size} must lie in (0, {padded_size}] (the logits' ids)")
-    _validate_target_ids(target, cfg, vocab_size)
+    validate_target_ids(target, cfg, vocab_size)
     # Tokens flat: a view when contiguous (so inplace still reaches the caller's storage), else a copy.
     flat_logits, flat_target = logits.reshape(-1, logits.size(-1)), target.reshape(-1)  # [t, V/tp], [t]
     loss, *stat_values = _VocabParallelSFTLoss.apply(flat_logits, flat_target, cfg, tp_group, inplace,
