@@ -37,6 +37,8 @@ LOSS_FLAGS = {  # LossConfig field -> flag
     "calibrate_ratio": "--sed-calibrate-ratio",
     "calibrate_samples": "--sed-calibrate-samples",
     "calibrate_tokens": "--sed-calibrate-tokens",
+    "fused_linear": "--sft-fused-linear",
+    "fused_chunk_tokens": "--sft-fused-chunk-tokens",
 }
 DATA_FLAGS = {  # DataConfig field -> flag
     "kind": "--sft-data-kind",
@@ -82,6 +84,11 @@ def add_sed_arguments(parser):
     group.add_argument("--sed-calibrate-samples", type=int, default=100, help="validation samples for it")
     group.add_argument("--sed-calibrate-tokens", default="response", choices=["response", "all"],
                        help="tokens whose top-k mass sets tau")
+    group.add_argument("--sft-fused-linear", action="store_true",
+                       help="the output layer and the loss chunk by chunk of tokens: no [tokens, V/tp] logits "
+                            "(fused_linear_sft_loss; the same loss, tau calibration included)")
+    group.add_argument("--sft-fused-chunk-tokens", type=int, default=None,
+                       help="tokens per chunk of --sft-fused-linear (default: about 2^26 logits per chunk on a GPU, 2^24 on CPU)")
     group.add_argument("--sft-data-kind", default="synthetic", choices=["synthetic", "indexed", "jsonl"],
                        help="synthetic: a seeded memorization set; indexed: the prefix written by "
                             "tools/preprocess_sft_data.py; jsonl: pre-tokenized {tokens, loss_mask} lines")

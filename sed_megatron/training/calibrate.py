@@ -2,7 +2,7 @@
 
 The calibration samples are split over data-parallel ranks (rank d takes samples d, d + D, ...),
 run one per micro-batch without gradients through the same batch pipeline and model call as
-training (so packed THD rows keep their samples apart here too, and each context-parallel
+training (the fused output-layer loss included, when training uses it) (so packed THD rows keep their samples apart here too, and each context-parallel
 rank scores its own chunks of every sample), and the global top-k mass of the chosen tokens
 is gathered from every DP x CP rank before the quantile is taken: the same set of values,
 whatever the layout.
@@ -16,16 +16,16 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from sed_megatron.calibration import gather_values, select_tokens, tau_from_topk_mass
-from sed_megatron.loss import LossConfig, sft_token_loss
+from sed_megatron.loss import LossConfig
 
 from .batch import get_batch, pipeline_stage
-from .step import StepConfig, model_forward, model_groups
+from .step import StepConfig, loss_sum_and_stats, model_forward, model_groups
 
 
-def _calibration_loss(loss_cfg, vocab_size, token_set, tp_group, sink, labels, loss_mask, logits):
-    _, stats = sft_token_loss(logits, labels, loss_cfg, tp_group, inplace=True, vocab_size=vocab_size)
+def _calibration_loss(step_cfg: StepConfig, token_set, tp_group, sink, labels, loss_mask, output):
+    _, stats = loss_sum_and_stats(step_cfg, tp_group, labels, loss_mask, output)
     sink.append(select_tokens(stats["topk_mass"], labels, loss_mask, token_set).float())
-    return logits.new_zeros(()), torch.ones((), dtype=torch.int), {}
+    return torch.zeros((), device=labels.device), torch.ones((), dtype=torch.int), {}
 
 
 def _calibration_step(step_cfg: StepConfig, token_set, sink, progress, data_iterator, model):
@@ -33,10 +33,9 @@ def _calibration_step(step_cfg: StepConfig, token_set, sink, progress, data_iter
     if progress is not None:
         progress.update()
     batch = get_batch(data_iterator, step_cfg.batch, groups)
-    output = model_forward(model, batch)
+    output = model_forward(model, batch, step_cfg)
     labels, loss_mask = (batch["labels"], batch["loss_mask"]) if batch is not None else (None, None)
-    return output, functools.partial(_calibration_loss, step_cfg.loss, step_cfg.vocab_size, token_set, groups.tp, sink,
-                                     labels, loss_mask)
+    return output, functools.partial(_calibration_loss, step_cfg, token_set, groups.tp, sink, labels, loss_mask)
 
 
 def calibration_rows(dataset, num_samples):
@@ -65,7 +64,7 @@ def local_topk_masses(model_chunks, dataset, num_samples, step_cfg: StepConfig, 
     indices = range(dp_rank, num_rows, dp_size)
     samples = iter([{key: value.unsqueeze(0) for key, value in dataset[i].items()} for i in indices])
     # One sample per micro-batch (no partial micro-batches); the loss kind does not matter: CE.
-    step_cfg = dataclasses.replace(step_cfg, loss=LossConfig(kind="ce", top_k=step_cfg.loss.top_k),
+    step_cfg = dataclasses.replace(step_cfg, loss=LossConfig(kind="ce", top_k=step_cfg.loss.top_k), with_entropy=False,
                                    batch=dataclasses.replace(step_cfg.batch, micro_batch_size=1))
     sink = []
     bar = None

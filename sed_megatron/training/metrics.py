@@ -32,15 +32,15 @@ REPORT_KEYS = {
 OPTIONAL_STATS = {"penalty": "sed penalty", "entropy": "entropy"}
 
 
-def token_metric_report(loss, stats, loss_mask):
-    """`[sum, count]` pairs of the objective and the stats over the loss tokens, detached.
+def token_metric_report(loss_sum, stats, loss_mask):
+    """`[sum, count]` pairs of the objective (its sum over the loss tokens) and the stats over
+    the loss tokens, detached.
 
     mask rate follows the published SED-SFT logs: the share of loss tokens WITHOUT the penalty
     (about r once tau is calibrated); penalty rate is the share with it."""
     mask = loss_mask.float()
     count = mask.sum()
     per_token = {
-        "lm loss": loss.detach(),
         "ce loss": stats["ce"],
         "mask rate": 1.0 - stats["mask"],
         "penalty rate": stats["mask"],
@@ -49,7 +49,9 @@ def token_metric_report(loss, stats, loss_mask):
         "token accuracy": stats["correct"],
     }
     per_token.update({report: stats[name] for name, report in OPTIONAL_STATS.items() if name in stats})
-    return {key: torch.stack([(value * mask).sum(), count]) for key, value in per_token.items()}
+    report = {"lm loss": torch.stack([loss_sum.detach().float(), count])}
+    report.update({key: torch.stack([(value * mask).sum(), count]) for key, value in per_token.items()})
+    return report
 
 
 class MetricsLog:

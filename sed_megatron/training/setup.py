@@ -321,4 +321,5 @@ def step_config(args, loss_cfg):
         except ValueError as err:
             fail(str(err))
     return StepConfig(loss=loss_cfg, batch=batch, with_entropy=args.log_entropy, vocab_size=args.vocab_size,
-                      check_non_finite=args.check_for_nan_in_loss_and_grad, inject=inject)
+                      check_non_finite=args.check_for_nan_in_loss_and_grad, inject=inject,
+                      fused_linear=args.sft_fused_linear, fused_chunk_tokens=args.sft_fused_chunk_tokens)

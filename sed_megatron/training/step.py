@@ -1,5 +1,9 @@
 """forward_step and loss_func for Megatron-LM's training loop, built on sft_token_loss.
 
+With `fused_linear` the last stage's output layer and the loss run together
+(fused_linear_sft_loss through GPTModel's output_processor hook): the model returns the loss
+sum and the stats instead of the `[b, s, V/tp]` logits, which never exist.
+
 Megatron calls forward_step(data_iterator, model) once per micro-batch; on the last pipeline
 stage it then calls the returned loss_func(output_tensor), which gives (sum of the per-token
 objective over loss tokens, number of loss tokens, report). With --calculate-per-token-loss
@@ -20,7 +24,7 @@ from typing import Callable
 import torch
 from megatron.core.utils import get_attr_wrapped_model
 
-from sed_megatron.loss import LossConfig, masked_sum_and_count, sft_token_loss
+from sed_megatron.loss import LossConfig, fused_linear_sft_loss, masked_sum_and_count, sft_token_loss
 
 from .batch import BatchSpec, get_batch
 from .metrics import token_metric_report
@@ -39,6 +43,10 @@ class StepConfig:
     """Reject a NaN or Inf loss before the backward pass (Megatron's --check-for-nan-in-loss-and-grad)."""
     inject: Callable | None = None
     """Testing: loss sum -> loss sum, made non-finite at one iteration (nonfinite.Injection)."""
+    fused_linear: bool = False
+    """The output layer and the loss chunk by chunk of tokens (fused_linear_sft_loss)."""
+    fused_chunk_tokens: int | None = None
+    """Tokens per chunk of the fused loss (None: its default element budget)."""
 
 
 def model_groups(model):
@@ -46,32 +54,65 @@ def model_groups(model):
     return get_attr_wrapped_model(model, "pg_collection")
 
 
-def model_forward(model, batch):
-    """One model chunk on its share of the micro-batch (batch None: a middle pipeline stage)."""
+def fused_output(cfg: StepConfig, hidden_states, output_layer, output_weight, context, config, **unused):
+    """GPTModel's output_processor: the output layer and the loss of this stage's tokens.
+
+    hidden_states `[s, b, h]` (this rank's `[s/tp, b, h]` under SP); the weight is the output
+    layer's, or the embedding's when they are tied. Returns (loss sum, stats `[b, s]`)."""
+    labels, loss_mask = context
+    weight = output_layer.weight if output_weight is None else output_weight
+    loss_sum, stats = fused_linear_sft_loss(
+        hidden_states, weight, labels.t(), loss_mask.t(), cfg.loss, output_layer.tp_group,
+        chunk_size=cfg.fused_chunk_tokens, sequence_parallel=output_layer.sequence_parallel,
+        vocab_size=cfg.vocab_size, with_entropy=cfg.with_entropy,
+        gradient_accumulation_fusion=config.gradient_accumulation_fusion)
+    return loss_sum, {name: value.t() for name, value in stats.items()}
+
+
+def model_forward(model, batch, cfg: StepConfig | None = None):
+    """One model chunk on its share of the micro-batch (batch None: a middle pipeline stage).
+
+    The last stage returns the logits, or with cfg.fused_linear the loss sum and the stats."""
     packed_seq_params = batch["packed_seq_params"] if batch is not None else None
     if batch is None or (batch["tokens"] is None and batch["labels"] is None):
         return model(None, None, None, packed_seq_params=packed_seq_params)  # activations from the previous stage
+    extra = {}
+    if cfg is not None and cfg.fused_linear and batch["labels"] is not None:  # the last stage
+        extra = {"output_processor": partial(fused_output, cfg),
+                 "output_processor_context": (batch["labels"], batch["loss_mask"])}
     # Without labels GPTModel returns the vocab-parallel logits [b, s, V/tp] on the last stage.
     return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                 packed_seq_params=packed_seq_params)
+                 packed_seq_params=packed_seq_params, **extra)
 
 
-def loss_func(cfg: StepConfig, tp_group, labels, loss_mask, logits):
-    """logits [b, s, V/tp] (consumed in place), labels [b, s] -> (loss sum, token count, report)."""
-    loss, stats = sft_token_loss(logits, labels, cfg.loss, tp_group, inplace=True, with_entropy=cfg.with_entropy,
+def loss_sum_and_stats(cfg: StepConfig, tp_group, labels, loss_mask, output):
+    """The last stage's output -> (sum of the loss over the loss tokens, stats `[b, s]`).
+
+    output: the vocab-parallel logits `[b, s, V/tp]` (consumed in place), or the fused output
+    layer's (loss sum, stats)."""
+    if cfg.fused_linear:
+        return output
+    loss, stats = sft_token_loss(output, labels, cfg.loss, tp_group, inplace=True, with_entropy=cfg.with_entropy,
                                  vocab_size=cfg.vocab_size)
-    loss_sum, num_tokens = masked_sum_and_count(loss, loss_mask)
+    loss_sum, _ = masked_sum_and_count(loss, loss_mask)
+    return loss_sum, stats
+
+
+def loss_func(cfg: StepConfig, tp_group, labels, loss_mask, output):
+    """The last stage's output, labels [b, s] -> (loss sum, token count, report)."""
+    loss_sum, stats = loss_sum_and_stats(cfg, tp_group, labels, loss_mask, output)
+    report = token_metric_report(loss_sum, stats, loss_mask)
     if cfg.inject is not None:
         loss_sum = cfg.inject(loss_sum)
     if cfg.check_non_finite:
         check_loss(loss_sum)
-    return loss_sum, num_tokens.to(torch.int), token_metric_report(loss, stats, loss_mask)
+    return loss_sum, loss_mask.sum().to(torch.int), report
 
 
 def forward_step(cfg: StepConfig, data_iterator, model):
     """One micro-batch through the model; the loss follows in the returned loss_func."""
     groups = model_groups(model)
     batch = get_batch(data_iterator, cfg.batch, groups)
-    output = model_forward(model, batch)
+    output = model_forward(model, batch, cfg)
     labels, loss_mask = (batch["labels"], batch["loss_mask"]) if batch is not None else (None, None)
     return output, partial(loss_func, cfg, groups.tp, labels, loss_mask)

@@ -184,6 +184,22 @@ def check_fault_injection(s: Settings):
             raise StartupError(str(err)) from None
 
 
+def check_fused_linear(s: Settings):
+    """The fused output-layer loss replaces the last stage's output layer and loss: what it cannot
+    stand in for."""
+    chunk = s.sft_fused_chunk_tokens
+    if chunk is not None and chunk < 1:
+        raise StartupError(f"{s.name('sft_fused_chunk_tokens')} must be at least 1")
+    if not s.sft_fused_linear:
+        if chunk is not None:
+            raise StartupError(f"{s.name('sft_fused_chunk_tokens')} has no effect without {s.name('sft_fused_linear')}")
+        return
+    for dest, what in (("mtp_num_layers", "multi-token prediction layers"), ("use_mup", "muP's logit scaling")):
+        if getattr(s.args, dest, None):
+            raise StartupError(f"{s.name('sft_fused_linear')} with {s.name(dest)}: the fused loss computes only the "
+                               f"output layer's logits, without {what}")
+
+
 def validate_run(settings: Settings, world_size, training=True):
     """(notices, extra flags); StartupError on the first problem. training=False: a tool that runs
     the model forward only (compare, calibration, the converters)."""
@@ -194,5 +210,6 @@ def validate_run(settings: Settings, world_size, training=True):
     check_batch(settings, world_size)
     check_schedule(settings)
     check_sequence_and_context_parallel(settings)
+    check_fused_linear(settings)
     notices, extra = found
     return notices + check_moe(settings, training), extra

@@ -30,8 +30,10 @@ LAYOUTS = {  # name -> (processes, flags)
     "tp2_cp2": (4, ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2"]),
     "pp2_cp2": (4, ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
                     "--context-parallel-size", "2"]),
-    # fused vs materialized output-layer loss: the fused-linear-loss branch adds its layout here
-    # (["--tensor-model-parallel-size", "2", "--sft-fused-linear"]) under the same RTOL.
+    # The fused output-layer loss (training and calibration) on the last of 2 stages, with its TP
+    # collectives and SP's gather / reduce-scatter, against the materialized logits of tp1.
+    "tp2_pp2_sp_fused": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                             "--sequence-parallel", "--sft-fused-linear", "--sft-fused-chunk-tokens", "37"]),
 }
 # Same model, same data, sums in another order: fp32 round-off grows over Adam steps; the runs
 # here agree to ~1e-7, so 2e-5 relative catches any real difference (a wrong shard, a lost

@@ -134,6 +134,16 @@ def test_sequence_and_context_parallel(parser):
         "--hybrid-context-parallel: hybrid context parallelism needs Transformer Engine layers")
 
 
+def test_fused_linear_settings(parser):
+    validate_run(settings(parser, ["--config", TINY, "--sft-fused-linear", "--sft-fused-chunk-tokens", "5"]), 2)
+    assert fails(parser, ["--config", TINY, "--sft-fused-linear", "--sft-fused-chunk-tokens", "0"]) == (
+        "--sft-fused-chunk-tokens 0 must be at least 1")
+    assert fails(parser, ["--config", TINY, "--sft-fused-chunk-tokens", "8"]) == (
+        "--sft-fused-chunk-tokens 8 has no effect without --sft-fused-linear")
+    assert fails(parser, ["--config", TINY, "--sft-fused-linear", "--mtp-num-layers", "1"]).startswith(
+        "--sft-fused-linear with --mtp-num-layers 1: the fused loss computes only the output layer's logits")
+
+
 PAPER_ARCHITECTURES = {  # the converted checkpoints' model files carry these; the recipes have no model section
     "llama32_3b": ["--num-layers", "28", "--hidden-size", "3072", "--ffn-hidden-size", "8192",
                    "--num-attention-heads", "24", "--group-query-attention", "--num-query-groups", "8"],
