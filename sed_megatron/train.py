@@ -97,7 +97,9 @@ def main(argv=None):
         nproc = flags.tensor_model_parallel_size * flags.pipeline_model_parallel_size * flags.context_parallel_size
         if nproc > 1:
             from sed_megatron.launch import spawn_workers
+            from sed_megatron.training.setup import check_before_spawn
 
+            check_before_spawn(argv, runtime, nproc, description=__doc__)
             return spawn_workers("sed_megatron.train", argv, nproc)
         from sed_megatron.convert.checkpoint import single_process_env
 

@@ -1,6 +1,7 @@
 """What the training entry point and the tools share: argument parsing, datasets, model provider."""
 
 import argparse
+import os
 import sys
 
 from sed_megatron.utils import fail as _fail
@@ -70,6 +71,23 @@ def parse_flags(argv, runtime, extra_args_provider=None, prog="sed_megatron.trai
     except (ConfigError, ValueError) as err:
         fail(str(err), prog)
     return parser.parse_known_args(run_defaults(runtime) + expanded)[0]
+
+
+def check_before_spawn(argv, runtime, world_size, **parse_kwargs):
+    """parse_run_args for a world of world_size ranks, in the process that is about to start them:
+    bad input ends here as one line (not once per rank), before any rank exists."""
+    from sed_megatron.utils import quiet_stdout
+
+    saved = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(world_size)
+    try:
+        with quiet_stdout():  # notices are printed by rank 0 of the world
+            parse_run_args(argv, runtime, **parse_kwargs)
+    finally:
+        if saved is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = saved
 
 
 def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=None, precheck=None,

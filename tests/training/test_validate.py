@@ -188,3 +188,20 @@ def test_save_without_interval_saves_at_the_end(parser, tmp_path):
     config = write_yaml(tmp_path, lambda c: c["checkpoint"].pop("save_interval"))
     notices, extra = validate_run(settings(parser, ["--config", config, "--save", out, "--train-iters", "30"]), 2)
     assert extra == ["--save-interval", "30"] and "saving at the end (iteration 30)" in notices[0]
+
+
+def test_self_launched_run_reports_bad_input_once(tmp_path):
+    """Without torchrun, training starts its TP ranks itself: a bad setting is one line from the
+    launching process (not one per rank), and no rank starts."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "sed_megatron.train", "--config", TINY, "--num-attention-heads", "3",
+                           "--num-query-groups", "3", "--save", str(tmp_path / "out")],
+                          cwd=REPO, env={**env, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [
+        "sed_megatron.train: error: --num-attention-heads 3 does not split over --tensor-model-parallel-size 2 "
+        f"({TINY}: parallel.tensor_model_parallel_size): use a TP that divides it (1, 3)"]
+    assert not (tmp_path / "out").exists()
