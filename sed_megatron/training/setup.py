@@ -247,6 +247,14 @@ class _with_attention_mask:
     def __getitem__(self, index):
         return {**self.dataset[index], "attention_mask": self.mask}
 
+    def with_full_input(self):
+        """The wrapped dataset's published-calibration view (every id an input), with the mask."""
+        import copy
+
+        view = copy.copy(self)
+        view.dataset = self.dataset.with_full_input()
+        return view
+
 
 def model_config_from_args(args):
     """The typed ModelConfig of Megatron's validated args: the model code never reads the Namespace.
