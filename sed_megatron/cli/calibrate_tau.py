@@ -33,13 +33,12 @@ def add_calibration_arguments(parser):
     group.add_argument("--calibration-samples", type=int, default=None,
                        help="samples to score (default: --sed-calibrate-samples, 100 as published)")
     group.add_argument("--calibration-tokens", choices=TOKEN_SETS, default=None,
-                       help="response: the loss tokens; all: every position with a target, prompt included; "
-                            "published: reproduces the published calibration: every position of the full input "
-                            "incl. prompt and the last token, k = 10 unless --calibration-top-k is given "
-                            "(default: --sed-calibrate-tokens, response)")
+                       help="response: the loss tokens; all: every position with a target; published: reproduces "
+                            "the published calibration (every position of the full input incl. prompt and the last "
+                            "token, k = 10) (default: --sed-calibrate-tokens)")
     group.add_argument("--calibration-top-k", type=int, default=None,
-                       help="k of the top-k mass (default: --sed-calibrate-top-k, else 10 for published tokens, "
-                            "else --sed-top-k, the k of training)")
+                       help="k of the top-k mass (default: --sed-calibrate-top-k, else 10 with published tokens, "
+                            "else --sed-top-k)")
     group.add_argument("--calibration-split", choices=["valid", "train"], default="valid")
     group.add_argument("--write-config", default=None, help="write the --config YAML with loss.tau set here")
     group.add_argument("--nproc", type=int, default=None,
