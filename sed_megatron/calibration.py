@@ -9,6 +9,14 @@ so about (1 - r) N tokens have P_topk < tau. floor(r N) = 0 (r N < 1) gives, as 
 `sorted(values)[-0]` does, the smallest value: no token lies below it, none is penalized. The
 values are gathered from every data- and context-parallel rank before the quantile is taken,
 so τ does not depend on the parallel layout.
+
+Token sets: `response` (the loss tokens; the default), `all` (every position that has a
+target, prompt included), and `published`, the published code's calibration: every position
+of the sample's full ids, prompt included and the last id too (whose prediction lies past the
+end), with k = 10 unless given (the published code calibrates with k = 10 and trains with
+k = 2). Its rows come from `with_full_input()` datasets (see data/simple.py sample_from_tokens),
+whose positions past the end carry a target without loss, so `all` and `published` select the
+same way; what differs is the rows.
 """
 
 import math
@@ -16,7 +24,17 @@ import math
 import torch
 import torch.distributed as dist
 
-TOKEN_SETS = ("response", "all")
+TOKEN_SETS = ("response", "all", "published")
+PUBLISHED_TOP_K = 10
+"""The k the published code calibrates with (its --top_k default for the calibration)."""
+
+
+def calibration_top_k(token_set, train_top_k, top_k=None):
+    """k of the top-k mass that calibrates tau: top_k if given, else 10 for the published token
+    set (as the published code), else the training k (one k for both, the consistent choice)."""
+    if top_k is not None:
+        return top_k
+    return PUBLISHED_TOP_K if token_set == "published" else train_top_k
 
 
 def tau_from_topk_mass(values, mask_ratio):
@@ -47,11 +65,12 @@ def gather_values(values, group):
 
 
 def select_tokens(topk_mass, labels, loss_mask, token_set):
-    """The top-k masses of the calibrated positions: response tokens, or every non-padding one."""
+    """The top-k masses of the calibrated positions: response tokens, or every non-padding one
+    (`all`; `published` too, on rows whose every id is an input: see the module docstring)."""
     from sed_megatron.loss import IGNORE_INDEX
 
     if token_set == "response":
         return topk_mass[loss_mask.bool()]
-    if token_set == "all":
+    if token_set in ("all", "published"):
         return topk_mass[labels != IGNORE_INDEX]
     raise ValueError(f"unknown token set {token_set!r}; expected one of {TOKEN_SETS}")

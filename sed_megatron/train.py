@@ -19,7 +19,7 @@ import sys
 import torch.distributed as dist
 
 from sed_megatron.runtime import DeviceError, MegatronVersionError, prepare
-from sed_megatron.training.arguments import calibrates_tau
+from sed_megatron.training.arguments import calibrates_tau, calibration_top_k_from_args
 from sed_megatron.training.setup import build_datasets, model_provider, parse_run_args, print_help_if_asked, step_config
 from sed_megatron.utils import fail
 
@@ -50,13 +50,15 @@ def _tau(args, step_cfg, model):
         return tau
     n = args.sed_calibrate_samples
     dataset = build_datasets(args, [n, n, 0])[1]
-    tau = calibrate_tau(model, dataset, n, step_cfg, args.sed_calibrate_ratio, args.sed_calibrate_tokens)
+    top_k = calibration_top_k_from_args(args)  # training's k unless the published mode or the flag says otherwise
+    calibration_cfg = dataclasses.replace(step_cfg, loss=dataclasses.replace(step_cfg.loss, top_k=top_k))
+    tau = calibrate_tau(model, dataset, n, calibration_cfg, args.sed_calibrate_ratio, args.sed_calibrate_tokens)
     print_rank_0(f"SED tau={tau!r} calibrated on {n} samples ({args.sed_calibrate_tokens} tokens, "
-                 f"k={step_cfg.loss.top_k}, mask ratio {args.sed_calibrate_ratio})")
+                 f"k={top_k}, mask ratio {args.sed_calibrate_ratio})")
     if args.save and dist.get_rank() == 0:
         os.makedirs(args.save, exist_ok=True)
         with open(os.path.join(args.save, TAU_FILE), "w") as f:
-            json.dump({"tau": tau, "mask_ratio": args.sed_calibrate_ratio, "top_k": step_cfg.loss.top_k,
+            json.dump({"tau": tau, "mask_ratio": args.sed_calibrate_ratio, "top_k": top_k,
                        "samples": n, "tokens": args.sed_calibrate_tokens}, f)
     return tau
 

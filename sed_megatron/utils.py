@@ -16,6 +16,14 @@ def fail(message, prog):
     sys.exit(2)
 
 
+def help_sections(doc):
+    """argparse's description and epilog from a tool's module docstring: its summary and the
+    commands that run it above the options, the notes below them, so that --help shows the
+    tool's own options on the first screen (tests/test_tools_help.py)."""
+    paragraphs = doc.strip("\n").split("\n\n")
+    return {"description": "\n\n".join(paragraphs[:2]), "epilog": "\n\n".join(paragraphs[2:]) or None}
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """A temporary path beside `path` that replaces it when the block completes; removed on failure.

@@ -49,3 +49,102 @@ def check_gather():
 
 def test_gather_is_exact_with_uneven_ranks():
     run_distributed(check_gather, world_size=2)
+
+
+class _Documents(list):
+    """Documents as an IndexedDataset reads them: [d] and sequence_lengths."""
+
+    def __init__(self, documents):
+        super().__init__(torch.tensor(d) for d in documents)
+        self.sequence_lengths = [len(d) for d in documents]
+
+
+class _Source:
+    """An IndexedSFTDataset-like source of hand-made samples, for PackedSFTDataset."""
+
+    def __init__(self, samples):
+        self.tokens, self.masks = _Documents([ids for ids, _ in samples]), _Documents([mask for _, mask in samples])
+
+    def epoch_documents(self, epoch):
+        return list(range(len(self.tokens)))
+
+
+def test_published_tokens_are_every_id_of_the_sample():
+    """Published: every position of the full ids, prompt included and the last id (whose
+    prediction lies past the end), by hand on ids 5 6 | 7 8 (prompt | response)."""
+    from sed_megatron.data.simple import sample_from_tokens
+
+    ids, mask, seq = [5, 6, 7, 8], [0, 0, 1, 1], 6
+    mass = torch.arange(1, seq + 1, dtype=torch.float32)[None] / 10  # position i holds (i + 1) / 10
+
+    row = {key: value[None] for key, value in sample_from_tokens(ids, mask, seq).items()}
+    assert select_tokens(mass, row["labels"], row["loss_mask"], "response").tolist() == pytest.approx([0.2, 0.3])
+    assert select_tokens(mass, row["labels"], row["loss_mask"], "all").tolist() == pytest.approx([0.1, 0.2, 0.3])
+
+    full = sample_from_tokens(ids, mask, seq, full_input=True)
+    assert full["tokens"].tolist() == [5, 6, 7, 8, 0, 0]  # every id an input, then padding
+    assert full["labels"].tolist() == [6, 7, 8, 0, IGNORE_INDEX, IGNORE_INDEX]  # past the end: a target, no loss
+    assert full["loss_mask"].tolist() == [0, 1, 1, 0, 0, 0] and int(full["unscored_past_end"]) == 0
+    full = {key: value[None] for key, value in full.items()}
+    # 4 ids, 4 positions: the prompt's two and the last id's
+    assert select_tokens(mass, full["labels"], full["loss_mask"], "published").tolist() == pytest.approx(
+        [0.1, 0.2, 0.3, 0.4])
+
+    # A sample that fills seq_length has no room for the position past its end: scored without it.
+    filled = sample_from_tokens(list(range(1, seq + 2)), [0, 0] + [1] * (seq - 1), seq, full_input=True)
+    assert filled["tokens"].tolist() == list(range(1, seq + 1)) and int(filled["unscored_past_end"]) == 1
+    assert int((filled["labels"] != IGNORE_INDEX).sum()) == seq
+
+
+@pytest.mark.parametrize("thd, cp", [(False, 1), (True, 1), (True, 2)])
+def test_published_tokens_of_packed_rows(thd, cp):
+    """Packed rows of full inputs: each sample takes one more position, attention stays within it."""
+    from sed_megatron.data.packing import PackedSFTDataset
+
+    samples = [([5, 6, 7], [0, 1, 1]), ([9, 10, 11, 12], [0, 0, 1, 1])]
+    seq = 8
+    packed = PackedSFTDataset(_Source(samples), 1, seq, thd=thd, cp_size=cp)
+    rows = packed.with_full_input().first_samples(2)
+    assert rows.length == 1
+    row = rows[0]
+    if cp == 1:  # 3 + 4 positions and a padding tail
+        assert row["tokens"].tolist() == [5, 6, 7, 9, 10, 11, 12, 0]
+        assert row["labels"].tolist() == [6, 7, 0, 10, 11, 12, 0, IGNORE_INDEX]
+        starts = [0, 3]
+    else:  # every sample padded to a multiple of 2 x CP = 4 positions
+        assert row["tokens"].tolist() == [5, 6, 7, 0, 9, 10, 11, 12]
+        assert row["labels"].tolist() == [6, 7, 0, IGNORE_INDEX, 10, 11, 12, 0]
+        starts = [0, 4]
+    mass = torch.arange(1, seq + 1, dtype=torch.float32)[None] / 10
+    chosen = select_tokens(mass, row["labels"][None], row["loss_mask"][None], "published")
+    expected = [(start + i + 1) / 10 for start, (ids, _) in zip(starts, samples) for i in range(len(ids))]
+    assert chosen.tolist() == pytest.approx(expected) and int(row["unscored_past_end"]) == 0
+    if thd:
+        assert row["cu_seqlens"][:3].tolist() == ([0, 3, 7] if cp == 1 else [0, 4, 8])
+    else:
+        attention = row["attention_mask"][0]  # True = masked
+        assert not attention[3, 3] and attention[3, 2] and not attention[2, 0]  # 2nd sample blind to the 1st
+
+
+def test_calibration_k():
+    """k = 10 for the published token set (the published code's calibration k), else training's k."""
+    import argparse
+
+    from sed_megatron.calibration import PUBLISHED_TOP_K, calibration_top_k
+    from sed_megatron.cli.calibrate_tau import calibration_settings
+    from sed_megatron.training.arguments import calibration_top_k_from_args
+
+    assert PUBLISHED_TOP_K == 10
+    assert calibration_top_k("published", 2) == 10 and calibration_top_k("published", 2, 3) == 3
+    assert calibration_top_k("response", 2) == 2 and calibration_top_k("all", 5) == 5
+    run = argparse.Namespace(sed_top_k=2, sed_calibrate_samples=100, sed_calibrate_tokens="published",
+                             sed_calibrate_top_k=None)
+    assert calibration_top_k_from_args(run) == 10
+    assert calibration_top_k_from_args(argparse.Namespace(**{**vars(run), "sed_calibrate_tokens": "response"})) == 2
+    # The tool's options default to the run's loss.calibrate_* settings; its own win.
+    tool = argparse.Namespace(**vars(run), calibration_samples=None, calibration_tokens=None, calibration_top_k=None)
+    assert calibration_settings(tool) == (100, "published", 10)
+    tool.calibration_tokens, tool.calibration_samples = "all", 7
+    assert calibration_settings(tool) == (7, "all", 2)
+    tool.calibration_top_k = 4
+    assert calibration_settings(tool) == (7, "all", 4)

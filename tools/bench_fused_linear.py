@@ -210,7 +210,9 @@ def run_interleaved(methods, shape, dtype_name, rounds, chunk_size, device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    summary, commands, notes = __doc__.split("\n\n", 2)  # the notes after the options: those on the first screen
+    parser = argparse.ArgumentParser(description=f"{summary}\n\n{commands}", epilog=notes,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["2048x3584x76032", "8192x3584x76032"],
                         help="TOKENSxHIDDENxSHARD")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))

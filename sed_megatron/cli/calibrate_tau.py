@@ -7,17 +7,20 @@ Without torchrun it starts TP x PP x CP processes itself (--nproc for more, data
 
 Runs the model of the run configuration (random init, or the weights of --load) forward only
 at any TP x PP x DP on --calibration-samples samples of the validation split (or the training
-split), collects the global top-k mass (k = the run's --sed-top-k) of the response tokens (or of
-all tokens, as the published code did), and takes the published quantile exactly over all
-data-parallel ranks. Prints `tau=<value>` as its last line; --write-config writes the run
-configuration with loss.tau set.
+split), collects the global top-k mass of the response tokens (or of all tokens, or as the
+published code did: --calibration-tokens published), and takes the published quantile exactly
+over all data-parallel ranks. Prints `tau=<value>` as its last line; --write-config writes the
+run configuration with loss.tau set. The options default to the run's loss.calibrate_* settings
+(--sed-calibrate-samples, --sed-calibrate-tokens, --sed-calibrate-top-k), so the tool and the
+calibration inside training agree.
 """
 
 import os
 import sys
 
-from sed_megatron.calibration import TOKEN_SETS
+from sed_megatron.calibration import TOKEN_SETS, calibration_top_k
 from sed_megatron.runtime import DeviceError, MegatronVersionError, prepare, quiet_tool
+from sed_megatron.training.arguments import LOSS_FLAGS
 from sed_megatron.utils import fail
 
 PROG = "calibrate_tau.py"
@@ -27,9 +30,15 @@ def add_calibration_arguments(parser):
     group = parser.add_argument_group("tau calibration")
     group.add_argument("--mask-ratio", type=float, required=True,
                        help="r: the share of tokens left without the SED penalty (paper: 0.7)")
-    group.add_argument("--calibration-samples", type=int, default=100, help="samples to score (published: 100)")
-    group.add_argument("--calibration-tokens", choices=TOKEN_SETS, default="response",
-                       help="response: the loss tokens; all: every position (the published code)")
+    group.add_argument("--calibration-samples", type=int, default=None,
+                       help="samples to score (default: --sed-calibrate-samples, 100 as published)")
+    group.add_argument("--calibration-tokens", choices=TOKEN_SETS, default=None,
+                       help="response: the loss tokens; all: every position with a target; published: reproduces "
+                            "the published calibration (every position of the full input incl. prompt and the last "
+                            "token, k = 10) (default: --sed-calibrate-tokens)")
+    group.add_argument("--calibration-top-k", type=int, default=None,
+                       help="k of the top-k mass (default: --sed-calibrate-top-k, else 10 with published tokens, "
+                            "else --sed-top-k)")
     group.add_argument("--calibration-split", choices=["valid", "train"], default="valid")
     group.add_argument("--write-config", default=None, help="write the --config YAML with loss.tau set here")
     group.add_argument("--nproc", type=int, default=None,
@@ -37,11 +46,30 @@ def add_calibration_arguments(parser):
     return parser
 
 
+def _setting(args, option, loss_key):
+    """(value, flag that names it): the tool's option if given, else the run's loss.<loss_key>."""
+    value = getattr(args, option[2:].replace("-", "_"))
+    if value is not None:
+        return value, option
+    return getattr(args, LOSS_FLAGS[loss_key][2:].replace("-", "_")), f"{LOSS_FLAGS[loss_key]} (loss.{loss_key})"
+
+
+def calibration_settings(args):
+    """(samples, token set, k) of the calibration; a bad value is a one-line error naming its flag."""
+    samples, flag = _setting(args, "--calibration-samples", "calibrate_samples")
+    if samples < 1:
+        fail(f"{flag} must be >= 1, got {samples}", PROG)
+    tokens, _ = _setting(args, "--calibration-tokens", "calibrate_tokens")
+    top_k, flag = _setting(args, "--calibration-top-k", "calibrate_top_k")
+    if top_k is not None and top_k < 1:
+        fail(f"{flag} must be >= 1, got {top_k}", PROG)
+    return samples, tokens, calibration_top_k(tokens, args.sed_top_k, top_k)
+
+
 def check_arguments(args):
     if not 0.0 <= args.mask_ratio <= 1.0:
         fail(f"--mask-ratio must lie in [0, 1], got {args.mask_ratio}", PROG)
-    if args.calibration_samples < 1:
-        fail(f"--calibration-samples must be >= 1, got {args.calibration_samples}", PROG)
+    calibration_settings(args)
     if args.write_config and not args.config:
         fail("--write-config needs --config (the YAML to copy)", PROG)
 
@@ -67,7 +95,11 @@ def main(argv=None):
                                 * flags.context_parallel_size)
         if nproc > 1:
             from sed_megatron.launch import spawn_workers
+            from sed_megatron.training.setup import check_before_spawn
 
+            check_before_spawn(argv, runtime, nproc, need_loss_config=False,
+                               extra_args_provider=add_calibration_arguments, precheck=check_arguments, prog=PROG,
+                               description=__doc__)
             return spawn_workers(__name__, argv, nproc)
         from sed_megatron.convert.checkpoint import single_process_env
 
@@ -82,9 +114,10 @@ def main(argv=None):
     from sed_megatron.training.arguments import write_config_with_tau
     from sed_megatron.training.calibrate import calibrate_from_args
 
+    samples, tokens, top_k = calibration_settings(args)
     with quiet_stdout(not verbose):
-        tau = calibrate_from_args(args, runtime, args.mask_ratio, args.calibration_samples, args.calibration_tokens,
-                                  args.calibration_split, progress=sys.stderr.isatty())
+        tau = calibrate_from_args(args, runtime, args.mask_ratio, samples, tokens, args.calibration_split,
+                                  progress=sys.stderr.isatty(), top_k=top_k)
     if dist.get_rank() == 0:
         if args.write_config:
             write_config_with_tau(args.config, args.write_config, tau)

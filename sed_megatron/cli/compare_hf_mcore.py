@@ -17,11 +17,14 @@ import argparse
 import os
 import sys
 
+from sed_megatron.utils import help_sections
+
 PROG = "compare_hf_mcore.py"
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, **help_sections(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", required=True)
     parser.add_argument("--load", required=True, help="Megatron checkpoint (converted or trained)")
     parser.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: the world size / pp / ep)")

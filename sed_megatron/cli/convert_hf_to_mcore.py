@@ -13,13 +13,16 @@ directory) stops with one line and leaves nothing at --save.
 import argparse
 import sys
 
+from sed_megatron.utils import help_sections
+
 PROG = "convert_hf_to_mcore.py"
 
 
 def build_parser():
     from sed_megatron.convert.hf_to_mcore import DTYPES
 
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, **help_sections(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", required=True, help="Hugging Face model directory (config.json, safetensors)")
     parser.add_argument("--save", required=True, help="output checkpoint directory")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the Hugging Face config's dtype")

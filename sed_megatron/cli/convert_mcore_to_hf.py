@@ -13,13 +13,16 @@ transformers.AutoModelForCausalLM.from_pretrained.
 import argparse
 import sys
 
+from sed_megatron.utils import help_sections
+
 PROG = "convert_mcore_to_hf.py"
 
 
 def build_parser():
     from sed_megatron.convert.hf_to_mcore import DTYPES
 
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, **help_sections(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, help="Megatron checkpoint directory (converted or trained)")
     parser.add_argument("--save", required=True, help="output Hugging Face directory")
     parser.add_argument("--hf-template", default=None, help="Hugging Face directory for tokenizer and generation files")

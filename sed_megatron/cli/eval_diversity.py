@@ -18,13 +18,14 @@ import sys
 
 from sed_megatron.eval.diversity import EvalConfig, evaluate_checkpoint, summary_table
 from sed_megatron.eval.generate import BACKENDS
-from sed_megatron.utils import atomic_write_text, fail
+from sed_megatron.utils import atomic_write_text, fail, help_sections
 
 PROG = "eval_diversity.py"
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, **help_sections(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", required=True)
     parser.add_argument("--prompts", required=True, help="JSONL")
     parser.add_argument("--num-samples", type=int, default=8, help="samples per prompt (n)")

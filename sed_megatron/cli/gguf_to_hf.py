@@ -14,11 +14,14 @@ leaves nothing at --save.
 import argparse
 import sys
 
+from sed_megatron.utils import help_sections
+
 PROG = "gguf_to_hf.py"
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, **help_sections(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", required=True, help="the .gguf file")
     parser.add_argument("--save", required=True, help="the Hugging Face directory to write")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",

@@ -11,13 +11,14 @@ import argparse
 import sys
 
 from sed_megatron.training.curves import plot_runs, read_run
-from sed_megatron.utils import fail
+from sed_megatron.utils import fail, help_sections
 
 PROG = "plot_metrics.py"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, **help_sections(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="[LABEL=]metrics.jsonl")
     parser.add_argument("--out", required=True, help="PNG file")
     options = parser.parse_args(sys.argv[1:] if argv is None else argv)

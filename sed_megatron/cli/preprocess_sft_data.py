@@ -27,13 +27,15 @@ from sed_megatron.data.sft_preprocess import (
     skip_report,
     summary_line,
 )
-from sed_megatron.utils import fail
+from sed_megatron.utils import fail, help_sections
 
 PROG = "preprocess_sft_data.py"
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, **help_sections(__doc__),
+                                     usage="%(prog)s --input FILE --tokenizer DIR --output-prefix PREFIX [options]",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="JSONL file")
     parser.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory (with its chat template)")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx and PREFIX_loss_mask.bin/.idx")

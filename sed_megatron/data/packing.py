@@ -19,11 +19,16 @@ padding follows the sample's tokens inside its segment (no loss, position ids co
 so causal attention never lets a real token see it. cu_seqlens then hold the padded
 boundaries, and cu_seqlens_padded (the same) is what Megatron's CP batch broadcast carries.
 Each CP rank takes chunks r and 2 x CP - 1 - r of every segment (training/batch.py).
+
+full_input=True (the published τ calibration, see data/simple.py): every sample takes one
+more position, whose input is its last id (unless it fills seq_length already).
 """
 
 import torch
 
 from sed_megatron.loss import IGNORE_INDEX
+
+from .simple import extend_past_end
 
 
 def padded_positions(length, multiple=1):
@@ -103,14 +108,17 @@ class PackedSFTDataset:
     rows that hold exactly the source's first n samples (what τ calibration scores).
     """
 
-    def __init__(self, source, length, seq_length, thd=False, cp_size=1):
+    def __init__(self, source, length, seq_length, thd=False, cp_size=1, full_input=False):
         self.source, self.length, self.seq_length, self.thd, self.cp_size = source, length, seq_length, thd, cp_size
+        self.full_input = full_input
         self._epoch, self._rows, self._offset = 0, None, 0
         self._pack(0)
 
     def _pack(self, epoch):
         documents = self.source.epoch_documents(epoch)
         lengths = [int(self.source.tokens.sequence_lengths[d]) for d in documents]
+        if self.full_input:  # one more id where it fits (extend_past_end)
+            lengths = [n + 1 if n <= self.seq_length else n for n in lengths]
         self._epoch = epoch
         multiple = 2 * self.cp_size if self.cp_size > 1 else 1
         self._rows = [[documents[i] for i in row] for row in pack_greedy(lengths, self.seq_length, multiple)]
@@ -128,14 +136,24 @@ class PackedSFTDataset:
             self._pack(self._epoch + 1)
         row = self._rows[index - self._offset]
         samples = [(self.source.tokens[d].tolist(), self.source.masks[d].tolist()) for d in row]
-        return packed_sample(samples, self.seq_length, thd=self.thd, cp_size=self.cp_size)
+        if not self.full_input:
+            return packed_sample(samples, self.seq_length, thd=self.thd, cp_size=self.cp_size)
+        extended = [extend_past_end(ids, mask, self.seq_length) for ids, mask in samples]
+        return {**packed_sample([(ids, mask) for ids, mask, _ in extended], self.seq_length, thd=self.thd,
+                                cp_size=self.cp_size),
+                "unscored_past_end": torch.tensor(sum(not fits for _, _, fits in extended))}
+
+    def with_full_input(self):
+        """These rows' samples with every id an input, packed anew: the published τ calibration's view."""
+        return PackedSFTDataset(self.source, self.length, self.seq_length, self.thd, self.cp_size, full_input=True)
 
     def first_samples(self, num_samples):
         """A packed dataset of exactly the first num_samples samples of epoch 0 (the ones an
         unpacked source reads at indices 0 .. num_samples - 1, when the split holds that many);
         its length is its number of rows."""
         first = _FirstDocuments(self.source, num_samples)
-        packed = PackedSFTDataset(first, 1, self.seq_length, thd=self.thd, cp_size=self.cp_size)
+        packed = PackedSFTDataset(first, 1, self.seq_length, thd=self.thd, cp_size=self.cp_size,
+                                  full_input=self.full_input)
         packed.length = len(packed._rows)
         return packed
 

@@ -401,6 +401,13 @@ class IndexedSFTDataset:
             raise ValueError(f"{prefix}: this split has no samples")
         self.indices, self.length, self.seq_length, self.seed = list(indices), length, seq_length, seed
         self._epoch, self._order = None, None
+        self.full_input = False
+
+    def with_full_input(self):
+        """This split's samples with every id an input: the published τ calibration's view."""
+        from .simple import full_input_view
+
+        return full_input_view(self)
 
     def __len__(self):
         return self.length
@@ -420,4 +427,5 @@ class IndexedSFTDataset:
     def __getitem__(self, index):
         epoch, position = divmod(index, len(self.indices))
         document = self.indices[self._permutation(epoch)[position]]
-        return self._sample(self.tokens[document].tolist(), self.masks[document].tolist(), self.seq_length)
+        return self._sample(self.tokens[document].tolist(), self.masks[document].tolist(), self.seq_length,
+                            full_input=self.full_input)

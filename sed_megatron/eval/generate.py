@@ -1,5 +1,6 @@
 """Sampling several responses per prompt from a Hugging Face checkpoint: transformers or vLLM."""
 
+import contextlib
 import importlib.util
 import sys
 
@@ -24,22 +25,51 @@ def resolve_backend(backend):
     return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "transformers"
 
 
+def _show_progress(quiet):
+    """Progress bars only on a terminal (as every bar of the project), and not with --quiet."""
+    return not quiet and sys.stderr.isatty()
+
+
 def _progress(total, desc, quiet):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=" prompts", file=sys.stderr, disable=quiet or not sys.stderr.isatty())
+    return tqdm(total=total, desc=desc, unit=" prompts", file=sys.stderr, disable=not _show_progress(quiet))
+
+
+@contextlib.contextmanager
+def transformers_progress(enabled):
+    """transformers' own bars ("Loading weights", downloads) off inside the block unless enabled;
+    the global setting is restored after it."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled and not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(hf_dir, device, quiet=False):
+    """(tokenizer, model in eval mode on device): bf16 on a GPU, fp32 on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with transformers_progress(_show_progress(quiet)):
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    return tokenizer, model.to(device).eval()
 
 
 def generate_transformers(hf_dir, texts, *, num_samples, max_new_tokens, temperature, top_p, seed, batch_prompts=1,
                           quiet=False):
     """[[num_samples strings] per text]; batch_prompts prompts per generate call, left-padded."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    model.to(device).eval()
+    tokenizer, model = load_model(hf_dir, device, quiet)
     torch.manual_seed(seed)
     tokenizer.padding_side = "left"  # generation continues every prompt of a batch from its last token
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -22,6 +22,7 @@ import argparse
 
 import yaml
 
+from sed_megatron.calibration import PUBLISHED_TOP_K, TOKEN_SETS, calibration_top_k
 from sed_megatron.loss import GEM_H, LOSS_KINDS, SED_MASKS
 
 MEGATRON_SECTIONS = ("model", "parallel", "training", "optimizer", "checkpoint", "logging")
@@ -37,6 +38,7 @@ LOSS_FLAGS = {  # LossConfig field -> flag
     "calibrate_ratio": "--sed-calibrate-ratio",
     "calibrate_samples": "--sed-calibrate-samples",
     "calibrate_tokens": "--sed-calibrate-tokens",
+    "calibrate_top_k": "--sed-calibrate-top-k",
     "fused_linear": "--sft-fused-linear",
     "fused_chunk_tokens": "--sft-fused-chunk-tokens",
 }
@@ -82,13 +84,22 @@ def add_sed_arguments(parser):
                        help="calibrate tau before the first step as the (1 - r) quantile of the initial "
                             "model's top-k mass, r = this masking ratio (--sed-tau, if given, wins)")
     group.add_argument("--sed-calibrate-samples", type=int, default=100, help="validation samples for it")
-    group.add_argument("--sed-calibrate-tokens", default="response", choices=["response", "all"],
-                       help="tokens whose top-k mass sets tau")
+    group.add_argument("--sed-calibrate-tokens", default="response", choices=TOKEN_SETS,
+                       help="tokens whose top-k mass sets tau: response (the loss tokens), all (every position "
+                            "with a target, prompt included), or published: reproduces the published calibration: "
+                            "every position of the full input incl. prompt and the last token, k = 10 unless "
+                            "--sed-calibrate-top-k is given; not the default because it calibrates with another k "
+                            "than training and on prompt tokens (a sample that fills --seq-length has no room for "
+                            "the position past its last token: it is scored without it, and a line says how many)")
+    group.add_argument("--sed-calibrate-top-k", type=int, default=None,
+                       help="k of the top-k mass that calibrates tau (default: --sed-top-k, the k of training; "
+                            f"{PUBLISHED_TOP_K} with --sed-calibrate-tokens published)")
     group.add_argument("--sft-fused-linear", action="store_true",
                        help="the output layer and the loss chunk by chunk of tokens: no [tokens, V/tp] logits "
                             "(fused_linear_sft_loss; the same loss, tau calibration included)")
     group.add_argument("--sft-fused-chunk-tokens", type=int, default=None,
-                       help="tokens per chunk of --sft-fused-linear (default: about 2^26 logits per chunk on a GPU, 2^24 on CPU)")
+                       help="tokens per chunk of --sft-fused-linear (default: about 2^26 logits per chunk on a "
+                            "GPU, 2^24 on CPU)")
     group.add_argument("--sft-data-kind", default="synthetic", choices=["synthetic", "indexed", "jsonl"],
                        help="synthetic: a seeded memorization set; indexed: the prefix written by "
                             "tools/preprocess_sft_data.py; jsonl: pre-tokenized {tokens, loss_mask} lines")
@@ -239,6 +250,11 @@ def calibrates_tau(args):
     return args.loss_type == "sed" and args.sed_calibrate_ratio is not None and args.sed_tau is None
 
 
+def calibration_top_k_from_args(args):
+    """k of the calibration: --sed-calibrate-top-k, else 10 (published tokens) or --sed-top-k."""
+    return calibration_top_k(args.sed_calibrate_tokens, args.sed_top_k, args.sed_calibrate_top_k)
+
+
 def loss_config_from_args(args):
     """The LossConfig of the parsed arguments (read once; library code never sees args).
 
@@ -248,6 +264,8 @@ def loss_config_from_args(args):
     from sed_megatron.loss import LossConfig
 
     tau = args.sed_tau
+    if args.sed_calibrate_top_k is not None and args.sed_calibrate_top_k < 1:
+        raise ValueError(f"LossConfig.calibrate_top_k: must be an integer >= 1, got {args.sed_calibrate_top_k}")
     if calibrates_tau(args):
         if not 0.0 <= args.sed_calibrate_ratio <= 1.0:
             raise ValueError(f"LossConfig.calibrate_ratio: must lie in [0, 1], got {args.sed_calibrate_ratio}")

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from sed_megatron.calibration import gather_values, select_tokens, tau_from_topk_mass
+from sed_megatron.calibration import calibration_top_k, gather_values, select_tokens, tau_from_topk_mass
 from sed_megatron.loss import LossConfig
 
 from .batch import get_batch, pipeline_stage
@@ -38,10 +38,15 @@ def _calibration_step(step_cfg: StepConfig, token_set, sink, progress, data_iter
     return output, functools.partial(_calibration_loss, step_cfg, token_set, groups.tp, sink, labels, loss_mask)
 
 
-def calibration_rows(dataset, num_samples):
+def calibration_rows(dataset, num_samples, token_set="response"):
     """(dataset, rows) that hold the first num_samples samples: the samples themselves, or the
     packed rows of exactly those samples (a packed dataset's `first_samples`), so that packing
-    neither changes the calibration set nor scores more than num_samples samples."""
+    neither changes the calibration set nor scores more than num_samples samples. The published
+    token set reads them through the dataset's `with_full_input()` (every id an input)."""
+    if token_set == "published":
+        if not hasattr(dataset, "with_full_input"):
+            raise ValueError(f"the published calibration needs a dataset with `with_full_input()`, got {type(dataset)}")
+        dataset = dataset.with_full_input()
     first_samples = getattr(dataset, "first_samples", None)
     if first_samples is None:
         return dataset, num_samples
@@ -53,16 +58,19 @@ def local_topk_masses(model_chunks, dataset, num_samples, step_cfg: StepConfig, 
     """This rank's share of the calibration values (empty except on the last pipeline stage):
     the tokens of its samples (split over DP) that its CP rank holds.
 
-    The top-k mass uses k = step_cfg.loss.top_k, the k of training. progress: a bar on stderr
-    (global rank 0) over this rank's samples."""
+    The top-k mass uses k = step_cfg.loss.top_k (the caller's calibration k). progress: a bar
+    on stderr (global rank 0) over this rank's samples."""
     dp_group = model_groups(model_chunks[0]).dp
     dp_rank, dp_size = dist.get_rank(group=dp_group), dist.get_world_size(group=dp_group)
-    dataset, num_rows = calibration_rows(dataset, num_samples)
+    dataset, num_rows = calibration_rows(dataset, num_samples, token_set)
     if num_rows < dp_size:
         raise ValueError(f"{num_samples} calibration samples ({num_rows} rows) cannot be split over {dp_size} "
                          f"data-parallel ranks")
     indices = range(dp_rank, num_rows, dp_size)
-    samples = iter([{key: value.unsqueeze(0) for key, value in dataset[i].items()} for i in indices])
+    rows = [dataset[i] for i in indices]
+    if token_set == "published":
+        _report_unscored_past_end(rows, num_samples, step_cfg.batch.seq_length, dp_group)
+    samples = iter([{key: value.unsqueeze(0) for key, value in row.items()} for row in rows])
     # One sample per micro-batch (no partial micro-batches); the loss kind does not matter: CE.
     step_cfg = dataclasses.replace(step_cfg, loss=LossConfig(kind="ce", top_k=step_cfg.loss.top_k), with_entropy=False,
                                    batch=dataclasses.replace(step_cfg.batch, micro_batch_size=1))
@@ -94,8 +102,22 @@ def local_topk_masses(model_chunks, dataset, num_samples, step_cfg: StepConfig, 
     return torch.cat(sink) if sink else torch.empty(0)
 
 
+def _report_unscored_past_end(rows, num_samples, seq_length, dp_group):
+    """One line on stderr (global rank 0) when samples fill seq_length, so that the published
+    calibration could not score the position past their last id."""
+    count = torch.tensor([sum(int(row.get("unscored_past_end", 0)) for row in rows)],
+                         device=torch.cuda.current_device())
+    dist.all_reduce(count, group=dp_group)
+    if int(count[0]) and dist.get_rank() == 0:
+        import sys
+
+        print(f"sed_megatron: published calibration: {int(count[0])} of {num_samples} samples fill --seq-length "
+              f"{seq_length}; scored without the position past their last token", file=sys.stderr, flush=True)
+
+
 def calibrate_tau(model_chunks, dataset, num_samples, step_cfg: StepConfig, mask_ratio, token_set, progress=False):
-    """τ from the model as it is now, with k = step_cfg.loss.top_k; the same float on every rank."""
+    """τ from the model as it is now, with k = step_cfg.loss.top_k (the calibration k: see
+    sed_megatron.calibration.calibration_top_k); the same float on every rank."""
     groups = model_groups(model_chunks[0])
     values = local_topk_masses(model_chunks, dataset, num_samples, step_cfg, token_set, progress)
     # On the communication device (the current GPU; the CPU under the CPU runtime layer).
@@ -109,9 +131,11 @@ def calibrate_tau(model_chunks, dataset, num_samples, step_cfg: StepConfig, mask
     return float(tau[0])
 
 
-def calibrate_from_args(args, runtime, mask_ratio, num_samples, token_set, split="valid", progress=False):
+def calibrate_from_args(args, runtime, mask_ratio, num_samples, token_set, split="valid", progress=False,
+                        top_k=None):
     """τ of the run that Megatron's parsed `args` describe: its model (random init, or the weights
-    of args.load), its data split, its k (--sed-top-k). Initializes Megatron; every rank returns τ."""
+    of args.load), its data split, with k = top_k or the default of `calibration_top_k` (the
+    run's --sed-top-k; 10 for the published token set). Initializes Megatron; every rank returns τ."""
     from megatron.core.enums import ModelType
     from megatron.training.checkpointing import load_checkpoint
     from megatron.training.initialize import initialize_megatron
@@ -126,5 +150,5 @@ def calibrate_from_args(args, runtime, mask_ratio, num_samples, token_set, split
         args.finetune, args.no_load_optim, args.no_load_rng = True, True, True
         load_checkpoint(model, None, None)
     dataset = build_datasets(args, [num_samples, num_samples, 0])[0 if split == "train" else 1]
-    step_cfg = step_config(args, LossConfig(kind="ce", top_k=args.sed_top_k))
+    step_cfg = step_config(args, LossConfig(kind="ce", top_k=calibration_top_k(token_set, args.sed_top_k, top_k)))
     return calibrate_tau(model, dataset, num_samples, step_cfg, mask_ratio, token_set, progress)

@@ -39,16 +39,28 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def print_help_if_asked(argv, prog, description=None, extra_args_provider=None):
-    """-h/--help: the tool's own options, then SED-SFT's, on one screen (Megatron-LM's ~900 flags
-    are behind --help-megatron); exit 0. Entry points call it before anything else."""
+    """-h/--help: the tool's own options, then SED-SFT's (Megatron-LM's ~900 flags are behind
+    --help-megatron); exit 0. Entry points call it before anything else.
+
+    A tool (extra_args_provider) shows its own options on the first screen: its usage names
+    only them, and its docstring's notes come after the options (utils.help_sections)."""
     if "-h" not in argv and "--help" not in argv:
         return
+    from sed_megatron.utils import help_sections
+
     from .arguments import add_sed_arguments
 
-    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Every Megatron-LM flag (parallelism, precision, checkpoints, logging, "
-                                            "...) is accepted too: --help-megatron lists them.")
+    megatron = "Every Megatron-LM flag (parallelism, precision, checkpoints, logging, ...) is accepted too: " \
+               "--help-megatron lists them."
+    sections = {"description": description, "epilog": megatron}
+    usage = None
+    if extra_args_provider is not None:
+        sections = help_sections(description or "")
+        sections["epilog"] = "\n\n".join(filter(None, [sections["epilog"], megatron]))
+        own = extra_args_provider(argparse.ArgumentParser(prog=prog)).format_usage().strip()[len("usage: "):]
+        usage = f"{own}\n{' ' * (len(prog) + 8)}[SED-SFT options] [Megatron-LM options]"
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, usage=usage, **sections,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)
     add_sed_arguments(parser).print_help()
@@ -264,6 +276,14 @@ class _with_attention_mask:
 
     def __getitem__(self, index):
         return {**self.dataset[index], "attention_mask": self.mask}
+
+    def with_full_input(self):
+        """The wrapped dataset's published-calibration view (every id an input), with the mask."""
+        import copy
+
+        view = copy.copy(self)
+        view.dataset = self.dataset.with_full_input()
+        return view
 
 
 def model_config_from_args(args):

@@ -1,17 +1,12 @@
 """The command lines of the contract: tools/*.py shims over sed_megatron.cli, console scripts,
-`prog: error: ...` and exit 2 on bad input."""
+`prog: error: ...` and exit 2 on bad input (--help of every tool: tests/test_tools_help.py)."""
 
-import importlib
 import os
 import re
 
 import pytest
 
-from ..training.launch import REPO
-from .common import TOOLS, convert, export, save_hf, tensors, tool
-
-CLIS = {"convert_hf_to_mcore": "sed-convert-hf-to-mcore", "convert_mcore_to_hf": "sed-convert-mcore-to-hf",
-        "compare_hf_mcore": "sed-compare-hf-mcore"}
+from .common import convert, export, save_hf, tensors
 
 
 def test_tools_convert_both_ways(tmp_path):
@@ -55,14 +50,3 @@ def test_compare_wants_as_many_processes_as_the_layout(tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit, match="2"):
         compare_hf_mcore.main(["--hf-dir", str(tmp_path), "--load", str(tmp_path), "--ep", "2"])
     assert "describes a dense model (no num_experts)" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("name", list(CLIS))
-def test_help_and_console_scripts(name):
-    out = tool(name, "--help")
-    assert out.returncode == 0 and out.stdout.startswith(f"usage: {name}.py")
-    with open(os.path.join(REPO, "setup.py")) as f:
-        assert f"{CLIS[name]} = sed_megatron.cli.{name}:main" in f.read()
-    assert callable(importlib.import_module(f"sed_megatron.cli.{name}").main)
-    with open(os.path.join(TOOLS, f"{name}.py")) as f:  # the shim keeps the documented command first
-        assert f"tools/{name}.py --" in f.read().split("\n\n")[1]

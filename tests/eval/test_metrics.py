@@ -127,6 +127,26 @@ def test_batched_generation_equals_one_prompt_at_a_time(tmp_path):
     assert len({s[0] for s in samples[1]}) > 1 and all(len(s[0].split()) >= 3 for s in samples[1])
 
 
+def test_no_transformers_progress_bar_off_a_terminal(tmp_path, capfd, monkeypatch):
+    """transformers' "Loading weights" bar shows on a terminal only, as the project's own bars."""
+    from transformers.utils import logging as hf_logging
+
+    from sed_megatron.eval.generate import load_model
+    from sed_megatron.testing.tiny_hf import make_tokenizer, tiny_hf_model
+
+    hf_dir = str(tmp_path / "hf")
+    tokenizer = make_tokenizer(hf_dir, ["what", "is"])
+    tiny_hf_model("llama_gqa_untied", vocab_size=len(tokenizer)).save_pretrained(hf_dir)
+    assert hf_logging.is_progress_bar_enabled()
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)  # a terminal: the bar shows (what the check relies on)
+    load_model(hf_dir, "cpu")
+    assert "Loading weights" in capfd.readouterr().err
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    load_model(hf_dir, "cpu")
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # restored for whoever loads next
+
+
 def test_plot_metrics(tmp_path):
     for name, scale in (("ce", 1.0), ("sed", 1.1)):
         (tmp_path / name).mkdir()
