@@ -130,6 +130,8 @@ def cases():
         Case(train, "sequence length that CP does not split", ["--config", TINY, "--tensor-model-parallel-size", "1",
                                                                "--context-parallel-size", "2", "--seq-length", "62"],
              r"--seq-length 62 is not a multiple of 2 x --context-parallel-size 2 = 4", env=two),
+        Case(train, "a fused-loss chunk of 0 tokens", ["--config", TINY, "--sft-fused-linear", "--sft-fused-chunk-tokens",
+                                                        "0"], r"--sft-fused-chunk-tokens 0 must be at least 1", env=two),
         Case(train, "indexed data without a path", ["--config", TINY, "--sft-data-kind", "indexed"],
              r"--sft-data-kind indexed needs --sft-data-path"),
         Case(train, "packing without indexed data", ["--config", TINY, "--sft-pack"],
