@@ -39,6 +39,8 @@ import time
 
 import torch
 
+from sed_megatron.testing.memory import PeakMemory
+
 METHODS = ("materialized", "fused", "fused_gif")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOP_K, TAU, LAM = 2, 0.6, 1.0
@@ -94,40 +96,6 @@ def _loss_fn(method, chunk_size):
     return fused
 
 
-def _rss_bytes(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
-class _PeakMemory:
-    """Peak rise above the current footprint during the with-block, in bytes."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as refs:
-                refs.write("5")  # reset the resident high-water mark to the current size
-            self.base = _rss_bytes("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.rise = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.rise = _rss_bytes("VmHWM") - self.base
-        return False
-
-
 def _parse_shape(shape):
     dims = tuple(int(dim) for dim in shape.split("x"))
     if len(dims) != 3:
@@ -152,7 +120,7 @@ def run_one(method, shape, dtype_name, repeats, warmup, chunk_size, device):
         weight.main_grad.zero_()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        with _PeakMemory(device) as peak:
+        with PeakMemory(device) as peak:
             start, start_cpu = time.perf_counter(), time.process_time()
             loss_sum = loss_fn(hidden, weight, target, loss_mask)
             loss_sum.backward()

@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from sed_megatron.testing.memory import PeakMemory
+
 METHODS = ("megatron_ce", "ce", "dft", "sed", "gem", "sed_copy", "sed_entropy", "published_sed")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOP_K, TAU, LAM = 2, 0.6, 1.0
@@ -59,40 +61,6 @@ def _loss_fn(method):
     return lambda logits, target: sft_token_loss(logits, target, cfg, inplace=inplace, with_entropy=with_entropy)[0]
 
 
-def _rss_bytes(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
-class _PeakMemory:
-    """Peak rise above the current footprint during the with-block, in bytes."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as refs:
-                refs.write("5")  # reset the resident high-water mark to the current size
-            self.base = _rss_bytes("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.rise = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.rise = _rss_bytes("VmHWM") - self.base
-        return False
-
-
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -119,7 +87,7 @@ def run_one(method, shape, dtype_name, repeats, device):
     def call():
         logits = base.clone().requires_grad_()  # in the baseline: Megatron overwrites fp32 input
         _sync(device)
-        with _PeakMemory(device) as peak:
+        with PeakMemory(device) as peak:
             start = time.perf_counter()
             loss = loss_fn(logits, target)
             (grad,) = torch.autograd.grad(loss.sum(), logits)
