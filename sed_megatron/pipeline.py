@@ -16,6 +16,17 @@ import yaml
 from .launch import run_isolated, torchrun
 
 
+def cached_json(path, compute):
+    """The JSON object at path, computed by compute() and written there (whole or not at all) on
+    the first call: a step that a rerun skips."""
+    from .utils import atomic_write_text
+
+    if not os.path.exists(path):
+        atomic_write_text(path, json.dumps(compute()))
+    with open(path) as f:
+        return json.load(f)
+
+
 def write_run_yaml(path, *, data_prefix, iters, seed, loss, tp=1, micro_batch=8, global_batch=16, seq_length=64,
                    lr=2.0e-3, pack=False):
     """A training YAML for a converted checkpoint (the architecture comes from --load)."""

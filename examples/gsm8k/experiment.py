@@ -146,15 +146,12 @@ def main():
     print("[2/4] tau of the initial model on the SFT half (r = 0.7, k = 2)", flush=True)
     sft_prefix = os.path.join(workdir, "data", "sft")
     sft_lr = options.lr / 4
-    tau_path = os.path.join(workdir, "tau.json")
-    if not done(tau_path):
+    def calibrate():
         probe = config("sed_probe", sft_prefix, options.sft_iters, 0, LOSSES["sed"], sft_lr)
-        tau = pipeline.calibrate_tau(workdir, probe, ckpt_base, os.path.join(workdir, "sed_probe_tau.yaml"), 0.7,
-                                     options.nproc)
-        with open(tau_path, "w") as f:
-            json.dump({"tau": tau}, f)
-    with open(tau_path) as f:
-        tau = json.load(f)["tau"]
+        return {"tau": pipeline.calibrate_tau(workdir, probe, ckpt_base, os.path.join(workdir, "sed_probe_tau.yaml"),
+                                              0.7, options.nproc)}
+
+    tau = pipeline.cached_json(os.path.join(workdir, "tau.json"), calibrate)["tau"]
     print(f"      tau = {tau:.4f}", flush=True)
 
     print(f"[3/4] SFT x {len(options.losses)} losses x {len(options.seeds)} seeds, export, evaluate", flush=True)
@@ -162,8 +159,8 @@ def main():
     for seed in options.seeds:
         for loss in options.losses:
             name = f"{loss}_s{seed}"
-            summary = os.path.join(workdir, f"result_{name}.json")
-            if not done(summary):
+
+            def run(name=name, loss=loss, seed=seed):
                 run_started = time.time()
                 spec = {**LOSSES[loss], "tau": tau} if loss == "sed" else LOSSES[loss]
                 ckpt = os.path.join(workdir, f"ckpt_{name}")
@@ -173,11 +170,10 @@ def main():
                                                       num_samples=options.num_samples,
                                                       max_new_tokens=options.max_new_tokens, seed=seed,
                                                       batch_prompts=25, strict_answers=True)
-                with open(summary, "w") as f:
-                    json.dump({m: result[m] for m in METRICS + ("k",)}, f)
                 print(f"      {name}: {time.time() - run_started:.0f} s", flush=True)
-            with open(summary) as f:
-                results[name] = json.load(f)
+                return {m: result[m] for m in METRICS + ("k",)}
+
+            results[name] = pipeline.cached_json(os.path.join(workdir, f"result_{name}.json"), run)
             print(f"      {name}: " + ", ".join(f"{m} {results[name][m]:.3f}" for m in METRICS), flush=True)
 
     print("[4/4] table", flush=True)

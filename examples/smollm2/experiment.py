@@ -95,36 +95,32 @@ def main():
         print(f"      {summary['samples']} samples, {summary['skipped']} skipped, lengths {summary['lengths']}")
 
     print("[3/4] tau of the instruct model (r = 0.7, k = 2)", flush=True)
-    tau_path = os.path.join(workdir, "tau.json")
-    if not done(tau_path):
+    def calibrate():
         probe = run_yaml(os.path.join(workdir, "probe.yaml"), data_prefix=prefix, iters=options.sft_iters, seed=0,
                          loss=LOSSES["sed"], seq_length=options.seq_length, lr=options.lr)
-        tau = pipeline.calibrate_tau(workdir, probe, ckpt, os.path.join(workdir, "probe_tau.yaml"), 0.7)
-        with open(tau_path, "w") as f:
-            json.dump({"tau": tau}, f)
-    with open(tau_path) as f:
-        tau = json.load(f)["tau"]
+        return {"tau": pipeline.calibrate_tau(workdir, probe, ckpt, os.path.join(workdir, "probe_tau.yaml"), 0.7)}
+
+    tau = pipeline.cached_json(os.path.join(workdir, "tau.json"), calibrate)["tau"]
     print(f"      tau = {tau:.4f}", flush=True)
 
     print(f"[4/4] the instruct model, then SFT x {len(options.losses)} losses x {len(options.seeds)} seeds", flush=True)
     evaluate = dict(num_samples=options.num_samples, max_new_tokens=options.max_new_tokens, strict_answers=True,
                     batch_prompts=10)
     results = {}
-    base_path = os.path.join(workdir, "result_instruct.json")
-    if not done(base_path):
+
+    def evaluate_instruct():
         from sed_megatron.eval.diversity import EvalConfig, evaluate_checkpoint
 
         result = evaluate_checkpoint(EvalConfig(hf_dir=hf_dir, prompts=eval_jsonl, prompt_key="question",
                                                 answer_key="answer", seed=0, quiet=True, **evaluate))
-        with open(base_path, "w") as f:
-            json.dump({m: result.get(m) for m in METRICS + ("k",)}, f)
-    with open(base_path) as f:
-        results["instruct"] = json.load(f)
+        return {m: result.get(m) for m in METRICS + ("k",)}
+
+    results["instruct"] = pipeline.cached_json(os.path.join(workdir, "result_instruct.json"), evaluate_instruct)
     for seed in options.seeds:
         for loss in options.losses:
             name = f"{loss}_s{seed}"
-            summary = os.path.join(workdir, f"result_{name}.json")
-            if not done(summary):
+
+            def run(name=name, loss=loss, seed=seed):
                 run_started = time.time()
                 spec = {**LOSSES[loss], "tau": tau} if loss == "sed" else LOSSES[loss]
                 config = run_yaml(os.path.join(workdir, f"{name}.yaml"), data_prefix=prefix, iters=options.sft_iters,
@@ -132,11 +128,10 @@ def main():
                 run_ckpt = pipeline.train(workdir, name, config, ckpt, os.path.join(workdir, f"ckpt_{name}"))
                 result = pipeline.export_and_evaluate(workdir, name, run_ckpt, hf_dir, eval_jsonl, seed=seed,
                                                       **evaluate)
-                with open(summary, "w") as f:
-                    json.dump({m: result[m] for m in METRICS + ("k",)}, f)
                 print(f"      {name}: {time.time() - run_started:.0f} s", flush=True)
-            with open(summary) as f:
-                results[name] = json.load(f)
+                return {m: result[m] for m in METRICS + ("k",)}
+
+            results[name] = pipeline.cached_json(os.path.join(workdir, f"result_{name}.json"), run)
             print(f"      {name}: " + ", ".join(f"{m} {results[name][m]:.3f}" for m in METRICS), flush=True)
 
     table = {"instruct": {m: (results["instruct"][m], 0.0) for m in METRICS if results["instruct"].get(m) is not None}}
