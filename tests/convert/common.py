@@ -1,4 +1,5 @@
-"""What the converter tests share: tiny checkpoints, the converters in a fresh process, compare under torchrun."""
+"""What the converter tests share: tiny checkpoints, the converters in a fresh process, compare under torchrun,
+and batches of conversions and comparisons in one set of processes."""
 
 import os
 import subprocess
@@ -64,6 +65,99 @@ def compare(hf_dir, ckpt, tp=1, pp=1, ep=1):
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("max_abs_logit_diff=")
     return float(last.split("=")[1])
+
+
+def convert_job(hf_dir, save, **kwargs):
+    """A batch job: convert_hf_to_mcore(hf_dir, save, **kwargs) on one process; its result is the
+    Converted, or the ValueError it raised (the tests of bad input assert on it)."""
+    return ("convert", str(hf_dir), str(save), kwargs)
+
+
+def compare_job(hf_dir, ckpt, tp=1, pp=1, ep=1):
+    """A batch job: compare_hf_mcore at TP x PP x EP on that many processes; its result is the
+    Comparison (max_abs_logit_diff, ok, ...)."""
+    return ("compare", str(hf_dir), str(ckpt), {"tp": tp, "pp": pp, "ep": ep})
+
+
+def _job_size(job):
+    kind, _, _, kwargs = job
+    return 1 if kind == "convert" else kwargs["tp"] * kwargs["pp"] * kwargs["ep"]
+
+
+def _reset_megatron():
+    """What one conversion or comparison leaves behind, cleared for the next in this process:
+    the torch.distributed world, the parallel state, Megatron's global args and rerun state."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.rerun_state_machine import destroy_rerun_state_machine
+    from megatron.training.global_vars import unset_global_variables
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    unset_global_variables()
+    destroy_rerun_state_machine()
+
+
+def _batch_worker(rank, nproc, jobs, ports, barrier_port, result_path):
+    import datetime
+    import pickle
+    import time
+
+    import torch.distributed as dist
+
+    from sed_megatron.convert.compare import compare_hf_mcore
+    from sed_megatron.convert.hf_to_mcore import convert_hf_to_mcore
+    from sed_megatron.launch import _ENV
+
+    os.environ.update(_ENV)
+    # Outside the jobs' worlds (each job sets up and tears down its own): every rank waits here
+    # until the previous job is done on all of them, so a comparison reads a finished conversion.
+    store = dist.TCPStore("127.0.0.1", barrier_port, nproc, is_master=rank == 0,
+                          timeout=datetime.timedelta(minutes=10))
+    results = []
+    for index, (job, port) in enumerate(zip(jobs, ports)):
+        if index:
+            store.add(f"done{index}", 1)
+            while store.add(f"done{index}", 0) < nproc:
+                time.sleep(0.02)
+        kind, hf_dir, path, kwargs = job
+        size = _job_size(job)
+        if rank >= size:  # a smaller world than this batch's: the other ranks wait for the next job
+            results.append(None)
+            continue
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(size),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        try:
+            if kind == "convert":
+                try:
+                    results.append(convert_hf_to_mcore(hf_dir, path, progress=False, **kwargs))
+                except ValueError as err:  # bad input: one process, no collective left waiting
+                    results.append(err)
+            else:
+                results.append(compare_hf_mcore(hf_dir, path, **kwargs))
+        finally:
+            _reset_megatron()
+    if rank == 0:
+        with open(result_path, "wb") as f:
+            pickle.dump(results, f)
+
+
+def run_batch(jobs, tmp_dir):
+    """convert_job / compare_job results, in order, from ONE set of spawned processes (as many as
+    the largest job needs) that runs the jobs one after the other, clearing Megatron's global
+    state between them: each start-up (torch, Megatron, transformers) is paid once, not per job.
+    The ranks a job does not need wait for it to finish. A comparison that raises fails the batch."""
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    nproc = max(_job_size(job) for job in jobs)
+    result_path = os.path.join(str(tmp_dir), "batch_results.pkl")
+    ports = [free_port() for _ in jobs]
+    mp.spawn(_batch_worker, args=(nproc, list(jobs), ports, free_port(), result_path), nprocs=nproc, join=True)
+    with open(result_path, "rb") as f:
+        return pickle.load(f)
 
 
 def tensors(directory):

@@ -1,5 +1,10 @@
 """convert_hf_to_mcore on tiny random models: logits equal to transformers at TP=1/2 and PP=2,
-checkpoints training loads at any layout, and bad input refused with the file named."""
+checkpoints training loads at any layout, and bad input refused with the file named.
+
+The conversions and comparisons run as one batch in one pair of processes (tests/convert/common.py
+run_batch: the start-up is paid once, not per conversion), with a comparison that must fail (the
+checkpoint of another random model) to show that the batch tells models apart.
+"""
 
 import json
 import os
@@ -9,27 +14,67 @@ import pytest
 
 from sed_megatron.convert.hf_to_mcore import convert_hf_to_mcore
 from sed_megatron.models.model_file import read_model_file
+from sed_megatron.testing.tiny_hf import tiny_hf_model
 
 from ..training.launch import train
-from .common import compare, convert, save_hf, to_mcore, training_config  # noqa: F401  (convert: tests/examples)
+from .common import compare_job, convert, convert_job, run_batch, save_hf, training_config  # noqa: F401  (convert: tests/examples)
+
+LAYOUTS = {"llama_gqa_untied": [(1, 1), (2, 1), (1, 2)], "llama_gqa_tied": [(2, 1)], "qwen2_bias": [(2, 1)],
+           "llama_rope_scaling": [(2, 1)]}
 
 
-@pytest.mark.parametrize("variant,layouts", [("llama_gqa_untied", [(1, 1), (2, 1), (1, 2)]),
-                                             ("llama_gqa_tied", [(2, 1)]), ("qwen2_bias", [(2, 1)]),
-                                             ("llama_rope_scaling", [(2, 1)])])
-def test_converted_logits_equal_transformers(tmp_path, variant, layouts):
-    hf_dir = save_hf(tmp_path / "hf", variant)
-    done = to_mcore(hf_dir, tmp_path / "ckpt")
-    assert done.model_cfg.model_type == read_model_file(str(tmp_path / "ckpt"))["model_type"]
-    for tp, pp in layouts:
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    """Every variant converted and compared at its layouts; a config that disagrees with its
+    weights converted (it must fail); another random Llama compared with the untied checkpoint."""
+    root = tmp_path_factory.mktemp("hf_to_mcore")
+    jobs, where = [], {}
+    for variant in LAYOUTS:
+        hf_dir, ckpt = save_hf(root / variant / "hf", variant), root / variant / "ckpt"
+        where[variant] = (hf_dir, str(ckpt))
+        jobs.append(convert_job(hf_dir, ckpt))
+    mismatch = save_hf(root / "mismatch", "llama_gqa_untied")
+    with open(os.path.join(mismatch, "config.json")) as f:
+        config = json.load(f)
+    config["intermediate_size"] = 80
+    with open(os.path.join(mismatch, "config.json"), "w") as f:
+        json.dump(config, f)
+    where["mismatch"] = (mismatch, str(root / "c"))
+    jobs.append(convert_job(mismatch, root / "c"))
+    for variant, layouts in LAYOUTS.items():
+        jobs.extend(compare_job(*where[variant], tp, pp) for tp, pp in layouts)
+    other = str(root / "other")
+    tiny_hf_model("llama_gqa_untied", seed=1).save_pretrained(other)
+    jobs.append(compare_job(other, where["llama_gqa_untied"][1], 2, 1))
+    results = run_batch(jobs, root)
+    converted = dict(zip(list(LAYOUTS) + ["mismatch"], results))
+    compared = {}
+    for job, result in zip(jobs[len(converted):-1], results[len(converted):-1]):
+        compared.setdefault(job[2], []).append((job[3]["tp"], job[3]["pp"], result))
+    return {"root": root, "where": where, "converted": converted, "compared": compared, "other": results[-1]}
+
+
+@pytest.mark.parametrize("variant", list(LAYOUTS))
+def test_converted_logits_equal_transformers(batch, variant):
+    hf_dir, ckpt = batch["where"][variant]
+    done = batch["converted"][variant]
+    assert not isinstance(done, Exception), done
+    assert done.model_cfg.model_type == read_model_file(ckpt)["model_type"]
+    compared = batch["compared"][ckpt]
+    assert [(tp, pp) for tp, pp, _ in compared] == LAYOUTS[variant]
+    for tp, pp, result in compared:
         # fp32 on both sides, another summation order: ~1e-6.
-        assert compare(hf_dir, tmp_path / "ckpt", tp, pp) < 1e-4, (tp, pp)
+        assert result.max_abs_logit_diff < 1e-4, (tp, pp, result)
 
 
-def test_training_loads_the_converted_checkpoint_at_any_layout(tmp_path):
-    hf_dir = save_hf(tmp_path / "hf", "llama_gqa_untied")
-    ckpt = str(tmp_path / "ckpt")
-    to_mcore(hf_dir, ckpt)
+def test_another_model_is_told_apart(batch):
+    """The same architecture with other random weights: far outside the tolerance, not ok."""
+    result = batch["other"]
+    assert not result.ok and result.max_abs_logit_diff > 1e-2, result
+
+
+def test_training_loads_the_converted_checkpoint_at_any_layout(batch, tmp_path):
+    _, ckpt = batch["where"]["llama_gqa_untied"]
     flags = ["--load", ckpt, "--finetune", "--no-load-optim", "--no-load-rng", "--train-iters", "2", "--save", "",
              "--sed-tau", "0.05", "--sft-num-samples", "16"]
     first = {}
@@ -114,13 +159,10 @@ def test_bad_inputs_name_the_file_and_leave_nothing(tmp_path):
     assert {key: os.environ.get(key) for key in world} == world  # no torch.distributed world was set up
 
 
-def test_shape_mismatch_is_found_before_anything_is_written(tmp_path):
-    mismatch = save_hf(tmp_path / "mismatch", "llama_gqa_untied")
-    with open(os.path.join(mismatch, "config.json")) as f:
-        config = json.load(f)
-    config["intermediate_size"] = 80
-    with open(os.path.join(mismatch, "config.json"), "w") as f:
-        json.dump(config, f)
-    with pytest.raises(ValueError, match="shape mismatch: decoder.layers.0.mlp.linear_fc1.weight is \\(192, 64\\)"):
-        to_mcore(mismatch, tmp_path / "c")
-    assert not os.path.exists(tmp_path / "c") and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+def test_shape_mismatch_is_found_before_anything_is_written(batch):
+    """Found once Megatron has built the model (in the batch's process), before anything is written."""
+    err = batch["converted"]["mismatch"]
+    assert isinstance(err, ValueError), err
+    assert "shape mismatch: decoder.layers.0.mlp.linear_fc1.weight is (192, 64)" in str(err)
+    root = batch["root"]
+    assert not os.path.exists(root / "c") and not [p for p in os.listdir(root) if ".tmp-" in p]

@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from sed_megatron.utils import free_port
 
 from .launch import REPO, TINY, _env, read_metrics, train
@@ -22,29 +20,37 @@ def tracker(save):
         return f.read().strip()
 
 
-def resume_from(tmp_path, save):
-    """Iterations 3 and 4 from the checkpoint of iteration 2."""
+def kill_during_save(tmp_path, phase, save, load):
+    """The driver: train to iteration 4 (from `load` if given), SIGKILLed during the save of 4."""
+    metrics = tmp_path / f"metrics_{phase}.jsonl"
+    env = {**_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "SED_MEGATRON_DEVICE": "cpu"}
+    out = subprocess.run([sys.executable, DRIVER, phase, "4", "--", *FLAGS, "--save", save, "--metrics-file",
+                          str(metrics), *(["--load", load] if load else [])],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert out.returncode == -9, out.stderr[-3000:]
+    return [r["iteration"] for r in read_metrics(str(metrics))]
+
+
+def test_kill_during_a_save_leaves_a_complete_checkpoint(tmp_path):
+    """The three kill points in a chain on one checkpoint directory: each killed run but the first
+    resumes from what the previous kill left (a partial iteration directory, one without its
+    metadata, a tracker written but not in place), and a last run resumes and completes."""
+    save = str(tmp_path / "ckpt")
+    load = None
+    for phase in ("write", "finish", "tracker"):
+        iterations = kill_during_save(tmp_path, phase, save, load)
+        assert iterations == ([1, 2, 3, 4] if load is None else [3, 4]), phase
+        assert tracker(save) == "2", phase  # the save of iteration 4 never completed
+        assert os.path.exists(os.path.join(save, "iter_0000002", ".metadata")), phase
+        load = save
+    # Iterations 3 and 4 from the checkpoint of iteration 2, through the leftovers of the kills.
     records = train(str(tmp_path / "resume"), 1, ["--tensor-model-parallel-size", "1", "--train-iters", "4",
                                                   "--save-interval", "2", "--loss-type", "ce", "--load", save,
                                                   "--save", save, "--lr-warmup-iters", "0",
                                                   "--lr-decay-style", "constant"])
     assert [r["iteration"] for r in records] == [3, 4]
     assert tracker(save) == "4"
-
-
-@pytest.mark.parametrize("phase", ["write", "finish", "tracker"])
-def test_kill_during_a_save_leaves_a_complete_checkpoint(tmp_path, phase):
-    save = str(tmp_path / "ckpt")
-    env = {**_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "SED_MEGATRON_DEVICE": "cpu"}
-    out = subprocess.run([sys.executable, DRIVER, phase, "4", "--", *FLAGS, "--save", save,
-                          "--metrics-file", str(tmp_path / "metrics.jsonl")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
-    assert out.returncode == -9, out.stderr[-3000:]
-    assert [r["iteration"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))] == [1, 2, 3, 4]
-    assert tracker(save) == "2", phase  # the save of iteration 4 never completed
-    assert os.path.exists(os.path.join(save, "iter_0000002", ".metadata"))
-    resume_from(tmp_path, save)
 
 
 def test_a_failing_save_stops_in_one_line(tmp_path):

@@ -39,19 +39,23 @@ def test_injection():
     assert _NaNGradient is not None
 
 
-@pytest.mark.parametrize("what, message", [("loss", "NaN in the loss"), ("grad", "NaN in the gradients (bucket 0)")])
-def test_non_finite_stops_before_the_step_and_resumes(tmp_path, what, message):
+def test_non_finite_stops_before_the_step_and_resumes(tmp_path):
+    """A NaN loss at iteration 3 stops the run; resumed from iteration 2 with a NaN gradient at 3
+    it stops again; resumed without a fault it completes (three launches in a chain)."""
     save = tmp_path / "ckpt"
-    metrics = tmp_path / "metrics.jsonl"
-    cmd = _command(1, ["--metrics-file", str(metrics), *FLAGS, "--save", str(save), "--inject-non-finite",
-                       f"3:{what}"], TINY)
-    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert out.returncode != 0
-    errors = [line for line in out.stderr.splitlines() if "sed_megatron.train: error:" in line]
-    assert len(errors) == 1 and errors[0].startswith(f"sed_megatron.train: error: iteration 3: {message}"), errors
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"  # the last good one
-    assert not (save / "iter_0000003").exists() and not (save / "iter_0000004").exists()
-    assert [r["iteration"] for r in read_metrics(metrics)] == [1, 2]
+    for run, (what, message) in enumerate((("loss", "NaN in the loss"), ("grad", "NaN in the gradients (bucket 0)"))):
+        metrics = tmp_path / f"metrics_{what}.jsonl"
+        resume = ["--load", str(save)] if run else []
+        cmd = _command(1, ["--metrics-file", str(metrics), *FLAGS, "--save", str(save), *resume,
+                           "--inject-non-finite", f"3:{what}"], TINY)
+        out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        assert out.returncode != 0
+        errors = [line for line in out.stderr.splitlines() if "sed_megatron.train: error:" in line]
+        assert len(errors) == 1 and errors[0].startswith(f"sed_megatron.train: error: iteration 3: {message}"), errors
+        assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"  # the last good one
+        assert not (save / "iter_0000003").exists() and not (save / "iter_0000004").exists()
+        logged = read_metrics(metrics) if metrics.exists() else []
+        assert [r["iteration"] for r in logged] == ([] if run else [1, 2])  # iteration 3 is never logged
     # Resume from the last good checkpoint, without the fault.
     records = train(str(tmp_path / "resume"), 1, [*FLAGS, "--load", str(save), "--save", str(save)])
     assert [r["iteration"] for r in records] == [3, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)

@@ -4,6 +4,13 @@ Every run here fine-tunes the same TP=1 checkpoint (made once per module) withou
 state, so all layouts start from identical weights and read the same samples in the same order.
 Each run calibrates tau on that initial model before its first step (100 validation samples),
 so every layout also shows that the calibration is layout-free.
+
+Each launch costs seconds of start-up on 2 cores, so the layouts combine parallelisms: every one
+of TP, PP, DP (distributed optimizer), SP and CP runs against the TP=1 curve in at least one
+layout, and the runs do double duty (tp2 saves the checkpoint the resume test starts from; the
+SIGTERM test resumes at PP=2). Each parallelism alone against its unparallel twin, in one process
+pair: tests/models/test_layers.py (SP norms, CP attention), tests/runtime/test_cpu_runtime.py
+(TP), tests/data/test_packing.py (CP batches), tests/loss/test_loss_parity.py (vocab-parallel loss).
 """
 
 import json
@@ -16,18 +23,19 @@ from .launch import read_metrics, train, train_until_sigterm
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "tiny_finetune.json")
 PARITY_ITERS = 5
+RESUME_FROM = 3  # the tp2 run saves this iteration; the resume test continues from it
+PP2 = (2, ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"])
 # No --sed-tau: tau is calibrated (an explicit tau would win). r = 0.5 puts tau at the initial
 # median top-2 mass, so the SED mask splits the tokens for all 5 steps.
 SED_FLAGS = ["--loss-type", "sed", "--sed-calibrate-ratio", "0.5", "--sed-top-k", "2", "--sed-lambda", "1.0"]
 LAYOUTS = {  # name -> (processes, flags)
     "tp1": (1, ["--tensor-model-parallel-size", "1"]),
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
-    "pp2": (2, ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"]),
     "dp2": (2, ["--tensor-model-parallel-size", "1", "--use-distributed-optimizer"]),
-    # Sequence and context parallelism on the local layers (SP norms, the CP attention).
-    "tp2_sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
-    "cp2": (2, ["--tensor-model-parallel-size", "1", "--context-parallel-size", "2"]),
-    "tp2_cp2": (4, ["--tensor-model-parallel-size", "2", "--context-parallel-size", "2"]),
+    # Sequence and context parallelism on the local layers (SP norms, the CP attention), with TP
+    # and with PP: TP x SP x CP covers what tp2_sp, cp2 and tp2_cp2 covered one launch each; PP
+    # alone runs in the SIGTERM test (resumed at PP=2 against the tp2 curve).
+    "tp2_sp_cp2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--context-parallel-size", "2"]),
     "pp2_cp2": (4, ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
                     "--context-parallel-size", "2"]),
     # The fused output-layer loss (training and calibration) on the last of 2 stages, with its TP
@@ -71,11 +79,14 @@ def layout_runs(base_checkpoint, tmp_path_factory):
     runs = {}
     for name, (nproc, flags) in LAYOUTS.items():
         run_dir = tmp_path_factory.mktemp(name)
-        tensorboard = []
+        extra = []
         if name == "dp2":
             runs["dp2_tensorboard"] = str(run_dir / "tb")
-            tensorboard = ["--tensorboard-dir", runs["dp2_tensorboard"]]
-        runs[name] = train(str(run_dir), nproc, finetune_flags(base_checkpoint, PARITY_ITERS) + flags + tensorboard)
+            extra = ["--tensorboard-dir", runs["dp2_tensorboard"]]
+        if name == "tp2":  # iteration 3 for test_resume_continues_the_same_curve (and 5, at the end)
+            runs["tp2_checkpoint"] = str(run_dir / "ckpt")
+            extra = ["--save", runs["tp2_checkpoint"], "--save-interval", str(RESUME_FROM)]
+        runs[name] = train(str(run_dir), nproc, finetune_flags(base_checkpoint, PARITY_ITERS) + flags + extra)
         runs[f"{name}_log"] = str(run_dir / "train.log")
         runs[f"{name}_tau"] = calibrated_tau(runs[f"{name}_log"])
     return runs
@@ -157,17 +168,21 @@ def test_metrics_have_contract_keys(layout_runs):
     assert all(r["tokens_per_sec"] > 0 and r["skipped"] == 0 for r in layout_runs["tp2"])
 
 
-def test_resume_after_exit_interval_continues_the_same_curve(base_checkpoint, layout_runs, tmp_path):
+def test_resume_continues_the_same_curve(layout_runs, tmp_path):
+    """Iteration 3 of the tp2 run (model, optimizer, scheduler, data position), resumed: the same
+    steps 4 and 5, bit for bit. The resumed run is told 10000 iterations and stops at 5 through
+    --exit-interval, saving there (Megatron's exit path)."""
     nproc, layout = LAYOUTS["tp2"]
-    ckpt = str(tmp_path / "ckpt")
-    first = train(str(tmp_path / "first"), nproc,
-                  finetune_flags(base_checkpoint, PARITY_ITERS) + layout + ["--save", ckpt, "--exit-interval", "3"])
-    assert [r["iteration"] for r in first] == [1, 2, 3]
+    saved = str(tmp_path / "ckpt")
     resumed = train(str(tmp_path / "resumed"), nproc,
-                    layout + SED_FLAGS + ["--load", ckpt, "--train-iters", str(PARITY_ITERS), "--save", ""])
+                    layout + SED_FLAGS + ["--load", layout_runs["tp2_checkpoint"], "--ckpt-step", str(RESUME_FROM),
+                                          "--train-iters", "10000", "--override-opt_param-scheduler",
+                                          "--exit-interval", str(PARITY_ITERS), "--save", saved])
     assert [r["iteration"] for r in resumed] == [4, 5]
-    # Dropout is 0: the resumed steps repeat the uninterrupted run's, bit for bit.
-    assert curve(first) + curve(resumed) == curve(layout_runs["tp2"])
+    with open(os.path.join(saved, "latest_checkpointed_iteration.txt")) as f:
+        assert int(f.read()) == PARITY_ITERS
+    # Dropout is 0 and the LR constant: the resumed steps repeat the uninterrupted run's, bit for bit.
+    assert curve(resumed) == curve(layout_runs["tp2"])[RESUME_FROM:]
 
 
 def test_sigterm_leaves_a_checkpoint_that_resumes_at_another_layout(base_checkpoint, layout_runs, tmp_path):
@@ -184,7 +199,7 @@ def test_sigterm_leaves_a_checkpoint_that_resumes_at_another_layout(base_checkpo
     killed = read_metrics(str(tmp_path / "killed" / "metrics.jsonl"))
     assert saved_iteration == killed[-1]["iteration"] >= 2
 
-    nproc, layout = LAYOUTS["pp2"]
+    nproc, layout = PP2
     # A shorter --train-iters than the killed run's: Megatron wants the schedule overridden
     # (constant LR here, so the schedule is the same).
     resumed = train(str(tmp_path / "resumed"), nproc,

@@ -36,14 +36,16 @@ def data_flags(prefix):
 
 
 def test_train_on_indexed_chat_data(sums_dataset, tmp_path):
-    flags = data_flags(sums_dataset) + ["--train-iters", "30", "--save", "", "--sed-calibrate-samples", "10",
-                                        "--lr", "3e-3"]
-    for run, extra in (("plain", []), ("packed", ["--sft-pack"])):
-        records = train(str(tmp_path / run), 2, flags + extra)
-        assert len(records) == 30
-        # Only the answer digits and the end-of-turn token carry loss; the model learns them.
-        first, last = records[0], records[-1]
-        assert last["ce_loss"] < first["ce_loss"] - 1.0, (run, first["ce_loss"], last["ce_loss"])
+    """Packed rows at CP=1 (the data loader's block-diagonal mask), one process. Unpacked rows of
+    the same data train in test_packed_and_unpacked_rows_train_alike_under_cp (the same curve as
+    packed THD rows at CP=2), so they are not trained again here."""
+    flags = data_flags(sums_dataset) + ["--tensor-model-parallel-size", "1", "--train-iters", "30", "--save", "",
+                                        "--sed-calibrate-samples", "10", "--lr", "3e-3", "--sft-pack"]
+    records = train(str(tmp_path / "packed"), 1, flags)
+    assert len(records) == 30
+    # Only the answer digits and the end-of-turn token carry loss; the model learns them.
+    first, last = records[0], records[-1]
+    assert last["ce_loss"] < first["ce_loss"] - 1.0, (first["ce_loss"], last["ce_loss"])
 
 
 def test_packed_and_unpacked_rows_train_alike_under_cp(sums_dataset, tmp_path):
