@@ -36,12 +36,11 @@ LAYOUTS = {  # name -> (processes, flags)
     # and with PP: TP x SP x CP covers what tp2_sp, cp2 and tp2_cp2 covered one launch each; PP
     # alone runs in the SIGTERM test (resumed at PP=2 against the tp2 curve).
     "tp2_sp_cp2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--context-parallel-size", "2"]),
-    "pp2_cp2": (4, ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
-                    "--context-parallel-size", "2"]),
-    # The fused output-layer loss (training and calibration) on the last of 2 stages, with its TP
-    # collectives and SP's gather / reduce-scatter, against the materialized logits of tp1.
-    "tp2_pp2_sp_fused": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-                             "--sequence-parallel", "--sft-fused-linear", "--sft-fused-chunk-tokens", "37"]),
+    # PP x CP with the fused output-layer loss (training and calibration) on the last stage,
+    # against tp1's materialized logits. (The fused loss with SP and TP, and under Megatron's DDP
+    # with tied embeddings: tests/loss/test_fused_linear.py.)
+    "pp2_cp2_fused": (4, ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
+                          "--context-parallel-size", "2", "--sft-fused-linear", "--sft-fused-chunk-tokens", "37"]),
 }
 # Same model, same data, sums in another order: fp32 round-off grows over Adam steps; the runs
 # here agree to ~1e-7, so 2e-5 relative catches any real difference (a wrong shard, a lost
