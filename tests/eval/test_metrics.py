@@ -137,14 +137,18 @@ def test_no_transformers_progress_bar_off_a_terminal(tmp_path, capfd, monkeypatc
     hf_dir = str(tmp_path / "hf")
     tokenizer = make_tokenizer(hf_dir, ["what", "is"])
     tiny_hf_model("llama_gqa_untied", vocab_size=len(tokenizer)).save_pretrained(hf_dir)
-    assert hf_logging.is_progress_bar_enabled()
-    monkeypatch.setattr("sys.stderr.isatty", lambda: True)  # a terminal: the bar shows (what the check relies on)
-    load_model(hf_dir, "cpu")
-    assert "Loading weights" in capfd.readouterr().err
-    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
-    load_model(hf_dir, "cpu")
-    assert "Loading weights" not in capfd.readouterr().err
-    assert hf_logging.is_progress_bar_enabled()  # restored for whoever loads next
+    was_enabled = hf_logging.is_progress_bar_enabled()  # whatever earlier tests left behind
+    hf_logging.enable_progress_bar()
+    try:
+        monkeypatch.setattr("sys.stderr.isatty", lambda: True)  # a terminal: the bar shows (what the check relies on)
+        load_model(hf_dir, "cpu")
+        assert "Loading weights" in capfd.readouterr().err
+        monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+        load_model(hf_dir, "cpu")
+        assert "Loading weights" not in capfd.readouterr().err
+        assert hf_logging.is_progress_bar_enabled()  # restored for whoever loads next
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
 
 
 def test_plot_metrics(tmp_path):
