@@ -98,8 +98,21 @@ def convert(workdir, hf_dir, save):
     return save
 
 
-def train(workdir, name, config, load, save, nproc=1):
-    """Fine-tune from `load` (weights only) with the run YAML `config`; checkpoint at `save`."""
+def trained_to(save, iters):
+    """Whether the checkpoint directory `save` holds a finished save of iteration `iters` (Megatron
+    writes latest_checkpointed_iteration.txt after the checkpoint itself)."""
+    marker = os.path.join(save, "latest_checkpointed_iteration.txt")
+    if not os.path.exists(marker):
+        return False
+    with open(marker) as f:
+        return f.read().strip() == str(iters)
+
+
+def train(workdir, name, config, load, save, nproc=1, resume_iters=None):
+    """Fine-tune from `load` (weights only) with the run YAML `config`; checkpoint at `save`.
+    resume_iters: skip the run when `save` already holds that iteration (a rerun of an experiment)."""
+    if resume_iters is not None and trained_to(save, resume_iters):
+        return save
     torchrun("sed_megatron.train", ["--config", config, "--load", load, "--finetune", "--no-load-optim",
                                     "--no-load-rng", "--save", save], nproc, log=os.path.join(workdir, f"{name}.log"))
     return save
@@ -123,14 +136,15 @@ def final_ce(ckpt):
 def export_and_evaluate(workdir, name, ckpt, hf_template, prompts, *, num_samples, max_new_tokens, seed,
                         temperature=1.0, prompt_key="question", answer_key="answer", batch_prompts=1,
                         strict_answers=False):
-    """Export a run to HF, sample num_samples responses per prompt; the metrics (+ final_ce), also
-    written to <workdir>/eval_<name>.json."""
+    """Export a run to HF (replacing <workdir>/hf_<name>, this step's own output, so that a rerun
+    after an interruption can export again), sample num_samples responses per prompt; the metrics
+    (+ final_ce), also written to <workdir>/eval_<name>.json."""
     from sed_megatron.convert import convert_mcore_to_hf
     from sed_megatron.eval.diversity import EvalConfig, evaluate_checkpoint
     from sed_megatron.utils import atomic_write_text
 
     hf_dir = os.path.join(workdir, f"hf_{name}")
-    run_isolated(convert_mcore_to_hf, ckpt, hf_dir, hf_template=hf_template, progress=False,
+    run_isolated(convert_mcore_to_hf, ckpt, hf_dir, hf_template=hf_template, progress=False, overwrite=True,
                  log=os.path.join(workdir, f"export_{name}.log"))
     cfg = EvalConfig(hf_dir=hf_dir, prompts=prompts, prompt_key=prompt_key, answer_key=answer_key,
                      num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,

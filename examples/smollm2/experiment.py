@@ -125,7 +125,8 @@ def main():
                 spec = {**LOSSES[loss], "tau": tau} if loss == "sed" else LOSSES[loss]
                 config = run_yaml(os.path.join(workdir, f"{name}.yaml"), data_prefix=prefix, iters=options.sft_iters,
                                   seed=seed, loss=spec, seq_length=options.seq_length, lr=options.lr)
-                run_ckpt = pipeline.train(workdir, name, config, ckpt, os.path.join(workdir, f"ckpt_{name}"))
+                run_ckpt = pipeline.train(workdir, name, config, ckpt, os.path.join(workdir, f"ckpt_{name}"),
+                                          resume_iters=options.sft_iters)
                 result = pipeline.export_and_evaluate(workdir, name, run_ckpt, hf_dir, eval_jsonl, seed=seed,
                                                       **evaluate)
                 print(f"      {name}: {time.time() - run_started:.0f} s", flush=True)
