@@ -73,6 +73,12 @@ def convert_job(hf_dir, save, **kwargs):
     return ("convert", str(hf_dir), str(save), kwargs)
 
 
+def export_job(ckpt, save, **kwargs):
+    """A batch job: convert_mcore_to_hf(ckpt, save, **kwargs) on one process (so that a later job
+    of the batch can import what it wrote); its result is the Converted."""
+    return ("export", str(ckpt), str(save), kwargs)
+
+
 def compare_job(hf_dir, ckpt, tp=1, pp=1, ep=1):
     """A batch job: compare_hf_mcore at TP x PP x EP on that many processes; its result is the
     Comparison (max_abs_logit_diff, ok, ...)."""
@@ -81,7 +87,7 @@ def compare_job(hf_dir, ckpt, tp=1, pp=1, ep=1):
 
 def _job_size(job):
     kind, _, _, kwargs = job
-    return 1 if kind == "convert" else kwargs["tp"] * kwargs["pp"] * kwargs["ep"]
+    return kwargs["tp"] * kwargs["pp"] * kwargs["ep"] if kind == "compare" else 1
 
 
 def _reset_megatron():
@@ -108,6 +114,7 @@ def _batch_worker(rank, nproc, jobs, ports, barrier_port, result_path):
 
     from sed_megatron.convert.compare import compare_hf_mcore
     from sed_megatron.convert.hf_to_mcore import convert_hf_to_mcore
+    from sed_megatron.convert.mcore_to_hf import convert_mcore_to_hf
     from sed_megatron.launch import _ENV
 
     os.environ.update(_ENV)
@@ -121,7 +128,7 @@ def _batch_worker(rank, nproc, jobs, ports, barrier_port, result_path):
             store.add(f"done{index}", 1)
             while store.add(f"done{index}", 0) < nproc:
                 time.sleep(0.02)
-        kind, hf_dir, path, kwargs = job
+        kind, source, path, kwargs = job
         size = _job_size(job)
         if rank >= size:  # a smaller world than this batch's: the other ranks wait for the next job
             results.append(None)
@@ -131,11 +138,13 @@ def _batch_worker(rank, nproc, jobs, ports, barrier_port, result_path):
         try:
             if kind == "convert":
                 try:
-                    results.append(convert_hf_to_mcore(hf_dir, path, progress=False, **kwargs))
+                    results.append(convert_hf_to_mcore(source, path, progress=False, **kwargs))
                 except ValueError as err:  # bad input: one process, no collective left waiting
                     results.append(err)
+            elif kind == "export":
+                results.append(convert_mcore_to_hf(source, path, progress=False, **kwargs))
             else:
-                results.append(compare_hf_mcore(hf_dir, path, **kwargs))
+                results.append(compare_hf_mcore(source, path, **kwargs))
         finally:
             _reset_megatron()
     if rank == 0:
@@ -144,7 +153,7 @@ def _batch_worker(rank, nproc, jobs, ports, barrier_port, result_path):
 
 
 def run_batch(jobs, tmp_dir):
-    """convert_job / compare_job results, in order, from ONE set of spawned processes (as many as
+    """convert_job / export_job / compare_job results, in order, from ONE set of spawned processes (as many as
     the largest job needs) that runs the jobs one after the other, clearing Megatron's global
     state between them: each start-up (torch, Megatron, transformers) is paid once, not per job.
     The ranks a job does not need wait for it to finish. A comparison that raises fails the batch."""

@@ -17,7 +17,7 @@ from sed_megatron.models.model_file import read_model_file
 from sed_megatron.testing.tiny_hf import tiny_hf_model
 
 from ..training.launch import train
-from .common import compare_job, convert, convert_job, run_batch, save_hf, training_config  # noqa: F401  (convert: tests/examples)
+from .common import compare_job, convert_job, run_batch, save_hf, training_config
 
 LAYOUTS = {"llama_gqa_untied": [(1, 1), (2, 1), (1, 2)], "llama_gqa_tied": [(2, 1)], "qwen2_bias": [(2, 1)],
            "llama_rope_scaling": [(2, 1)]}

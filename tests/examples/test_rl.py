@@ -12,8 +12,7 @@ import pytest
 
 from sed_megatron.eval.reward import math_reward, reference_answer
 
-from ..convert.test_hf_to_mcore import convert
-from ..convert.test_mcore_to_hf import export
+from ..convert.common import convert, export
 from ..training.launch import REPO, _env
 
 RL = os.path.join(REPO, "examples", "rl")
