@@ -1,9 +1,11 @@
 """Qwen3 and Qwen3-MoE through both converters, the compare tool at TP x PP and at EP x TP, and
 training at EP=2 whose export transformers reproduces.
 
-Launches are few (each costs seconds of start-up on 2 cores): two conversions, four compare
-runs, one training run. Tolerance everywhere: fp32 on both sides, the same operations in another
-order (~2e-7 measured), held to 1e-4 as for the other families.
+Launches are few (each costs seconds of start-up on 2 cores): one batch of 4 processes
+(tests/convert/common.py run_batch) converts both models and runs the three comparisons at
+TP x PP and EP x TP (and one against another random MoE, which must fail); one training run and
+its comparison. Tolerance everywhere: fp32 on both sides, the same operations in another order
+(~2e-7 measured), held to 1e-4 as for the other families.
 """
 
 import json
@@ -17,19 +19,35 @@ from sed_megatron.models import family_for
 from sed_megatron.testing.tiny_hf import tiny_hf_model
 
 from ..training.launch import train
-from .common import compare, save_hf, tensors, to_hf, to_mcore, training_config
+from .common import compare, compare_job, convert_job, run_batch, save_hf, tensors, to_hf, training_config
 
 ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def moe_checkpoint(tmp_path_factory):
+def batch(tmp_path_factory):
     """A tiny random Qwen3-MoE (6 experts, top-2 renormalized) as save_pretrained writes it (one
-    tensor per expert), and its converted checkpoint."""
-    root = tmp_path_factory.mktemp("qwen3_moe")
-    hf_dir = save_hf(root / "hf", "qwen3_moe", shard="60KB")
-    to_mcore(hf_dir, root / "ckpt")
-    return hf_dir, str(root / "ckpt")
+    tensor per expert) and a dense tied Qwen3, converted and compared at TP=2 x PP=2 (and the MoE
+    with its experts split over EP=2, each expert's MLP over expert TP=2)."""
+    root = tmp_path_factory.mktemp("qwen3")
+    moe = save_hf(root / "moe" / "hf", "qwen3_moe", shard="60KB")
+    dense = save_hf(root / "dense" / "hf", "qwen3_tied", shard="40KB")
+    other = str(root / "other")
+    tiny_hf_model("qwen3_moe", seed=1).save_pretrained(other)
+    moe_ckpt, dense_ckpt = root / "moe" / "ckpt", root / "dense" / "ckpt"
+    jobs = [convert_job(moe, moe_ckpt), convert_job(dense, dense_ckpt), compare_job(moe, moe_ckpt, tp=2, pp=2),
+            compare_job(moe, moe_ckpt, tp=2, ep=2), compare_job(dense, dense_ckpt, tp=2, pp=2),
+            compare_job(other, moe_ckpt, tp=2, ep=2)]
+    results = run_batch(jobs, root)
+    for job, result in zip(jobs[:2], results[:2]):
+        assert not isinstance(result, Exception), (job, result)
+    names = ["moe_tp2_pp2", "moe_tp2_ep2", "dense_tp2_pp2", "other_tp2_ep2"]
+    return {"moe": (moe, str(moe_ckpt)), "dense": (dense, str(dense_ckpt)), **dict(zip(names, results[2:]))}
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(batch):
+    return batch["moe"]
 
 
 def hf_logits(hf_dir, tokens):
@@ -66,7 +84,7 @@ def test_stacked_experts_read_as_the_same_tensors(moe_checkpoint, tmp_path):
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
 
 
-def test_qwen3_moe_bit_identical_out_and_logits_at_tp_pp_ep(moe_checkpoint, tmp_path):
+def test_qwen3_moe_bit_identical_out_and_logits_at_tp_pp_ep(batch, moe_checkpoint, tmp_path):
     hf_dir, ckpt = moe_checkpoint
     original = tensors(hf_dir)
     to_hf(ckpt, tmp_path / "out", hf_template=hf_dir, max_shard_size_mb=1)
@@ -84,8 +102,10 @@ def test_qwen3_moe_bit_identical_out_and_logits_at_tp_pp_ep(moe_checkpoint, tmp_
     assert torch.equal(hf_logits(str(tmp_path / "out"), tokens), hf_logits(hf_dir, tokens))  # it loads, unchanged
 
     # Megatron at TP=2 x PP=2, and with the experts split over EP=2 (each expert's MLP over expert TP=2).
-    assert compare(hf_dir, ckpt, tp=2, pp=2) < ATOL
-    assert compare(hf_dir, ckpt, tp=2, ep=2) < ATOL
+    assert batch["moe_tp2_pp2"].max_abs_logit_diff < ATOL
+    assert batch["moe_tp2_ep2"].max_abs_logit_diff < ATOL
+    # Another random MoE against this checkpoint: far outside the tolerance.
+    assert not batch["other_tp2_ep2"].ok and batch["other_tp2_ep2"].max_abs_logit_diff > 1e-2
 
 
 def test_qwen3_moe_trained_at_ep2_exports_to_what_transformers_computes(moe_checkpoint, tmp_path):
@@ -106,13 +126,12 @@ def test_qwen3_moe_trained_at_ep2_exports_to_what_transformers_computes(moe_chec
         assert float((after[name] - before[name]).abs().max()) > 1e-4, name  # the two steps moved them
 
 
-def test_qwen3_dense_round_trip_and_logits_at_tp2_pp2(tmp_path):
-    hf_dir = save_hf(tmp_path / "hf", "qwen3_tied", shard="40KB")
-    to_mcore(hf_dir, tmp_path / "ckpt")
-    to_hf(tmp_path / "ckpt", tmp_path / "out", hf_template=hf_dir)
+def test_qwen3_dense_round_trip_and_logits_at_tp2_pp2(batch, tmp_path):
+    hf_dir, ckpt = batch["dense"]
+    to_hf(ckpt, tmp_path / "out", hf_template=hf_dir)
     original, exported = tensors(hf_dir), tensors(tmp_path / "out")
     assert original.keys() == exported.keys() and all(torch.equal(original[n], exported[n]) for n in original)
-    assert compare(hf_dir, tmp_path / "ckpt", tp=2, pp=2) < ATOL
+    assert batch["dense_tp2_pp2"].max_abs_logit_diff < ATOL
 
 
 @pytest.mark.parametrize("change,message", [
