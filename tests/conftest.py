@@ -16,3 +16,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the processes tests/distributed.py kept for the session."""
+    from tests.distributed import close_all
+
+    close_all()

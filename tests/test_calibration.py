@@ -5,7 +5,8 @@ import torch
 
 from sed_megatron.calibration import gather_values, select_tokens, tau_from_topk_mass
 from sed_megatron.loss import IGNORE_INDEX
-from sed_megatron.testing.distributed import run_distributed
+
+from .distributed import run_distributed
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.05, 0.3, 0.5, 0.7, 0.999, 1.0])

@@ -5,8 +5,9 @@ import torch
 from sed_megatron.data.packing import pack_greedy, packed_sample
 from sed_megatron.data.simple import sample_from_tokens
 from sed_megatron.loss import IGNORE_INDEX, LossConfig, masked_sum_and_count, sft_token_loss
-from sed_megatron.testing.distributed import run_distributed
 from sed_megatron.testing.models import tiny_gpt
+
+from ..distributed import run_distributed
 
 VOCAB, SEQ = 96, 24
 

@@ -33,8 +33,9 @@ import torch
 
 from sed_megatron.loss import IGNORE_INDEX, LossConfig, fused_linear_sft_loss, masked_sum_and_count, sft_token_loss
 from sed_megatron.loss import fused_linear as fused_module
-from sed_megatron.testing.distributed import run_distributed
+from sed_megatron.testing import distributed as fresh_processes
 
+from ..distributed import run_distributed
 from .test_loss_parity import VARIANTS, clear_of_tau, reference_and_config
 
 SEQ, BATCH, HIDDEN = 8, 3, 16  # 24 tokens; SEQ divisible by TP = 1, 2, 4 (sequence parallelism)
@@ -609,7 +610,8 @@ def check_triton_backend(world_size):
 def test_triton_kernels_under_the_interpreter(triton_interpreter, tp):
     """Triton's interpreter runs the kernels on the CPU: one chunk against torch, then the fused
     loss with the Triton backend against the reference at TP = 1 and 2 (with SP)."""
-    run_distributed(check_triton_backend, world_size=tp, tp=tp, args=(tp,))
+    # Fresh processes: Triton reads TRITON_INTERPRET when a process first imports it.
+    fresh_processes.run_distributed(check_triton_backend, world_size=tp, tp=tp, args=(tp,))
 
 
 def test_backend_choice():

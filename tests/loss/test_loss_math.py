@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sed_megatron.loss import IGNORE_INDEX, LossConfig, masked_token_mean, sft_token_loss
-from sed_megatron.testing.distributed import run_distributed
+
+from ..distributed import run_distributed
 
 
 def test_gradient_identity_float64():

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from sed_megatron.loss import IGNORE_INDEX, LossConfig, sft_token_loss
-from sed_megatron.testing.distributed import run_distributed
 
+from ..distributed import run_distributed
 from .reference import reference_loss
 
 NEAR_TAU = 1e-5

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from sed_megatron.models.layers import cp_partition_indices, cp_token_layout
-from sed_megatron.testing.distributed import run_distributed
+
+from ..distributed import run_distributed
 
 
 def test_partition_is_megatrons_load_balanced_chunk_order():

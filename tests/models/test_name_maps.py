@@ -7,8 +7,9 @@ import torch
 
 from sed_megatron.models import family_for
 from sed_megatron.models.mapping import hf_to_megatron, megatron_to_hf
-from sed_megatron.testing.distributed import run_distributed
 from sed_megatron.testing.tiny_hf import TINY_VARIANTS, hub_state_dict, tiny_hf_config, tiny_hf_model
+
+from ..distributed import run_distributed
 
 VARIANTS = list(TINY_VARIANTS)
 IMPLS = ["local", "transformer_engine"]  # names only: both layer implementations' state dicts

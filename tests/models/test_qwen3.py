@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from sed_megatron.models import family_for
-from sed_megatron.testing.distributed import run_distributed
 from sed_megatron.testing.tiny_hf import hub_state_dict, tiny_hf_config, tiny_hf_model
+
+from ..distributed import run_distributed
 
 
 def test_qwen3_is_llama_plus_qk_norm():

@@ -5,7 +5,8 @@ import pytest
 
 from sed_megatron.models import ModelConfig, family_for
 from sed_megatron.models.gpt import check_agrees, decoder_block_spec, gpt_block_spec
-from sed_megatron.testing.distributed import run_distributed
+
+from ..distributed import run_distributed
 
 DENSE = ModelConfig(num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
                     kv_channels=8, vocab_size=96, padded_vocab_size=128, max_position_embeddings=32)

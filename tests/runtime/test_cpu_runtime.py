@@ -5,8 +5,9 @@ import tempfile
 
 import torch
 
-from sed_megatron.testing.distributed import run_distributed
 from sed_megatron.testing.models import tiny_gpt
+
+from ..distributed import run_distributed
 
 VOCAB, SEQ, BATCH = 96, 16, 2
 

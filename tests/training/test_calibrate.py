@@ -12,8 +12,9 @@ import torch
 from sed_megatron.data.packing import packed_sample
 from sed_megatron.data.simple import sample_from_tokens
 from sed_megatron.loss import LossConfig
-from sed_megatron.testing.distributed import run_distributed
 from sed_megatron.testing.models import tiny_gpt
+
+from ..distributed import run_distributed
 
 VOCAB, SEQ = 96, 24
 

@@ -1,0 +1,136 @@
+"""run_distributed on gloo processes kept for the whole test session, one set per world size.
+
+    from tests.distributed import run_distributed
+    run_distributed(check_fn, world_size=4, tp=2, pp=2, args=(...,))   # as sed_megatron.testing.distributed
+
+The same contract as sed_megatron.testing.distributed.run_distributed: check_fn(*args) runs on
+every rank with Megatron's model parallelism initialized at TP x PP x CP (DP = the rest) on the
+CPU layer, and an exception on any rank fails the call with that rank's traceback. The difference:
+starting a process (torch, Megatron) costs seconds on 2 cores, so the ranks of a world size are
+started once and run one check after the other. Between checks the model-parallel state is torn
+down and the default random generator reseeded as a fresh process has it. A failed check (or a
+rank that dies, or a timeout) ends that set of processes: the next call starts a fresh one.
+
+Checks that need a fresh process (an environment variable read at import, device="cuda") keep
+using sed_megatron.testing.distributed.run_distributed.
+"""
+
+import atexit
+import importlib
+import multiprocessing
+import os
+import queue as queue_module
+import time
+import traceback
+
+from sed_megatron.utils import free_port
+
+_POOLS = {}  # world size -> _Pool
+
+
+def _serve(rank, world_size, port, tasks, results):
+    import torch
+    import torch.distributed as dist
+
+    from sed_megatron.runtime import apply_cpu_runtime, prepare_megatron
+
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    prepare_megatron()
+    torch.set_num_threads(1)  # N processes share the cores of a small machine
+    apply_cpu_runtime()
+    fresh_seed = torch.initial_seed()  # what the default generator starts from in a new process
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    from megatron.core import parallel_state
+
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        module, qualname, tp, pp, cp, args = task
+        try:
+            fn = importlib.import_module(module)
+            for part in qualname.split("."):
+                fn = getattr(fn, part)
+            torch.manual_seed(fresh_seed)
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp)
+            try:
+                fn(*args)
+            finally:
+                parallel_state.destroy_model_parallel()
+            results.put((rank, None))
+        except BaseException:  # noqa: BLE001 — every failure goes back to the test
+            results.put((rank, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class _Pool:
+    def __init__(self, world_size):
+        context = multiprocessing.get_context("spawn")
+        self.world_size = world_size
+        self.tasks = [context.SimpleQueue() for _ in range(world_size)]
+        self.results = context.Queue()
+        port = free_port()
+        self.processes = [context.Process(target=_serve, args=(rank, world_size, port, self.tasks[rank], self.results),
+                                          daemon=True) for rank in range(world_size)]
+        for process in self.processes:
+            process.start()
+
+    def run(self, fn, tp, pp, cp, args, timeout):
+        for tasks in self.tasks:
+            tasks.put((fn.__module__, fn.__qualname__, tp, pp, cp, args))
+        done, deadline = set(), time.monotonic() + timeout
+        while len(done) < self.world_size:
+            try:
+                rank, failure = self.results.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [rank for rank, p in enumerate(self.processes) if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"{fn.__qualname__}: rank {dead[0]} died (exit code "
+                                       f"{self.processes[dead[0]].exitcode})") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{fn.__qualname__}: no result within {timeout} s") from None
+                continue
+            if failure is not None:
+                raise RuntimeError(f"{fn.__qualname__} failed on rank {rank}:\n{failure}")
+            done.add(rank)
+
+    def close(self):
+        for tasks, process in zip(self.tasks, self.processes):
+            if process.is_alive():
+                try:
+                    tasks.put(None)
+                except OSError:
+                    pass
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def run_distributed(fn, world_size, tp=1, pp=1, args=(), cp=1, timeout=600):
+    """Run fn(*args) on the session's world_size ranks with TP=tp, PP=pp, CP=cp (DP = the rest)."""
+    if world_size % (tp * pp * cp):
+        raise ValueError(f"world_size {world_size} is not a multiple of tp*pp*cp = {tp * pp * cp}")
+    pool = _POOLS.get(world_size)
+    if pool is None:
+        pool = _POOLS[world_size] = _Pool(world_size)
+    try:
+        pool.run(fn, tp, pp, cp, args, timeout)
+    except BaseException:
+        # Other ranks may wait in a collective forever: this set of processes is done.
+        _POOLS.pop(world_size, None)
+        for process in pool.processes:
+            process.kill()
+        for process in pool.processes:
+            process.join()
+        raise
+
+
+@atexit.register
+def close_all():
+    """Stop every set of processes (also at the end of the test session: tests/conftest.py)."""
+    while _POOLS:
+        _, pool = _POOLS.popitem()
+        pool.close()
