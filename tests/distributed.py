@@ -2,6 +2,7 @@
 
     from tests.distributed import run_distributed
     run_distributed(check_fn, world_size=4, tp=2, pp=2, args=(...,))   # as sed_megatron.testing.distributed
+    value = run_distributed(fn, world_size=1)                          # what fn returned on rank 0
 
 The same contract as sed_megatron.testing.distributed.run_distributed: check_fn(*args) runs on
 every rank with Megatron's model parallelism initialized at TP x PP x CP (DP = the rest) on the
@@ -55,12 +56,12 @@ def _serve(rank, world_size, port, tasks, results):
             parallel_state.initialize_model_parallel(
                 tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp)
             try:
-                fn(*args)
+                value = fn(*args)
             finally:
                 parallel_state.destroy_model_parallel()
-            results.put((rank, None))
+            results.put((rank, None, value if rank == 0 else None))
         except BaseException:  # noqa: BLE001 — every failure goes back to the test
-            results.put((rank, traceback.format_exc()))
+            results.put((rank, traceback.format_exc(), None))
     dist.destroy_process_group()
 
 
@@ -79,10 +80,10 @@ class _Pool:
     def run(self, fn, tp, pp, cp, args, timeout):
         for tasks in self.tasks:
             tasks.put((fn.__module__, fn.__qualname__, tp, pp, cp, args))
-        done, deadline = set(), time.monotonic() + timeout
+        done, deadline, returned = set(), time.monotonic() + timeout, None
         while len(done) < self.world_size:
             try:
-                rank, failure = self.results.get(timeout=1.0)
+                rank, failure, value = self.results.get(timeout=1.0)
             except queue_module.Empty:
                 dead = [rank for rank, p in enumerate(self.processes) if not p.is_alive()]
                 if dead:
@@ -94,6 +95,8 @@ class _Pool:
             if failure is not None:
                 raise RuntimeError(f"{fn.__qualname__} failed on rank {rank}:\n{failure}")
             done.add(rank)
+            returned = value if rank == 0 else returned
+        return returned
 
     def close(self):
         for tasks, process in zip(self.tasks, self.processes):
@@ -110,14 +113,15 @@ class _Pool:
 
 
 def run_distributed(fn, world_size, tp=1, pp=1, args=(), cp=1, timeout=600):
-    """Run fn(*args) on the session's world_size ranks with TP=tp, PP=pp, CP=cp (DP = the rest)."""
+    """Run fn(*args) on the session's world_size ranks with TP=tp, PP=pp, CP=cp (DP = the rest);
+    returns what it returned on rank 0 (it must pickle)."""
     if world_size % (tp * pp * cp):
         raise ValueError(f"world_size {world_size} is not a multiple of tp*pp*cp = {tp * pp * cp}")
     pool = _POOLS.get(world_size)
     if pool is None:
         pool = _POOLS[world_size] = _Pool(world_size)
     try:
-        pool.run(fn, tp, pp, cp, args, timeout)
+        return pool.run(fn, tp, pp, cp, args, timeout)
     except BaseException:
         # Other ranks may wait in a collective forever: this set of processes is done.
         _POOLS.pop(world_size, None)

@@ -6,9 +6,10 @@ import dataclasses
 import pytest
 import yaml
 
-from sed_megatron.launch import run_isolated
 from sed_megatron.models import ModelConfig, family_for
 from sed_megatron.testing.tiny_hf import TINY_VARIANTS, tiny_hf_config
+
+from ..distributed import run_distributed
 
 BASE = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
             kv_channels=16, vocab_size=120, padded_vocab_size=1024)
@@ -132,7 +133,7 @@ def test_model_file_errors_name_the_file_and_key(tmp_path):
 
 
 def _through_megatron_args(flags_and_configs):
-    """In a fresh process: each config's flags through Megatron-LM's parser and validation, then
+    """In a process of the session's one-rank set (tests/distributed.py): each config's flags through Megatron-LM's parser and validation, then
     the training provider's ModelConfig and Megatron's TransformerConfig of those args."""
     import argparse
 
@@ -163,5 +164,5 @@ def _through_megatron_args(flags_and_configs):
 def test_training_reads_the_same_architecture_from_megatron_args():
     configs = [family_for(c.model_type).config_from_hf(c) for c in map(tiny_hf_config, TINY_VARIANTS)]
     configs = [dataclasses.replace(c, model_type=None) for c in configs] + [MOE]
-    got = run_isolated(_through_megatron_args, [(c.to_megatron_flags(), c) for c in configs])
+    got = run_distributed(_through_megatron_args, world_size=1, args=([(c.to_megatron_flags(), c) for c in configs],))
     assert got == configs

@@ -102,30 +102,28 @@ def test_full_size_shapes(name):
 
 
 def _megatron_shapes_match(names):
-    """In a fresh process: each full-size GPTModel built on the meta device from its ModelConfig
-    has exactly the shapes the converted tensors have."""
+    """On one rank (TP = PP = 1): each full-size GPTModel built on the meta device from its
+    ModelConfig has exactly the shapes the converted tensors have."""
     import transformers
 
-    from sed_megatron.convert.checkpoint import single_process_model_parallel
     from sed_megatron.models import build_gpt_model
 
-    with single_process_model_parallel():
-        for name in names:
-            model_type, values = CONFIGS[name]
-            config = transformers.AutoConfig.for_model(model_type, **values)
-            family = family_for(model_type)
-            cfg = family.config_from_hf(config)
-            with torch.device("meta"):
-                hf = transformers.AutoModelForCausalLM.from_config(config)
-                model = build_gpt_model(cfg, cfg.transformer_config(perform_initialization=False))
-            state = hf.state_dict()
-            converted = {k: tuple(v.shape) for k, v in hf_to_megatron(state.__getitem__, cfg,
-                                                                      family.rows(cfg, stored=state))}
-            built = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-            assert converted == built, name
+    for name in names:
+        model_type, values = CONFIGS[name]
+        config = transformers.AutoConfig.for_model(model_type, **values)
+        family = family_for(model_type)
+        cfg = family.config_from_hf(config)
+        with torch.device("meta"):
+            hf = transformers.AutoModelForCausalLM.from_config(config)
+            model = build_gpt_model(cfg, cfg.transformer_config(perform_initialization=False))
+        state = hf.state_dict()
+        converted = {k: tuple(v.shape) for k, v in hf_to_megatron(state.__getitem__, cfg,
+                                                                  family.rows(cfg, stored=state))}
+        built = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+        assert converted == built, name
 
 
 def test_full_size_megatron_models_have_the_converted_shapes():
-    from sed_megatron.launch import run_isolated
+    from ..distributed import run_distributed
 
-    run_isolated(_megatron_shapes_match, list(CONFIGS))
+    run_distributed(_megatron_shapes_match, world_size=1, args=(list(CONFIGS),))
