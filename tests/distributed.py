@@ -29,6 +29,31 @@ from sed_megatron.utils import free_port
 _POOLS = {}  # world size -> _Pool
 
 
+def _destroy_subgroups(dist):
+    """Megatron's destroy_model_parallel forgets its groups without destroying them: each keeps
+    gloo threads that poll (hundreds after a few checks, a good part of a core). Destroy every
+    group but the default one."""
+    from torch.distributed import distributed_c10d
+
+    default = distributed_c10d._get_default_group()
+    for group in list(distributed_c10d._world.pg_map):
+        if group is not default:
+            dist.destroy_process_group(group)
+
+
+def _release_memory():
+    """What a check built is garbage now: give the memory back to the system (a process waiting
+    between checks should not hold a model's worth of it)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
 def _serve(rank, world_size, port, tasks, results):
     import torch
     import torch.distributed as dist
@@ -59,6 +84,8 @@ def _serve(rank, world_size, port, tasks, results):
                 value = fn(*args)
             finally:
                 parallel_state.destroy_model_parallel()
+                _destroy_subgroups(dist)
+                _release_memory()
             results.put((rank, None, value if rank == 0 else None))
         except BaseException:  # noqa: BLE001 — every failure goes back to the test
             results.put((rank, traceback.format_exc(), None))

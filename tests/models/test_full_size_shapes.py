@@ -6,6 +6,8 @@ import torch
 from sed_megatron.models import family_for
 from sed_megatron.models.mapping import hf_to_megatron
 
+from ..distributed import run_distributed
+
 LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 CONFIGS = {  # the public config.json values that decide shapes
@@ -124,6 +126,4 @@ def _megatron_shapes_match(names):
 
 
 def test_full_size_megatron_models_have_the_converted_shapes():
-    from ..distributed import run_distributed
-
     run_distributed(_megatron_shapes_match, world_size=1, args=(list(CONFIGS),))
