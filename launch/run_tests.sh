@@ -17,7 +17,7 @@ for phase in "${phases[@]}"; do
   marker="not e2e"; [ "$phase" = "e2e" ] && marker="e2e"
   started=$(date +%s)
   set +e
-  "$VENV_PY" -m pytest -q -p no:cacheprovider -m "$marker" "${paths[@]}" "$@"
+  "$VENV_PY" -m pytest -q -p no:cacheprovider --durations=20 -m "$marker" "${paths[@]}" "$@"
   code=$?
   set -e
   echo "run_tests.sh: $phase phase: $(( $(date +%s) - started )) s (pytest exit $code)"
