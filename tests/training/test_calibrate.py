@@ -6,6 +6,9 @@ pipeline dropped or garbled the boundaries, samples would attend to each other a
 masses would change (the test checks that too).
 """
 
+import contextlib
+import io
+
 import pytest
 import torch
 
@@ -125,7 +128,7 @@ def published_tau_by_hand(model, data, k, ratio):
     return values, values[-int(ratio * len(values))]
 
 
-def check_published_calibration_by_hand():
+def _published_calibration_by_hand():
     from megatron.core.enums import ModelType
 
     from sed_megatron.calibration import calibration_top_k
@@ -153,7 +156,15 @@ def check_published_calibration_by_hand():
     assert calibrate(model, rows, False, "all", k=10)[0].numel() == len(expected) - 4
 
 
-def test_published_calibration_equals_the_published_rule_by_hand(capfd):
-    run_distributed(check_published_calibration_by_hand, world_size=1)
+def check_published_calibration_by_hand():
+    """The by-hand comparison; returns what it wrote on stderr (the check runs in a process kept
+    for the session, whose stderr pytest does not capture)."""
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        _published_calibration_by_hand()
+    return err.getvalue()
+
+
+def test_published_calibration_equals_the_published_rule_by_hand():
+    err = run_distributed(check_published_calibration_by_hand, world_size=1)
     # The sample that fills SEQ is scored without the position past its end, and a line says so.
-    assert "1 of 5 samples fill --seq-length 24" in capfd.readouterr().err
+    assert "1 of 5 samples fill --seq-length 24" in err
