@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from sed_megatron.utils import atomic_write_text
+
 # Report key (as Megatron logs it) -> metrics.jsonl key.
 REPORT_KEYS = {
     "lm loss": "loss",
@@ -66,11 +68,30 @@ class MetricsLog:
         self.tokens_per_iteration = tokens_per_iteration
         self._sums, self._count, self._skipped = {}, 0, 0
         self._last = None  # (iteration, time) of the previous record, or of the start
+        self._drop_after = None  # the start's iteration, until the first write
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def start(self, iteration):
-        """The loop starts after `iteration` finished ones: the first record's throughput counts from here."""
+        """The loop starts after `iteration` finished ones: the first record's throughput counts from here.
+
+        Records past `iteration` already in the file belong to a run this one replaces (a fresh run
+        saving into the same directory, or a resume from an earlier checkpoint): the first write
+        drops them, so that the file holds one curve."""
         self._last = (iteration, time.time())
+        self._drop_after = iteration
+
+    def _drop_records_after(self, iteration):
+        if not os.path.exists(self.path):
+            return
+        kept = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["iteration"] <= iteration:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                    pass
+        atomic_write_text(self.path, "".join(kept))
 
     def add(self, reduced, skipped):
         """One iteration's report (Megatron key -> value, reduced over micro-batches and DP)."""
@@ -95,5 +116,8 @@ class MetricsLog:
         record["skipped"] = self._skipped
         self._sums, self._count, self._skipped = {}, 0, 0
         self._last = (iteration, now)
+        if self._drop_after is not None:
+            self._drop_records_after(self._drop_after)
+            self._drop_after = None
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
