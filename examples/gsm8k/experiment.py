@@ -136,7 +136,7 @@ def main():
                                        seed=seed, loss=loss, tp=options.nproc, micro_batch=4, global_batch=16,
                                        seq_length=options.seq_length, lr=lr, pack=True)
 
-    if not done(ckpt_base):
+    if not pipeline.trained_to(ckpt_base, options.base_iters):  # a base run cut short trains again
         base_yaml = config("base", os.path.join(workdir, "data", "base"), options.base_iters, 0, LOSSES["ce"], options.lr)
         base_started = time.time()
         pipeline.train(workdir, "base", base_yaml, ckpt_init, ckpt_base, options.nproc)
@@ -165,7 +165,7 @@ def main():
                 spec = {**LOSSES[loss], "tau": tau} if loss == "sed" else LOSSES[loss]
                 ckpt = os.path.join(workdir, f"ckpt_{name}")
                 pipeline.train(workdir, name, config(name, sft_prefix, options.sft_iters, seed, spec, sft_lr),
-                               ckpt_base, ckpt, options.nproc)
+                               ckpt_base, ckpt, options.nproc, resume_iters=options.sft_iters)
                 result = pipeline.export_and_evaluate(workdir, name, ckpt, hf_init, data["eval"],
                                                       num_samples=options.num_samples,
                                                       max_new_tokens=options.max_new_tokens, seed=seed,
