@@ -105,7 +105,7 @@ def _reset_megatron():
     destroy_rerun_state_machine()
 
 
-def _batch_worker(rank, nproc, jobs, ports, barrier_port, result_path):
+def _batch_worker(rank, nproc, jobs, barrier_port, result_path):
     import datetime
     import pickle
     import time
@@ -123,7 +123,7 @@ def _batch_worker(rank, nproc, jobs, ports, barrier_port, result_path):
     store = dist.TCPStore("127.0.0.1", barrier_port, nproc, is_master=rank == 0,
                           timeout=datetime.timedelta(minutes=10))
     results = []
-    for index, (job, port) in enumerate(zip(jobs, ports)):
+    for index, job in enumerate(jobs):
         if index:
             store.add(f"done{index}", 1)
             while store.add(f"done{index}", 0) < nproc:
@@ -133,6 +133,11 @@ def _batch_worker(rank, nproc, jobs, ports, barrier_port, result_path):
         if rank >= size:  # a smaller world than this batch's: the other ranks wait for the next job
             results.append(None)
             continue
+        # The job's port, picked when it starts: one picked at the batch's start could be taken
+        # by then (the earlier jobs' gloo connections bind ephemeral ports).
+        if rank == 0:
+            store.set(f"port{index}", str(free_port()))
+        port = int(store.get(f"port{index}"))
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(size),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         try:
@@ -163,8 +168,7 @@ def run_batch(jobs, tmp_dir):
 
     nproc = max(_job_size(job) for job in jobs)
     result_path = os.path.join(str(tmp_dir), "batch_results.pkl")
-    ports = [free_port() for _ in jobs]
-    mp.spawn(_batch_worker, args=(nproc, list(jobs), ports, free_port(), result_path), nprocs=nproc, join=True)
+    mp.spawn(_batch_worker, args=(nproc, list(jobs), free_port(), result_path), nprocs=nproc, join=True)
     with open(result_path, "rb") as f:
         return pickle.load(f)
 

@@ -40,7 +40,7 @@ def test_three_bf16_iterations(tmp_path, impl, fused):
         pytest.importorskip("transformer_engine.pytorch")
     save = tmp_path / "ckpt"
     records = train(str(tmp_path), 1, [*THREE_STEPS, "--save", str(save), "--transformer-impl", impl,
-                                       *(["--sft-fused-linear"] if fused else [])])
+                                       *(["--sft-fused-linear"] if fused else [])], torchrun=True)
     _finite_records(records, 3)
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     assert json.loads((save / "sed_tau.json").read_text())["tau"] > 0
@@ -62,7 +62,7 @@ def test_convert_train_export(tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     records = train(str(tmp_path / "run"), 1, [*THREE_STEPS, "--load", str(ckpt), "--finetune", "--no-load-optim",
                                                "--no-load-rng", "--save", str(trained), "--seq-length", "32"],
-                    config=str(tmp_path / "run.yaml"))
+                    config=str(tmp_path / "run.yaml"), torchrun=True)
     _finite_records(records, 3)
     out = tmp_path / "exported"
     _tool("convert_mcore_to_hf.py", "--load", trained, "--save", out, "--hf-template", hf_dir)

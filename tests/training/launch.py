@@ -1,4 +1,7 @@
-"""Run `torchrun -m sed_megatron.train` from a test and read back its metrics.jsonl."""
+"""Run `torchrun -m sed_megatron.train` from a test and read back its metrics.jsonl.
+
+One process: `python -m sed_megatron.train` without torchrun (the entry point sets up a world of
+one process itself), which spares the torchrun agent's start-up."""
 
 import json
 import os
@@ -18,9 +21,11 @@ TEST_FLAGS = ["--log-interval", "1", "--eval-iters", "0", "--save-interval", "10
               "--lr-warmup-iters", "0", "--lr-decay-style", "constant"]  # LR independent of --train-iters
 
 
-def _command(nproc, flags, config):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    return [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+def _command(nproc, flags, config, torchrun=False):
+    if nproc == 1 and not torchrun:  # the flags must say TP x PP x CP = 1, or the entry point starts more
+        return [sys.executable, "-m", "sed_megatron.train", "--config", config, *TEST_FLAGS, *flags]
+    return [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port()),
             "-m", "sed_megatron.train", "--config", config, *TEST_FLAGS, *flags]
 
 
@@ -34,13 +39,14 @@ def read_metrics(path):
         return [json.loads(line) for line in f]
 
 
-def train(run_dir, nproc=1, flags=(), config=TINY, timeout=300):
-    """Train to completion; returns the metrics records. Fails the test with the log on error."""
+def train(run_dir, nproc=1, flags=(), config=TINY, timeout=300, torchrun=False):
+    """Train to completion; returns the metrics records. Fails the test with the log on error.
+    torchrun=True: under torchrun also with one process."""
     os.makedirs(run_dir, exist_ok=True)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     log_path = os.path.join(run_dir, "train.log")
     with open(log_path, "w") as log:
-        proc = subprocess.run(_command(nproc, ["--metrics-file", metrics, *flags], config),
+        proc = subprocess.run(_command(nproc, ["--metrics-file", metrics, *flags], config, torchrun),
                               cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     if proc.returncode != 0:
         with open(log_path) as log:

@@ -20,9 +20,11 @@ TOOL = os.path.join(REPO, "tools", "calibrate_tau.py")
 
 
 def calibrate(nproc, *flags):
+    """The tool under torchrun; one process: without it (the tool sets up its own world)."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    out = subprocess.run([torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), TOOL,
-                          "--config", TINY, "--mask-ratio", "0.7", *flags],
+    launcher = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port())] if nproc > 1 else \
+        [sys.executable]
+    out = subprocess.run([*launcher, TOOL, "--config", TINY, "--mask-ratio", "0.7", *flags],
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     last = out.stdout.strip().splitlines()[-1]
