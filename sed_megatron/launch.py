@@ -102,16 +102,39 @@ def torchrun(module, argv, nproc=1, log=None, timeout=None, env=None):
         raise StepFailed(f"{module} exited with {returncode} (log {log}){tail}")
 
 
-def spawn_workers(module, argv, nproc):
+def local_world_size(model_parallel, device, gpu_count=0):
+    """(ranks a tool started without torchrun runs on this machine, a line saying why GPUs stay idle, or None).
+
+    On the CPU one model replica's TP x PP x CP ranks (more would only share the cores). On a GPU
+    machine every GPU: data-parallel replicas of TP x PP x CP ranks each; a GPU count that is not
+    a multiple of it uses the largest multiple. UsageError when it has fewer GPUs than one replica needs."""
+    from .utils import UsageError
+
+    if device == "cpu":
+        return model_parallel, None
+    if gpu_count < model_parallel:
+        raise UsageError(f"TP x PP x CP = {model_parallel} ranks need {model_parallel} GPUs and this machine has "
+                         f"{gpu_count}: start the run with torchrun on several nodes (launch/torchrun_multinode.sh)")
+    used = gpu_count // model_parallel * model_parallel
+    if used == gpu_count:
+        return used, None
+    return used, (f"{gpu_count} GPUs and TP x PP x CP = {model_parallel}: {used} ranks ({used // model_parallel} "
+                  f"data-parallel replicas), {gpu_count - used} GPU(s) idle")
+
+
+def spawn_workers(module, argv, nproc, env=None):
     """Run `python -m module argv` as nproc ranks of one torch.distributed world (RANK, WORLD_SIZE,
     MASTER_ADDR, ... set as torchrun would), their output passed through; the first non-zero exit
-    code (the rest are stopped), else 0. A tool started without torchrun launches itself this way."""
+    code (the rest are stopped), else 0. A tool started without torchrun launches itself this way.
+    env: the ranks' extra environment (an entry point passes its Runtime's `launch_env()`);
+    default: the CPU one (eager mode, one thread per rank)."""
     port = str(free_port())
+    extra = _ENV if env is None else env
     procs = []
     for rank in range(nproc):
-        env = {**os.environ, **_ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *map(str, argv)], env=env))
+        rank_env = {**os.environ, **extra, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+                    "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *map(str, argv)], env=rank_env))
     code = 0
     try:
         while any(p.poll() is None for p in procs):

@@ -1,10 +1,12 @@
 """SFT with SED-SFT, CE, DFT or GEM on Megatron-LM's training loop, at any TP x PP x DP.
 
     torchrun --nproc_per_node 2 -m sed_megatron.train --config examples/tiny_cpu.yaml [--flag value ...]
-    python -m sed_megatron.train --config examples/tiny_cpu.yaml     # starts its TP x PP x CP ranks itself
+    python -m sed_megatron.train --config examples/tiny_cpu.yaml     # starts this machine's ranks itself
 
 Flags on the command line win over the YAML; every Megatron-LM flag works (parallelism,
-distributed optimizer, precision, checkpoints, logging). On GPUs nothing is changed (NCCL,
+distributed optimizer, precision, checkpoints, logging). Started without torchrun it starts its
+ranks itself: on a CPU one model replica (TP x PP x CP ranks), on a GPU machine one rank per GPU
+(data-parallel replicas of TP x PP x CP). On GPUs nothing is changed (NCCL,
 bf16, Transformer Engine when installed); on a machine without any GPU the CPU layer runs it
 over gloo; a GPU that torch cannot see stops the run (sed_megatron/runtime).
 """
@@ -92,17 +94,26 @@ def main(argv=None):
         runtime = prepare(training=True, verbose="--verbose" in argv)
     except (DeviceError, MegatronVersionError) as err:
         fail(str(err), PROG)
-    if "RANK" not in os.environ:  # not under torchrun: one model replica's processes, started here
+    if "RANK" not in os.environ:  # not under torchrun: this machine's ranks, started here
+        from sed_megatron.launch import local_world_size
         from sed_megatron.training.setup import parse_flags
+        from sed_megatron.utils import UsageError
 
         flags = parse_flags(argv, runtime)
-        nproc = flags.tensor_model_parallel_size * flags.pipeline_model_parallel_size * flags.context_parallel_size
+        model_parallel = (flags.tensor_model_parallel_size * flags.pipeline_model_parallel_size
+                          * flags.context_parallel_size)
+        try:  # CPU: one replica; GPUs: all of them, as data-parallel replicas
+            nproc, notice = local_world_size(model_parallel, runtime.device, _gpu_count(runtime))
+        except UsageError as err:
+            fail(str(err), PROG)
+        if notice:
+            print(f"{PROG}: {notice}", flush=True)
         if nproc > 1:
             from sed_megatron.launch import spawn_workers
             from sed_megatron.training.setup import check_before_spawn
 
             check_before_spawn(argv, runtime, nproc, description=__doc__)
-            return spawn_workers("sed_megatron.train", argv, nproc)
+            return spawn_workers("sed_megatron.train", argv, nproc, env=runtime.launch_env())
         from sed_megatron.convert.checkpoint import single_process_env
 
         single_process_env()
@@ -142,6 +153,12 @@ def main(argv=None):
         print(f"{PROG}: error: iteration {args.curr_iteration + 1}: {type(err).__name__}: {err}".splitlines()[0]
               + f" (the newest complete checkpoint in {args.save}: {_latest(args.save)})", file=sys.stderr, flush=True)
         sys.exit(4)
+
+
+def _gpu_count(runtime):
+    import torch
+
+    return 0 if runtime.on_cpu else torch.cuda.device_count()
 
 
 def _latest(save_dir):

@@ -3,7 +3,8 @@
     python tools/calibrate_tau.py --config examples/tiny_cpu.yaml --mask-ratio 0.7
     torchrun --nproc_per_node 2 tools/calibrate_tau.py --config CFG.yaml --load CKPT --mask-ratio 0.7 --write-config CFG_tau.yaml
 
-Without torchrun it starts TP x PP x CP processes itself (--nproc for more, data parallel).
+Without torchrun it starts its processes itself: TP x PP x CP on a CPU, one per GPU on a GPU
+machine (data parallel; --nproc to choose).
 
 Runs the model of the run configuration (random init, or the weights of --load) forward only
 at any TP x PP x DP on --calibration-samples samples of the validation split (or the training
@@ -42,7 +43,8 @@ def add_calibration_arguments(parser):
     group.add_argument("--calibration-split", choices=["valid", "train"], default="valid")
     group.add_argument("--write-config", default=None, help="write the --config YAML with loss.tau set here")
     group.add_argument("--nproc", type=int, default=None,
-                       help="without torchrun: the processes to start (default: TP x PP x CP of the run)")
+                       help="without torchrun: the processes to start (default: TP x PP x CP of the run on a CPU, every GPU "
+                            "on a GPU machine)")
     return parser
 
 
@@ -91,8 +93,22 @@ def main(argv=None):
     if "RANK" not in os.environ:  # not under torchrun: start the ranks here (bad flags are reported first)
         flags = parse_flags(argv, runtime, add_calibration_arguments, PROG)
         check_arguments(flags)
-        nproc = flags.nproc or (flags.tensor_model_parallel_size * flags.pipeline_model_parallel_size
-                                * flags.context_parallel_size)
+        nproc = flags.nproc
+        if nproc is None:  # CPU: one model replica; GPUs: all of them, as data-parallel replicas
+            import torch
+
+            from sed_megatron.launch import local_world_size
+            from sed_megatron.utils import UsageError
+
+            model_parallel = (flags.tensor_model_parallel_size * flags.pipeline_model_parallel_size
+                              * flags.context_parallel_size)
+            try:
+                nproc, notice = local_world_size(model_parallel, runtime.device,
+                                                 0 if runtime.on_cpu else torch.cuda.device_count())
+            except UsageError as err:
+                fail(err, PROG)
+            if notice:
+                print(f"{PROG}: {notice}", file=sys.stderr, flush=True)
         if nproc > 1:
             from sed_megatron.launch import spawn_workers
             from sed_megatron.training.setup import check_before_spawn
@@ -100,7 +116,7 @@ def main(argv=None):
             check_before_spawn(argv, runtime, nproc, need_loss_config=False,
                                extra_args_provider=add_calibration_arguments, precheck=check_arguments, prog=PROG,
                                description=__doc__)
-            return spawn_workers(__name__, argv, nproc)
+            return spawn_workers(__name__, argv, nproc, env=runtime.launch_env())
         from sed_megatron.convert.checkpoint import single_process_env
 
         single_process_env()

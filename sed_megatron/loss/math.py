@@ -7,6 +7,8 @@ that are either final or summed across the tensor-parallel group by the caller
 Passes that need temporaries of the shard's shape run chunk by chunk of tokens (`chunks.py`).
 """
 
+from typing import NamedTuple
+
 import torch
 
 from .chunks import token_chunks
@@ -16,6 +18,24 @@ from .kinds import KindLoss, LossKind, TokenSums, TokenTerms
 STAT_NAMES = ("ce", "p_target", "topk_mass", "mask", "correct")
 """Per-token stats every loss kind reports, in this order ("entropy" follows when asked for,
 then the kind's own reports, e.g. SED's "penalty")."""
+
+
+class LocalStats(NamedTuple):
+    """Per token `[c]`, fp32, of a chunk on this shard, relative to the shard's own max m_l: what a
+    softmax-form kind's loss needs before any collective (`rescale_partial_sums` makes them global)."""
+
+    local_max: torch.Tensor
+    """m_l (-inf where the shard has no real id)."""
+    sum_exp: torch.Tensor
+    """sum_j exp(z_j - m_l)."""
+    sum_exp_x: torch.Tensor | None
+    """sum_j exp(z_j - m_l) (z_j - m_l) (with the entropy), else None."""
+    tempered: tuple | None
+    """(sum_j exp((z_j - m_l) / T), sum_j exp((z_j - m_l) / T) (z_j - m_l)) for T != 1, else None."""
+    candidates: torch.Tensor
+    """`[c, count]` the shard's largest logits (-inf where it has fewer real ids)."""
+    target_logit: torch.Tensor
+    """z_y where the target lies in this shard, else 0."""
 
 
 def stat_names(kind: LossKind, with_entropy):
@@ -44,13 +64,21 @@ def local_topk_candidates(logits, top_k, shard_size):
     """The k largest logits of this shard as fp32, `[t, min(k, V/tp)]`: candidates of the global top-k.
 
     logits `[t, V']` may be a narrower view than the shard (padding ids cut off); missing
-    candidates are -inf, so every rank contributes the same number to the all-gather.
+    candidates are -inf, so every rank contributes the same number to the all-gather. An fp32
+    working buffer (never the caller's tensor) with k = 2 takes the max, blanks it for a second
+    max and writes it back bit for bit: two passes at about half of torch.topk's time on the CPU.
     """
     count = min(top_k, shard_size)
     if logits.size(-1) == 0:
         return torch.full((*logits.shape[:-1], count), float("-inf"), dtype=torch.float32, device=logits.device)
     if top_k == 1:  # amax is several times faster than topk
         values = logits.amax(dim=-1, keepdim=True).float()
+    elif top_k == 2 and logits.size(-1) >= 2 and logits.dtype == torch.float32:
+        first, where = logits.max(dim=-1, keepdim=True)
+        logits.scatter_(-1, where, float("-inf"))
+        second = logits.amax(dim=-1, keepdim=True)
+        logits.scatter_(-1, where, first)
+        values = torch.cat([first, second], dim=-1)
     else:
         values = logits.topk(min(top_k, logits.size(-1)), dim=-1, sorted=False).values.float()
     if values.size(-1) < count:
@@ -67,38 +95,77 @@ def global_topk(candidates, top_k):
 
 
 def exp_and_partial_sums_(shifted, target_shifted, kind: LossKind, cfg, with_entropy):
-    """In place x -> exp(x) for x = z - m `[t, V/tp]`; returns this shard's partial sums `[n, t]`.
+    """In place x -> the kind's kept buffer for x = z - m `[t, V/tp]`; returns this shard's partial sums `[n, t]`.
 
     Rows: sum_j exp(x_j); then sum_j exp(x_j) x_j (the entropy's, if with_entropy); then the
-    kind's extra sums (`kind.sum_names(cfg)`), which may need x_y (target_shifted `[t]`).
-    The extra sums need x and a function of it at once, so they run chunk by chunk of tokens
-    with chunk-sized temporaries; without them the exponential is a single in-place pass.
+    kind's extra sums (`kind.sum_names(cfg)`), which may need x_y (target_shifted `[t]`). The kept
+    buffer is exp(x / T) for a softmax-form kind (`LossKind.temperature`), else exp(x).
+    CE, DFT and SED without the entropy are a single in-place pass; the rest need x and a
+    function of it at once, so they run chunk by chunk of tokens with chunk-sized temporaries.
     """
+    temperature = kind.temperature(cfg)
     num_extra = len(kind.sum_names(cfg))
-    if not with_entropy and num_extra == 0:
+    if temperature == 1.0 and not with_entropy:
         return shifted.exp_().sum(dim=-1).unsqueeze(0)
     num_tokens, shard_size = shifted.shape
-    sums = torch.empty((1 + int(with_entropy) + num_extra, num_tokens), dtype=torch.float32, device=shifted.device)
-    for rows in token_chunks(num_tokens, shard_size):
+    first_extra = 1 + int(with_entropy)
+    sums = torch.empty((first_extra + num_extra, num_tokens), dtype=torch.float32, device=shifted.device)
+    slices = token_chunks(num_tokens, shard_size)
+    work = torch.empty((slices[0].stop - slices[0].start, shard_size), dtype=torch.float32, device=shifted.device) \
+        if slices and (with_entropy or temperature != 1.0) else None  # one chunk-sized temporary, reused
+    for rows in slices:
         chunk = shifted[rows]  # [r, V/tp], a view
-        sums[1 + int(with_entropy):, rows] = kind.partial_sums(cfg, chunk, target_shifted[rows])
+        if temperature is None:
+            sums[first_extra:, rows] = kind.partial_sums(cfg, chunk, target_shifted[rows])
+        if temperature not in (None, 1.0):
+            _tempered_sums_(chunk, temperature, sums[:, rows], with_entropy, work[:chunk.size(0)])
+            continue
         if with_entropy:
-            exp_chunk = torch.exp(chunk)
+            exp_chunk = torch.exp(chunk, out=work[:chunk.size(0)])
             sums[1, rows] = torch.linalg.vecdot(exp_chunk, chunk)
             chunk.copy_(exp_chunk)
-            del exp_chunk
         else:
             chunk.exp_()
         sums[0, rows] = chunk.sum(dim=-1)
     return sums
 
 
-def rescale_partial_sums(local_max, logits_max, sum_exp, sum_exp_x=None):
+def _tempered_sums_(chunk, temperature, sums, with_entropy, work):
+    """A softmax-form kind with T != 1 on a chunk x `[r, V/tp]`: sums[0] = sum exp(x), [sums[1] =
+    sum exp(x) x], the last two rows sum exp(x / T) and sum exp(x / T) x; x becomes exp(x / T).
+    work: a temporary of the chunk's shape.
+
+    x / T goes into the temporary, never into x: padding ids hold the most negative finite float,
+    whose x / T is -inf for T < 1, and 0 * -inf in the dot product would be NaN."""
+    torch.exp(chunk, out=work)
+    sums[0] = work.sum(dim=-1)
+    if with_entropy:
+        sums[1] = torch.linalg.vecdot(work, chunk)
+    torch.mul(chunk, 1.0 / temperature, out=work).exp_()  # a = exp(x / T)
+    sums[-2] = work.sum(dim=-1)
+    sums[-1] = torch.linalg.vecdot(work, chunk)
+    chunk.copy_(work)
+
+
+def keep_from_shifted_(shifted, kind: LossKind, cfg):
+    """In place: x = z - m `[t, V/tp]` -> the kind's kept buffer (exp(x / T), or exp(x)); returns it.
+
+    What exp_and_partial_sums_ leaves in the buffer, for a path that recomputes the logits
+    (the fused loss's backward) and needs no sums."""
+    temperature = kind.temperature(cfg)
+    if temperature not in (None, 1.0):
+        shifted.mul_(1.0 / temperature)
+    return shifted.exp_()
+
+
+def rescale_partial_sums(local_max, logits_max, sum_exp, sum_exp_x=None, tempered=None, temperature=1.0):
     """Sums taken relative to this shard's own max m_l -> relative to the global max m: `[n, t]`.
 
     With d = m_l - m <= 0: sum_j e^(z_j - m) = e^d S0 and sum_j e^(z_j - m) (z_j - m) =
-    e^d (S1 + d S0), where S0, S1 are the sums relative to m_l (`[t]` fp32). A shard without a
-    real id (m_l = -inf, S0 = 0) contributes 0. Rows as in exp_and_partial_sums_ (no extra sums).
+    e^d (S1 + d S0), where S0, S1 are the sums relative to m_l (`[t]` fp32); the tempered sums
+    of a softmax form with T != 1 (tempered = (A_l, D_l) relative to m_l) likewise with e^(d/T):
+    A = e^(d/T) A_l, D = e^(d/T) (D_l + d A_l). A shard without a real id (m_l = -inf, S0 = 0)
+    contributes 0. Rows as in exp_and_partial_sums_.
     """
     present = sum_exp > 0
     shift = torch.where(present, local_max - logits_max, 0.0)
@@ -106,6 +173,10 @@ def rescale_partial_sums(local_max, logits_max, sum_exp, sum_exp_x=None):
     rows = [rescale * sum_exp]
     if sum_exp_x is not None:
         rows.append(rescale * (sum_exp_x + shift * sum_exp))
+    if tempered is not None:
+        tempered_sum, tempered_dot = tempered
+        tempered_rescale = torch.where(present, torch.exp(shift / temperature), 0.0)
+        rows += [tempered_rescale * tempered_sum, tempered_rescale * (tempered_dot + shift * tempered_sum)]
     return torch.stack(rows)
 
 

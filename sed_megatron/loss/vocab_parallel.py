@@ -105,23 +105,31 @@ def token_results(target, target_shifted, partial, topk_logits, logits_max, kind
     return sums, kind_loss, tuple(stats[name] for name in loss_math.stat_names(kind, with_entropy))
 
 
-def shifted_buffer(logits, logits_max, real, inplace):
-    """The fp32 `[t, V/tp]` working buffer x = z - m, padding ids at the most negative float.
+def working_buffer(logits, inplace):
+    """The fp32 `[t, V/tp]` buffer the loss works in: the caller's fp32 logits with inplace, else a
+    copy (a mixed bf16 - fp32 subtraction would materialize a promoted copy on CPU: convert first)."""
+    return logits.to(torch.float32, copy=not inplace)
 
-    With fp32 logits and inplace it is the caller's tensor, else a copy. A mixed bf16 - fp32
-    subtraction would materialize a promoted copy on CPU: convert, then shift.
-    """
-    buffer = logits.to(torch.float32, copy=not inplace).sub_(logits_max.unsqueeze(-1))
+
+def shift_(buffer, logits_max, real):
+    """In place: the working buffer z -> x = z - m, padding ids at the most negative float; returns it."""
+    buffer.sub_(logits_max.unsqueeze(-1))
     if real < buffer.size(-1):
         # exp() = 0: no probability, no gradient. Finite, so 0 * x stays 0 in the sums.
         buffer[:, real:] = torch.finfo(torch.float32).min
     return buffer
 
 
+def shifted_buffer(logits, logits_max, real, inplace):
+    """The fp32 `[t, V/tp]` working buffer x = z - m (working_buffer, then shift_)."""
+    return shift_(working_buffer(logits, inplace), logits_max, real)
+
+
 def shard_loss_forward(logits, target, cfg: LossConfig, tp_group, inplace, with_entropy, vocab_size) -> ShardLoss:
     """The loss of tokens `[t]` from this rank's logits `[t, V/tp]`: both collectives, every kind.
 
-    sft_token_loss runs it once on all tokens; the fused output-layer loss once per chunk.
+    sft_token_loss runs it once on all tokens; the fused output-layer loss once per chunk for the
+    kinds whose sums need the global max first.
     """
     kind = get_kind(cfg.kind)
     rank, world_size = group_rank_and_size(tp_group)
@@ -130,19 +138,51 @@ def shard_loss_forward(logits, target, cfg: LossConfig, tp_group, inplace, with_
     real = real_columns(vocab_size, vocab_start, shard_size)
     index, in_shard = loss_math.shard_target_index(target, vocab_start, vocab_start + shard_size)
 
-    # Top-k candidates and z_y straight from the input dtype (exact: bf16 values are fp32 values).
-    candidates = loss_math.local_topk_candidates(logits[:, :real], cfg.top_k, shard_size)  # [t, k']
-    target_logit = loss_math.local_target_logit(logits, index, in_shard)  # [t]
+    # The one fp32 [t, V/tp] buffer: z, then x = z - m, then exp(x) (or the kind's kept form) in
+    # place, kept for backward. Top-k candidates and z_y are read from it (exact: bf16 values are
+    # fp32 values).
+    buffer = working_buffer(logits, inplace)
+    candidates = loss_math.local_topk_candidates(buffer[:, :real], cfg.top_k, shard_size)  # [t, k']
+    target_logit = loss_math.local_target_logit(buffer, index, in_shard)  # [t]
     topk_logits, logits_max, target_shifted = global_topk_and_target(candidates, target_logit, target, cfg,
                                                                       tp_group, world_size)
-
-    # The one fp32 [t, V/tp] buffer: x = z - m, then exp(x) in place, kept for backward.
-    buffer = shifted_buffer(logits, logits_max, real, inplace)
-    partial = loss_math.exp_and_partial_sums_(buffer, target_shifted, kind, cfg, with_entropy)  # [n, t]
+    partial = loss_math.exp_and_partial_sums_(shift_(buffer, logits_max, real), target_shifted, kind, cfg,
+                                              with_entropy)  # [n, t]
     all_reduce_sums_(partial, tp_group, world_size)
     sums, kind_loss, stat_values = token_results(target, target_shifted, partial, topk_logits, logits_max, kind, cfg,
                                                  with_entropy)
     return ShardLoss(buffer, index, in_shard, logits_max, sums, kind_loss, stat_values)
+
+
+def local_shard_stats(logits, index, in_shard, real, kind, cfg, with_entropy) -> loss_math.LocalStats:
+    """A softmax-form kind's LocalStats of tokens `[c]` from this rank's logits `[c, V/tp]`, no collective.
+
+    The PyTorch twin of `triton_kernels.local_shard_stats`: the sums are taken relative to the
+    shard's own max and made global afterwards (`loss_from_local_stats`), so a caller may take
+    them for many chunks of tokens and reduce once. fp32 logits are consumed (they become the
+    kept buffer), 16-bit ones are copied.
+    """
+    buffer = working_buffer(logits, inplace=True)
+    candidates = loss_math.local_topk_candidates(buffer[:, :real], cfg.top_k, logits.size(-1))  # [c, k']
+    target_logit = loss_math.local_target_logit(buffer, index, in_shard)  # [c]
+    local_max = candidates.amax(dim=-1)  # -inf on a shard without real ids
+    shift_(buffer, torch.where(torch.isfinite(local_max), local_max, 0.0), real)
+    sums = loss_math.exp_and_partial_sums_(buffer, None, kind, cfg, with_entropy)
+    tempered = (sums[-2], sums[-1]) if kind.temperature(cfg) != 1.0 else None
+    return loss_math.LocalStats(local_max, sums[0], sums[1] if with_entropy else None, tempered, candidates,
+                                target_logit)
+
+
+def loss_from_local_stats(stats: loss_math.LocalStats, target, kind, cfg, tp_group, world_size, with_entropy):
+    """Both collectives on the LocalStats of tokens `[t]` -> (logits_max, TokenSums, KindLoss, stats `[t]`)."""
+    topk_logits, logits_max, target_shifted = global_topk_and_target(stats.candidates, stats.target_logit, target,
+                                                                      cfg, tp_group, world_size)
+    partial = loss_math.rescale_partial_sums(stats.local_max, logits_max, stats.sum_exp, stats.sum_exp_x,
+                                             stats.tempered, kind.temperature(cfg))
+    all_reduce_sums_(partial, tp_group, world_size)
+    sums, kind_loss, stat_values = token_results(target, target_shifted, partial, topk_logits, logits_max, kind, cfg,
+                                                 with_entropy)
+    return logits_max, sums, kind_loss, stat_values
 
 
 class _VocabParallelSFTLoss(torch.autograd.Function):

@@ -7,14 +7,30 @@ import sys
 from sed_megatron.utils import fail as _fail
 
 
-def run_defaults(runtime):
+def run_defaults(runtime, transformer_impl=None):
     """Flags that come before the YAML and the command line (so either can override them).
 
     --rerun-mode disabled: a NaN or Inf loss or gradient stops the run at once, before the
     optimizer step, with one line (nonfinite.py), instead of Megatron's re-run diagnosis, which
-    saves, exits with a code for a scheduler and wants the iteration re-run on another GPU."""
+    saves, exits with a code for a scheduler and wants the iteration re-run on another GPU.
+    transformer_impl: the layer implementation chosen for a run that asked for none."""
+    impl = [] if transformer_impl is None else ["--transformer-impl", transformer_impl]
     return ["--calculate-per-token-loss", "--tokenizer-type", "NullTokenizer", "--rerun-mode", "disabled",
-            *runtime.megatron_flags()]
+            *runtime.megatron_flags(), *impl]
+
+
+def choose_layers(argv, runtime, prog="sed_megatron.train"):
+    """(the implementation to add before the settings or None, a notice or None) for a run whose
+    settings (YAML and command line, expanded) are argv; one line and exit 2 when it asked for
+    Transformer Engine and cannot have it (runtime.layer_implementation)."""
+    from sed_megatron.runtime import LayerImplementationError, layer_implementation, requested_transformer_impl
+
+    requested = requested_transformer_impl(argv)
+    try:
+        impl, notice = layer_implementation(requested, runtime)
+    except LayerImplementationError as err:
+        fail(str(err), prog)
+    return (None if requested else impl), notice
 
 
 def fail(message, prog="sed_megatron.train"):
@@ -82,7 +98,8 @@ def parse_flags(argv, runtime, extra_args_provider=None, prog="sed_megatron.trai
         expanded = expand_config(argv, parser)
     except (ConfigError, ValueError) as err:
         fail(str(err), prog)
-    return parser.parse_known_args(run_defaults(runtime) + expanded)[0]
+    impl, _ = choose_layers(expanded, runtime, prog)
+    return parser.parse_known_args(run_defaults(runtime, impl) + expanded)[0]
 
 
 def check_before_spawn(argv, runtime, world_size, **parse_kwargs):
@@ -153,7 +170,8 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
         sources = {**model_sources, **sources}
     except (ConfigError, ValueError) as err:
         fail(str(err), prog)
-    full_argv = run_defaults(runtime) + model_argv + expanded
+    impl, layers_notice = choose_layers(model_argv + expanded, runtime, prog)
+    full_argv = run_defaults(runtime, impl) + model_argv + expanded
     # Our errors first, before Megatron's checks.
     namespace = parser.parse_args(full_argv)
     missing = [flag for flag in missing_kernel_flags(namespace.transformer_impl) if flag not in full_argv]
@@ -163,6 +181,8 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
         if not runtime.on_cpu and rank_zero:
             print(f"sed_megatron: kernels for these Megatron fusions are not installed (Transformer Engine / apex), "
                   f"so they are off: {' '.join(missing)}", flush=True)
+    if layers_notice and rank_zero:
+        print(f"sed_megatron: {layers_notice}", flush=True)
     loss_cfg = loss_config(namespace, prog) if need_loss_config else None
     check_data_args(namespace, prog)
     if precheck is not None:

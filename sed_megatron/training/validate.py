@@ -198,6 +198,18 @@ def check_fused_linear(s: Settings):
         if getattr(s.args, dest, None):
             raise StartupError(f"{s.name('sft_fused_linear')} with {s.name(dest)}: the fused loss computes only the "
                                f"output layer's logits, without {what}")
+    if getattr(s.args, "defer_embedding_wgrad_compute", False):
+        raise StartupError(f"{s.name('sft_fused_linear')} with {s.name('defer_embedding_wgrad_compute')}: the fused "
+                           f"loss forms the output layer's weight gradient itself, so Megatron's deferred "
+                           f"computation would find no activations to defer; drop one of them")
+
+
+def check_weight_gradient_fusion(s: Settings):
+    """Megatron options that need the fused weight-gradient accumulation (apex's extension)."""
+    if getattr(s.args, "defer_embedding_wgrad_compute", False) and not s.gradient_accumulation_fusion:
+        raise StartupError(f"{s.name('defer_embedding_wgrad_compute')} needs Megatron's gradient-accumulation "
+                           f"fusion, which is off (--no-gradient-accumulation-fusion: given, or apex's "
+                           f"fused_weight_gradient_mlp_cuda is not installed)")
 
 
 def validate_run(settings: Settings, world_size, training=True):
@@ -211,5 +223,6 @@ def validate_run(settings: Settings, world_size, training=True):
     check_schedule(settings)
     check_sequence_and_context_parallel(settings)
     check_fused_linear(settings)
+    check_weight_gradient_fusion(settings)
     notices, extra = found
     return notices + check_moe(settings, training), extra

@@ -253,6 +253,7 @@ def check_tensor_parallel(world_size):
     if world_size == 2:  # in the same ranks, to spare a start-up
         check_sequence_parallel_equals_replicated(tp_group, rank, world_size)
         check_mutation_local_topk_is_caught(tp_group, rank)
+        check_mutation_unscaled_local_sums_are_caught(tp_group, rank)
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -310,23 +311,40 @@ def check_mutation_local_topk_is_caught(tp_group, rank):
     raise RuntimeError("a local top-k went unnoticed")
 
 
-def test_mutation_wrong_chunk_boundary_is_caught(monkeypatch):
-    """Chunks of tokens that stop one token short (forward), vocabulary blocks that overlap by one
-    row (backward): each must fail check_case."""
-    genuine_slices, genuine_blocks = fused_module._token_slices, fused_module._vocab_blocks
+def check_mutation_unscaled_local_sums_are_caught(tp_group, rank):
+    """A mutation: the recompute scheme's forward all-reduces each rank's sums as taken relative
+    to its own max, without rescaling them to the global max."""
+    from sed_megatron.loss import math as loss_math
+
+    genuine = loss_math.rescale_partial_sums
+
+    def unscaled(local_max, logits_max, sum_exp, sum_exp_x=None, tempered=None, temperature=1.0):
+        return genuine(logits_max, logits_max, sum_exp, sum_exp_x, tempered, temperature)
+
+    loss_math.rescale_partial_sums = unscaled
+    try:
+        check_case(torch.float32, 2, "sed", tp_group, rank, 2, seed=1, chunk_size=5, grad_in_forward=False)
+    except AssertionError:
+        return
+    finally:
+        loss_math.rescale_partial_sums = genuine
+    raise RuntimeError("unscaled local sums went unnoticed")
+
+
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_mutation_wrong_chunk_boundary_is_caught(monkeypatch, grad_in_forward):
+    """Chunks of tokens that stop one token short (the forward's, and the recompute's in the
+    backward): each scheme must fail check_case."""
+    genuine_slices = fused_module._token_slices
 
     def short(num_tokens, chunk_size):
         return [slice(s.start, max(s.start, s.stop - 1)) for s in genuine_slices(num_tokens, chunk_size)]
 
-    def overlapping(shard_size, num_tokens, chunk_size):
-        return [slice(max(0, b.start - 1), b.stop) for b in genuine_blocks(shard_size, num_tokens, chunk_size)]
-
-    check_case(torch.float32, 2, "sed", None, 0, 1, seed=2, chunk_size=5)
-    for name, mutation in (("_token_slices", short), ("_vocab_blocks", overlapping)):
-        with monkeypatch.context() as patch:
-            patch.setattr(fused_module, name, mutation)
-            with pytest.raises(AssertionError):
-                check_case(torch.float32, 2, "sed", None, 0, 1, seed=2, chunk_size=5)
+    check_case(torch.float32, 2, "sed", None, 0, 1, seed=2, chunk_size=5, grad_in_forward=grad_in_forward)
+    with monkeypatch.context() as patch:
+        patch.setattr(fused_module, "_token_slices", short)
+        with pytest.raises((AssertionError, RuntimeError)):  # wrong values, or per-token results of the wrong size
+            check_case(torch.float32, 2, "sed", None, 0, 1, seed=2, chunk_size=5, grad_in_forward=grad_in_forward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +367,8 @@ def test_gradient_accumulation_fusion_adds_into_main_grad(dtype, grad_in_forward
         if zero_out_wgrad:
             param.zero_out_wgrad = True  # set by Megatron when the embedding shares the weight on this stage
         loss_sum, _ = fused_linear_sft_loss(hidden, param, target, loss_mask, cfg, chunk_size=5,
-                                            gradient_accumulation_fusion=True, grad_in_forward=grad_in_forward)
+                                            gradient_accumulation_fusion=True, grad_in_forward=grad_in_forward,
+                                            output_grad_scale=2.0)
         (loss_sum * 2.0).backward()
         assert param.grad_added_to_main_grad
         assert param.grad is not None and param.grad.shape == param.shape  # DDP's hook needs a gradient
@@ -359,6 +378,16 @@ def test_gradient_accumulation_fusion_adds_into_main_grad(dtype, grad_in_forward
             dict(atol=BF16_GRAD_ATOL_SCALE * 2 * float(ref_grad_weight.abs().max()), rtol=0)
         torch.testing.assert_close(param.main_grad.double() - before.double(), ref_grad_weight * 2.0, **tol)
 
+    # With gradients in the forward, a backward that brings another scale than the one main_grad
+    # received is an error (the sum in main_grad could not be corrected).
+    if grad_in_forward:
+        param = torch.nn.Parameter(weight.clone())
+        param.main_grad = torch.zeros(param.shape)
+        param.grad_added_to_main_grad = False
+        loss_sum, _ = fused_linear_sft_loss(hidden, param, target, loss_mask, cfg, chunk_size=5,
+                                            gradient_accumulation_fusion=True, grad_in_forward=True)
+        with pytest.raises(RuntimeError, match=r"gradient is 3\.0, but its weight gradient went into main_grad"):
+            (loss_sum * 3.0).backward()
     # Without the fusion (or without a main_grad) autograd gets the gradient, main_grad is left alone.
     param = torch.nn.Parameter(weight.clone())
     param.main_grad = torch.zeros(param.shape)
@@ -436,7 +465,7 @@ def check_megatron_tied_ddp():
         return fused_linear_sft_loss(
             hidden_states, weight, context["labels"].t(), context["loss_mask"].t(), cfg, output_layer.tp_group,
             chunk_size=7, sequence_parallel=output_layer.sequence_parallel, vocab_size=90,
-            gradient_accumulation_fusion=True, grad_in_forward=grad_in_forward)
+            gradient_accumulation_fusion=True, grad_in_forward=grad_in_forward, output_grad_scale=2.0)
 
     results = []
     for fused in (None, False, True):  # materialized; fused (recompute); fused (gradients in the forward)
@@ -548,19 +577,25 @@ def check_triton_kernels_on_a_chunk(dtype):
     index = torch.tensor([10, 3, 60, 0, 33, 7])
     in_shard = torch.tensor([True, True, True, False, True, True])
     values = logits[:, :real].float()
-    for count in (1, 3, 5):
-        local_max, sum_exp, sum_exp_x, candidates, target_logit = kernels.local_shard_stats(
-            logits, index, in_shard, real, count, with_entropy=True)
+    for count, temperature in ((1, 1.0), (3, 0.7), (5, 1.0)):
+        local_max, sum_exp, sum_exp_x, tempered, candidates, target_logit = kernels.local_shard_stats(
+            logits, index, in_shard, real, count, with_entropy=True, temperature=temperature)
         torch.testing.assert_close(local_max, values.amax(-1), atol=0, rtol=0)
         shifted = values - values.amax(-1, keepdim=True)
         torch.testing.assert_close(sum_exp, shifted.exp().sum(-1), atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(sum_exp_x, (shifted.exp() * shifted).sum(-1), atol=1e-5, rtol=1e-5)
+        if temperature == 1.0:
+            assert tempered is None
+        else:  # GEM's tempered sums, taken online as the max grows
+            a = (shifted / temperature).exp()
+            torch.testing.assert_close(tempered[0], a.sum(-1), atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(tempered[1], (a * shifted).sum(-1), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(candidates.sort(-1).values, values.topk(count, -1).values.sort(-1).values,
                                    atol=0, rtol=0)
         torch.testing.assert_close(target_logit, torch.where(in_shard, values.gather(-1, index[:, None])[:, 0], 0.0),
                                    atol=0, rtol=0)
     # A shard of padding only (the last rank of a padded vocabulary): nothing, and -inf candidates.
-    local_max, sum_exp, _, candidates, target_logit = kernels.local_shard_stats(
+    local_max, sum_exp, _, _, candidates, target_logit = kernels.local_shard_stats(
         logits, index, torch.zeros(rows, dtype=torch.bool), 0, 2, with_entropy=False)
     assert torch.all(local_max == float("-inf")) and torch.all(sum_exp == 0) and torch.all(candidates == float("-inf"))
     assert torch.all(target_logit == 0)
@@ -574,6 +609,14 @@ def check_triton_kernels_on_a_chunk(dtype):
     grad = kernels.write_gradient_(logits.clone(), logits_max, coef / normalizer, coef * in_shard, index, real)
     assert grad.dtype == dtype
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=8e-3)  # one bf16 rounding
+    torch.testing.assert_close(grad.float(), expected, **tol)
+    # The tempered form: coef * softmax(z / T) - coef * onehot(y).
+    tempered = ((values - logits_max[:, None]) / 0.7).exp()
+    expected = torch.cat([coef[:, None] * tempered / tempered.sum(-1, keepdim=True), torch.zeros(rows, columns - real)],
+                         dim=-1)
+    expected[torch.arange(rows), index] -= coef * in_shard
+    grad = kernels.write_gradient_(logits.clone(), logits_max, coef / tempered.sum(-1), coef * in_shard, index, real,
+                                   temperature=0.7)
     torch.testing.assert_close(grad.float(), expected, **tol)
 
 
@@ -591,6 +634,8 @@ def check_triton_backend(world_size):
             (torch.bfloat16, 2, "dft", 10, False, True, 0),
             (torch.float32, 1, "sed", 24, False, True, 4),
             (torch.bfloat16, 5, "sed/mask=none", 9, False, False, 4),
+            (torch.float32, 2, "gem", 7, False, True, 4),  # the tempered softmax form, T = beta
+            (torch.bfloat16, 2, "gem", 24, False, False, 0),
         ]
     else:
         tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -598,6 +643,7 @@ def check_triton_backend(world_size):
         cases = [
             (torch.float32, 5, "sed", 7, True, False, 4),
             (torch.bfloat16, 2, "dft", 10, False, True, 0),
+            (torch.float32, 2, "gem", 9, True, False, 4),
         ]
     _interpreted_kernels(64)  # 212 ids: 4 steps per row
     for seed, (dtype, top_k, variant, chunk_size, sp, grad_in_forward, padding) in enumerate(cases):
@@ -618,7 +664,8 @@ def test_backend_choice():
     hidden, weight, loss_mask = make_inputs(212, torch.float32, seed=13)
     target = make_target(212, seed=13)
     with pytest.raises(ValueError, match="do not cover loss kind 'gem'"):
-        fused_linear_sft_loss(hidden, weight, target, loss_mask, LossConfig(kind="gem"), backend="triton")
+        fused_linear_sft_loss(hidden, weight, target, loss_mask, LossConfig(kind="gem", gem_h="logsigmoid"),
+                              backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         fused_linear_sft_loss(hidden, weight, target, loss_mask, LossConfig(), backend="cuda")
     assert not fused_module._use_triton("auto", fused_module.get_kind("ce"), LossConfig(), torch.device("cpu"))

@@ -131,3 +131,22 @@ def check_masked_mean_over_group():
 
 def test_masked_mean_weights_tokens_not_ranks():
     run_distributed(check_masked_mean_over_group, world_size=2)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_local_topk_candidates_equal_torch_topk_with_ties(top_k):
+    """The k = 2 path (max, blank it, max again) against torch.topk: ties count once each, rows of
+    one real id, and the buffer is left bit for bit as it was."""
+    from sed_megatron.loss.math import local_topk_candidates
+
+    gen = torch.Generator().manual_seed(2)
+    values = torch.randn(6, 9, generator=gen)
+    values[0, [2, 5]] = 4.0  # a tie for the max
+    values[1] = 1.5  # all equal
+    values[2, 3] = float("-inf")
+    before = values.clone()
+    got = local_topk_candidates(values, top_k, 9)
+    assert torch.equal(values, before)
+    torch.testing.assert_close(got.sort(-1).values, values.topk(top_k, -1).values.sort(-1).values, atol=0, rtol=0)
+    one_id = local_topk_candidates(values[:, :1], top_k, 9)  # a shard with one real id: -inf candidates after it
+    assert torch.equal(one_id[:, 0], values[:, 0]) and torch.all(one_id[:, 1:] == float("-inf"))

@@ -162,7 +162,7 @@ def test_hooks_match_the_installed_megatron():
 GPU_WITHOUT_KERNELS = """
 from sed_megatron.runtime import Runtime, missing_kernel_flags
 from sed_megatron.training.setup import parse_run_args
-assert missing_kernel_flags("transformer_engine") == ["--no-rope-fusion"]
+assert missing_kernel_flags("transformer_engine") == ["--no-rope-fusion", "--no-gradient-accumulation-fusion"]
 args, _ = parse_run_args(["--config", "examples/tiny_cpu.yaml", "--tensor-model-parallel-size", "1"], Runtime("cuda"))
 assert args.distributed_backend == "nccl" and not args.use_cpu_initialization and args.transformer_impl == "local"
 assert not (args.gradient_accumulation_fusion or args.apply_rope_fusion or args.masked_softmax_fusion)
@@ -173,8 +173,107 @@ print("ok")
 
 def test_gpu_run_without_te_or_apex_turns_off_the_fusions_it_lacks():
     """Megatron's defaults fuse RoPE, weight-gradient accumulation, the layer norm and the masked
-    softmax; without Transformer Engine and apex the local layers would fail at build or first step."""
+    softmax; without Transformer Engine and apex the local layers would fail at build or first step.
+    A run that asked for no layer implementation gets the local layers, and one line says so."""
     out = run_python(GPU_WITHOUT_KERNELS, env={"RANK": "0", "WORLD_SIZE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "ok"
     assert "kernels for these Megatron fusions are not installed" in out.stdout
+    notice = [line for line in out.stdout.splitlines() if "Transformer Engine is not available" in line]
+    assert len(notice) == 1 and "transformer_engine is not installed" in notice[0], out.stdout
+
+
+TE_WITHOUT_APEX = """
+import copy, os, torch.distributed as dist
+import sed_megatron.runtime as runtime
+runtime._TE_IMPORT[:] = [None]    # the boundary: Transformer Engine's layers import; apex is absent here
+from sed_megatron.training.setup import parse_run_args
+argv = ["--config", "examples/tiny_cpu.yaml", "--tensor-model-parallel-size", "1", "--transformer-impl", "transformer_engine"]
+args, _ = parse_run_args(argv, runtime.Runtime("cuda"))
+assert args.transformer_impl == "transformer_engine" and not args.gradient_accumulation_fusion
+# GPTModel's output layer is Megatron's ColumnParallelLinear with either implementation: built from
+# this run's config it passes the check that raises without apex's fused_weight_gradient_mlp_cuda.
+runtime.apply_cpu_runtime()       # its "GPU" allocations land on the CPU
+dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:" + os.environ["PORT"])
+from megatron.core import parallel_state, tensor_parallel
+from megatron.training.argument_utils import core_transformer_config_from_args
+parallel_state.initialize_model_parallel()
+tensor_parallel.model_parallel_cuda_manual_seed(1)
+args.apply_rope_fusion = False    # Megatron checks TE itself for fused RoPE: not what is under test
+config = core_transformer_config_from_args(args)
+def output_layer(config):
+    return tensor_parallel.ColumnParallelLinear(config.hidden_size, 256, config=config, init_method=config.init_method,
+                                                bias=False, gather_output=False,
+                                                tp_group=parallel_state.get_tensor_model_parallel_group())
+output_layer(config)
+fused = copy.copy(config)
+fused.gradient_accumulation_fusion = True  # Megatron's default, which the run had before the fix
+try:
+    output_layer(fused)
+except RuntimeError as err:
+    assert "fused_weight_gradient_mlp_cuda" in str(err), err
+else:
+    raise AssertionError("the check did not raise: this test no longer reaches it")
+print("ok")
+"""
+
+
+def test_gpu_run_with_te_and_without_apex_builds_its_output_layer():
+    """A pip install of .[gpu] (Transformer Engine, no apex): gradient-accumulation fusion is off
+    with the TE layers too, so GPTModel's output layer builds."""
+    from sed_megatron.utils import free_port
+
+    out = run_python(TE_WITHOUT_APEX, env={"RANK": "0", "WORLD_SIZE": "1", "PORT": str(free_port())})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "ok"
+    assert "so they are off: --no-gradient-accumulation-fusion" in out.stdout
+
+
+def test_layer_implementation_is_never_a_silent_fallback(monkeypatch):
+    from sed_megatron import runtime
+
+    gpu, cpu = runtime.Runtime("cuda"), runtime.Runtime("cpu")
+    broken = "import transformer_engine.pytorch failed: OSError: libcudnn.so.9: cannot open shared object file"
+    monkeypatch.setattr(runtime, "_TE_IMPORT", [broken])
+    with pytest.raises(runtime.LayerImplementationError) as err:
+        runtime.layer_implementation("transformer_engine", gpu)  # asked for: one line naming the import error
+    assert "\n" not in str(err.value) and broken in str(err.value) and str(err.value).startswith("--transformer-impl")
+    impl, notice = runtime.layer_implementation(None, gpu)  # asked for nothing: the local layers, said once
+    assert impl == "local" and broken in notice and "--transformer-impl transformer_engine makes this an error" in notice
+    assert runtime.layer_implementation("local", gpu) == ("local", None)
+    assert runtime.layer_implementation(None, cpu) == ("local", None)
+    monkeypatch.setattr(runtime, "_TE_IMPORT", [None])
+    assert runtime.layer_implementation(None, gpu) == ("transformer_engine", None)
+    assert runtime.layer_implementation("transformer_engine", gpu) == ("transformer_engine", None)
+    assert runtime.requested_transformer_impl(["--transformer-impl", "local", "--x", "--transformer-impl=transformer_engine"]) \
+        == "transformer_engine"
+    assert runtime.requested_transformer_impl(["--config", "x.yaml"]) is None
+
+
+def test_training_asking_for_te_without_it_stops_with_one_line(tmp_path):
+    """A recipe's transformer_impl: transformer_engine on a machine that cannot import it."""
+    out = subprocess.run([sys.executable, "-m", "sed_megatron.train", "--config", "examples/tiny_cpu.yaml",
+                          "--tensor-model-parallel-size", "1", "--transformer-impl", "transformer_engine",
+                          "--save", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        "sed_megatron.train: error: --transformer-impl transformer_engine: Transformer Engine cannot be used "
+        "(transformer_engine is not installed); install it (pip install '.[gpu]') or ask for --transformer-impl local"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_self_launch_fills_the_gpus():
+    from sed_megatron.launch import local_world_size
+    from sed_megatron.utils import UsageError
+
+    assert local_world_size(2, "cpu") == (2, None)
+    assert local_world_size(2, "cuda", 8) == (8, None)  # 4 data-parallel replicas of TP x PP x CP = 2
+    assert local_world_size(1, "cuda", 8) == (8, None)
+    used, notice = local_world_size(3, "cuda", 8)
+    assert used == 6 and notice == "8 GPUs and TP x PP x CP = 3: 6 ranks (2 data-parallel replicas), 2 GPU(s) idle"
+    with pytest.raises(UsageError, match="TP x PP x CP = 16 ranks need 16 GPUs and this machine has 8"):
+        local_world_size(16, "cuda", 8)
+    from sed_megatron.runtime import Runtime
+
+    assert "TORCHDYNAMO_DISABLE" not in Runtime("cuda").launch_env()  # Megatron's compiled fusions stay on
+    assert Runtime("cpu").launch_env()["TORCHDYNAMO_DISABLE"] == "1"

@@ -3,18 +3,23 @@
 A kind is collective-free math on one rank's vocab shard. The autograd Function
 (`vocab_parallel.py`) runs the same steps for every kind and never branches on it:
 
-  1. partial sums: `partial_sums(cfg, x, x_target)` on a chunk of tokens of the shifted shard
-     x = z - m (m: the token's global max), for the extra per-token sums the kind needs
-     (`sum_names(cfg)`) beyond sum_j exp(x_j), which every kind gets; the caller sums them over
-     the tensor-parallel group with it. x_target = x_y is already global (it comes with the
-     top-k all-gather), so a sum may depend on it.
+  1. partial sums, on a chunk of tokens of the shifted shard x = z - m (m: the token's global
+     max): sum_j exp(x_j), which every kind gets, and the extra per-token sums the kind needs
+     (`sum_names(cfg)`); the caller sums them over the tensor-parallel group.
   2. loss: `token_loss(cfg, terms)` from the globally reduced TokenTerms: the per-token loss,
      the per-token scale of the gradient form, the SED mask, and the kind's extra per-token
      reports (`reports`, e.g. SED's penalty), which the caller returns among the stats.
-  3. gradient: `gradient_(cfg, exp_x, sums, coef, index, in_shard)` turns the kept exp(x)
-     buffer, or a chunk of tokens of it, into coef * d loss / d z in place. The default form is
-     the CE gradient times one number per token, coef * (softmax(z) - onehot(y)); GEM's is its
-     tempered softmax, coef * (softmax(z / beta) - onehot(y)) (weighted with h = logsigmoid).
+  3. gradient: coef * d loss / d z, formed in place in the kept buffer of a chunk of tokens.
+
+Most kinds' gradient is a softmax form, coef * (softmax(z / T) - onehot(y)), with a temperature
+T that `temperature(cfg)` declares: T = 1 for CE, DFT and SED (the CE form times one number per
+token), T = beta for GEM with h = linear (its tempered softmax). For those the shared code does
+everything in its fastest form (one in-place pass where it can; the Triton kernels of the fused
+loss; the partial sums relative to a rank's own max, rescaled, so that the fused loss needs one
+collective round per micro-batch): the kept buffer holds exp(x / T), and a kind with T != 1
+has the tempered sums TEMPERED_SUMS = (sum_j exp(x_j / T), sum_j exp(x_j / T) x_j) as its extra
+sums. A kind of another form (`temperature` None) defines `partial_sums` and `gradient_`; its
+kept buffer holds exp(x).
 
 Shapes: t tokens (the caller's leading dims, flattened), V/tp the shard; `[r, ...]` a chunk of
 r tokens. A kind sees only the LossConfig it is given, never a process group.
@@ -24,6 +29,9 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+TEMPERED_SUMS = ("tempered_sum", "tempered_dot")
+"""The extra sums of a softmax-form kind with T != 1: sum_j exp(x_j / T) and sum_j exp(x_j / T) x_j."""
 
 
 class TokenSums(NamedTuple):
@@ -79,12 +87,17 @@ class LossKind:
     def validate(self, cfg):
         """Checks of the LossConfig fields this kind reads; errors name the field."""
 
+    def temperature(self, cfg) -> float | None:
+        """T of a gradient coef * (softmax(z / T) - onehot(y)); None for a gradient of another form."""
+        return 1.0
+
     def sum_names(self, cfg) -> tuple[str, ...]:
-        """The extra per-token partial sums the kind needs, in the row order of `partial_sums`."""
-        return ()
+        """The extra per-token partial sums the kind needs, in the row order of `partial_sums`
+        (TEMPERED_SUMS for a softmax form with T != 1, which the shared code computes)."""
+        return TEMPERED_SUMS if self.temperature(cfg) not in (None, 1.0) else ()
 
     def partial_sums(self, cfg, x, x_target):
-        """This shard's extra sums `[n, r]` for a chunk x `[r, V/tp]` (fp32, z - m) and x_target `[r]`.
+        """Another form's extra sums `[n, r]` for a chunk x `[r, V/tp]` (fp32, z - m) and x_target `[r]`.
 
         x holds the shifted logits (padding ids at the most negative float). It must be left
         unchanged; temporaries of x's size are fine (the caller bounds the chunk).
@@ -95,13 +108,16 @@ class LossKind:
         """Per-token loss, gradient scale, SED mask and reports from the global terms."""
         raise NotImplementedError(f"loss kind {self.name!r} defines no token_loss")
 
-    def gradient_(self, cfg, exp_x, sums: TokenSums, coef, index, in_shard):
-        """In place: exp_x = exp(z - m) `[r, V/tp]` -> coef * (softmax(z) - onehot(y)); returns it.
+    def gradient_(self, cfg, kept, sums: TokenSums, coef, index, in_shard):
+        """In place: the kept buffer `[r, V/tp]` -> coef * d loss / d z; returns it.
 
-        coef `[r]` is grad_output times the kind's grad_scale; index `[r]` the target's column in
-        this shard and in_shard `[r]` whether it lies here (`math.shard_target_index`).
+        Softmax form: kept = exp(x / T) -> coef * (softmax(z / T) - onehot(y)). Another form
+        (temperature None) overrides this; its kept buffer holds exp(x). coef `[r]` is
+        grad_output times the kind's grad_scale; index `[r]` the target's column in this shard and
+        in_shard `[r]` whether it lies here (`math.shard_target_index`).
         """
-        return distribution_minus_onehot_(exp_x, sums.sum_exp, coef, coef, index, in_shard)
+        normalizer = sums.sum_exp if self.temperature(cfg) == 1.0 else sums.extra[0]
+        return distribution_minus_onehot_(kept, normalizer, coef, coef, index, in_shard)
 
 
 def distribution_minus_onehot_(weights, normalizer, coef, target_coef, index, in_shard):
