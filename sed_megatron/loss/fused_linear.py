@@ -94,7 +94,8 @@ class _Options:
     vocab_size: int
     grad_in_forward: bool
     accumulate_into_main_grad: bool
-    output_grad_scale: float
+    output_grad_scale: object
+    """A float, or a 0-dim tensor on the device (Megatron's loss scale: no host sync in the forward)."""
     use_triton: bool
     need_hidden_grad: bool
     need_weight_grad: bool
@@ -337,11 +338,12 @@ class _FusedLinearSFTLoss(torch.autograd.Function):
             if ctx.main_grad is not None:
                 # main_grad already holds this call's gradient at output_grad_scale: the incoming
                 # gradient must be that scale (one host sync per call).
-                if float(scale) != opts.output_grad_scale:
+                expected = float(opts.output_grad_scale)
+                if float(scale) != expected:
                     raise RuntimeError(
                         f"fused_linear_sft_loss: the loss sum's gradient is {float(scale)!r}, but its weight gradient "
-                        f"went into main_grad in the forward for output_grad_scale={opts.output_grad_scale!r}; pass "
-                        f"the loss scale as output_grad_scale, or grad_in_forward=False")
+                        f"went into main_grad in the forward for output_grad_scale={expected!r}; pass the loss "
+                        f"scale as output_grad_scale, or grad_in_forward=False")
             else:
                 if grad_hidden is not None:
                     grad_hidden.mul_(scale.to(grad_hidden.dtype))
@@ -386,6 +388,7 @@ def _grad_in_forward(flat_hidden, weight, flat_target, mask, main_grad, opts: _O
     grad_hidden = torch.empty_like(flat_hidden) if opts.need_hidden_grad else None  # written once per chunk
     wgrad = _weight_grad_accumulator(weight, main_grad) if opts.need_weight_grad else None
     coef_scale = opts.output_grad_scale if main_grad is not None else 1.0
+    scaled = torch.is_tensor(coef_scale) or coef_scale != 1.0
     for rows in _token_slices(num_tokens, opts.chunk_size):
         logits = flat_hidden[rows] @ weight.t()  # [c, V/tp], the output layer's dtype
         chunk = _chunk_loss(logits, flat_target[rows], opts, kind, rank, world_size, real)
@@ -394,7 +397,7 @@ def _grad_in_forward(flat_hidden, weight, flat_target, mask, main_grad, opts: _O
         token_loss[rows] = chunk.kind_loss.loss
         stats[:, rows] = torch.stack(chunk.stat_values)
         coef = mask[rows] * chunk.kind_loss.grad_scale
-        if coef_scale != 1.0:
+        if scaled:
             coef = coef * coef_scale
         grad = _form_gradient_(logits, chunk.kept, opts, kind, chunk.sums, chunk.logits_max, coef, chunk.index,
                                chunk.in_shard, real)
@@ -554,8 +557,8 @@ def fused_linear_sft_loss(hidden, weight, target, loss_mask, cfg: LossConfig, tp
         grad_in_forward: True: the three-GEMM scheme (gradients formed in the forward); False: the
             logits recomputed in the backward (four GEMMs, the least memory); None: the device's
             default (`default_grad_in_forward`), which training uses too.
-        output_grad_scale: the gradient the loss sum will receive (Megatron's loss scale); read
-            only when grad_in_forward writes into main_grad in the forward.
+        output_grad_scale: the gradient the loss sum will receive (Megatron's loss scale; a float
+            or a 0-dim tensor); read only when grad_in_forward writes into main_grad in the forward.
         backend: "auto" (Triton on a GPU where it applies), "torch" or "triton".
 
     Returns:
@@ -584,7 +587,8 @@ def fused_linear_sft_loss(hidden, weight, target, loss_mask, cfg: LossConfig, tp
         cfg=cfg, tp_group=tp_group, sequence_parallel=sequence_parallel, chunk_size=chunk_size,
         with_entropy=with_entropy, vocab_size=vocab_size, grad_in_forward=bool(grad_in_forward),
         accumulate_into_main_grad=gradient_accumulation_fusion and getattr(weight, "main_grad", None) is not None,
-        output_grad_scale=float(output_grad_scale), use_triton=_use_triton(backend, kind, cfg, hidden.device),
+        output_grad_scale=output_grad_scale if torch.is_tensor(output_grad_scale) else float(output_grad_scale),
+        use_triton=_use_triton(backend, kind, cfg, hidden.device),
         need_hidden_grad=grad_enabled and hidden.requires_grad, need_weight_grad=grad_enabled and weight.requires_grad,
     )
     loss_sum, *stat_values = _FusedLinearSFTLoss.apply(hidden, weight, target, loss_mask, opts)

@@ -24,6 +24,7 @@ import yaml
 
 from sed_megatron.calibration import PUBLISHED_TOP_K, TOKEN_SETS, calibration_top_k
 from sed_megatron.loss import GEM_H, LOSS_KINDS, SED_MASKS
+from sed_megatron.loss.fused_linear import SCHEMES as FUSED_MODES
 
 MEGATRON_SECTIONS = ("model", "parallel", "training", "optimizer", "checkpoint", "logging")
 
@@ -40,6 +41,7 @@ LOSS_FLAGS = {  # LossConfig field -> flag
     "calibrate_tokens": "--sed-calibrate-tokens",
     "calibrate_top_k": "--sed-calibrate-top-k",
     "fused_linear": "--sft-fused-linear",
+    "fused_mode": "--sft-fused-mode",
     "fused_chunk_tokens": "--sft-fused-chunk-tokens",
 }
 DATA_FLAGS = {  # DataConfig field -> flag
@@ -97,9 +99,14 @@ def add_sed_arguments(parser):
     group.add_argument("--sft-fused-linear", action="store_true",
                        help="the output layer and the loss chunk by chunk of tokens: no [tokens, V/tp] logits "
                             "(fused_linear_sft_loss; the same loss, tau calibration included)")
+    group.add_argument("--sft-fused-mode", default=None, choices=list(FUSED_MODES),
+                       help="gradient scheme of --sft-fused-linear: grad-in-forward (3 GEMMs; holds dL/dhidden "
+                            "[tokens, h] from the forward to the backward) or recompute (4 GEMMs: the logits again "
+                            "in the backward; the least memory). Default: grad-in-forward (measured: "
+                            "docs/PERFORMANCE.md)")
     group.add_argument("--sft-fused-chunk-tokens", type=int, default=None,
-                       help="tokens per chunk of --sft-fused-linear (default: about 2^26 logits per chunk on a "
-                            "GPU, 2^24 on CPU)")
+                       help="tokens per chunk of --sft-fused-linear (default: about 2^27 logits per chunk on a "
+                            "GPU with grad-in-forward, 2^26 with recompute, 2^24 on CPU)")
     group.add_argument("--sft-data-kind", default="synthetic", choices=["synthetic", "indexed", "jsonl"],
                        help="synthetic: a seeded memorization set; indexed: the prefix written by "
                             "tools/preprocess_sft_data.py; jsonl: pre-tokenized {tokens, loss_mask} lines")

@@ -378,6 +378,9 @@ def step_config(args, loss_cfg):
             inject = Injection.parse(args.inject_non_finite, clock=lambda: args.curr_iteration + 1)
         except ValueError as err:
             fail(str(err))
+    from sed_megatron.loss.fused_linear import SCHEMES
+
     return StepConfig(loss=loss_cfg, batch=batch, with_entropy=args.log_entropy, vocab_size=args.vocab_size,
                       check_non_finite=args.check_for_nan_in_loss_and_grad, inject=inject,
-                      fused_linear=args.sft_fused_linear, fused_chunk_tokens=args.sft_fused_chunk_tokens)
+                      fused_linear=args.sft_fused_linear, fused_chunk_tokens=args.sft_fused_chunk_tokens,
+                      fused_grad_in_forward=None if args.sft_fused_mode is None else SCHEMES[args.sft_fused_mode])

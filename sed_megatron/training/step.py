@@ -47,6 +47,8 @@ class StepConfig:
     """The output layer and the loss chunk by chunk of tokens (fused_linear_sft_loss)."""
     fused_chunk_tokens: int | None = None
     """Tokens per chunk of the fused loss (None: its default element budget)."""
+    fused_grad_in_forward: bool | None = None
+    """The fused loss's gradient scheme (None: the device's default, fused_linear.default_grad_in_forward)."""
 
 
 def model_groups(model):
@@ -54,18 +56,32 @@ def model_groups(model):
     return get_attr_wrapped_model(model, "pg_collection")
 
 
+def loss_scale(config, device):
+    """What Megatron's schedule multiplies the loss by before its backward: the optimizer's loss
+    scale (`config.grad_scale_func`, a 0-dim tensor), 1.0 without one (evaluation, calibration)."""
+    if config.grad_scale_func is None:
+        return 1.0
+    return config.grad_scale_func(torch.ones((), device=device)).reshape(())
+
+
 def fused_output(cfg: StepConfig, hidden_states, output_layer, output_weight, context, config, **unused):
     """GPTModel's output_processor: the output layer and the loss of this stage's tokens.
 
     hidden_states `[s, b, h]` (this rank's `[s/tp, b, h]` under SP); the weight is the output
-    layer's, or the embedding's when they are tied. Returns (loss sum, stats `[b, s]`)."""
+    layer's, or the embedding's when they are tied. Returns (loss sum, stats `[b, s]`).
+
+    The weight gradient goes into Megatron's main_grad whenever the weight has one (its DDP
+    buffers), with or without apex and whatever --no-gradient-accumulation-fusion says: the fused
+    loss has its own fp32-accumulating GEMM, and a 16-bit gradient for DDP to add would be a
+    rounding and a weight-sized tensor more."""
     labels, loss_mask = context
     weight = output_layer.weight if output_weight is None else output_weight
     loss_sum, stats = fused_linear_sft_loss(
         hidden_states, weight, labels.t(), loss_mask.t(), cfg.loss, output_layer.tp_group,
         chunk_size=cfg.fused_chunk_tokens, sequence_parallel=output_layer.sequence_parallel,
         vocab_size=cfg.vocab_size, with_entropy=cfg.with_entropy,
-        gradient_accumulation_fusion=config.gradient_accumulation_fusion)
+        gradient_accumulation_fusion=hasattr(weight, "main_grad"), grad_in_forward=cfg.fused_grad_in_forward,
+        output_grad_scale=loss_scale(config, hidden_states.device))
     return loss_sum, {name: value.t() for name, value in stats.items()}
 
 

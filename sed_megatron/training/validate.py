@@ -191,8 +191,9 @@ def check_fused_linear(s: Settings):
     if chunk is not None and chunk < 1:
         raise StartupError(f"{s.name('sft_fused_chunk_tokens')} must be at least 1")
     if not s.sft_fused_linear:
-        if chunk is not None:
-            raise StartupError(f"{s.name('sft_fused_chunk_tokens')} has no effect without {s.name('sft_fused_linear')}")
+        for dest in ("sft_fused_chunk_tokens", "sft_fused_mode"):
+            if getattr(s.args, dest) is not None:
+                raise StartupError(f"{s.name(dest)} has no effect without {s.name('sft_fused_linear')}")
         return
     for dest, what in (("mtp_num_layers", "multi-token prediction layers"), ("use_mup", "muP's logit scaling")):
         if getattr(s.args, dest, None):

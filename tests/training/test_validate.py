@@ -142,6 +142,23 @@ def test_fused_linear_settings(parser):
         "--sft-fused-chunk-tokens 8 has no effect without --sft-fused-linear")
     assert fails(parser, ["--config", TINY, "--sft-fused-linear", "--mtp-num-layers", "1"]).startswith(
         "--sft-fused-linear with --mtp-num-layers 1: the fused loss computes only the output layer's logits")
+    validate_run(settings(parser, ["--config", TINY, "--sft-fused-linear", "--sft-fused-mode", "recompute"]), 2)
+    assert fails(parser, ["--config", TINY, "--sft-fused-mode", "grad-in-forward"]) == (
+        "--sft-fused-mode grad-in-forward has no effect without --sft-fused-linear")
+    # Megatron would pop the deferred activations from an empty buffer at the first step.
+    assert fails(parser, ["--config", TINY, "--sft-fused-linear", "--defer-embedding-wgrad-compute",
+                          "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"]).startswith(
+        "--sft-fused-linear with --defer-embedding-wgrad-compute: the fused loss forms the output layer's weight "
+        "gradient itself")
+
+
+def test_deferred_embedding_gradient_needs_the_fusion(parser):
+    """Without apex's extension gradient-accumulation fusion is off (runtime.missing_kernel_flags),
+    and Megatron's config would refuse the deferral later, as a traceback."""
+    message = fails(parser, ["--config", TINY, "--defer-embedding-wgrad-compute", "--pipeline-model-parallel-size",
+                             "2", "--no-gradient-accumulation-fusion"], world_size=4)
+    assert message.startswith("--defer-embedding-wgrad-compute needs Megatron's gradient-accumulation fusion, which "
+                              "is off")
 
 
 PAPER_ARCHITECTURES = {  # the converted checkpoints' model files carry these; the recipes have no model section
