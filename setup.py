@@ -44,7 +44,8 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "rl": RL_REQUIRES,
         "gguf": GGUF_REQUIRES,
-        # tests/examples/test_rl.py runs 2 GRPO steps with TRL; tests/convert/test_gguf_to_hf.py writes GGUF files
-        "test": ["pytest", *RL_REQUIRES, *GGUF_REQUIRES],
+        # tests/examples/test_rl.py runs 2 GRPO steps with TRL; tests/convert/test_gguf_to_hf.py writes GGUF files;
+        # tools/gpu_check.sh gives each GPU test a timeout (pytest-timeout)
+        "test": ["pytest", "pytest-timeout", *RL_REQUIRES, *GGUF_REQUIRES],
     },
 )

@@ -3,6 +3,7 @@
     python tools/bench_loss.py                        # the table of docs/PERFORMANCE.md
     python tools/bench_loss.py --shapes 2048x76032 --dtypes bf16 --methods megatron_ce sed
     python tools/bench_loss.py --shapes 1x1024x76032 --methods sed gem sed_entropy   # [b, s, V/tp], b = 1
+    python tools/bench_loss.py --rounds 7 --methods megatron_ce ce dft sed gem       # time only, methods in turns
 
 Shapes: TOKENSxSHARD is logits [tokens, 1, V/tp] ([s, b] with b = 1); AxBxSHARD is logits
 [A, B, V/tp] as written, so 1x1024x76032 is the trainer's [b, s, V/tp] at micro-batch 1.
@@ -17,6 +18,10 @@ Each method runs in a fresh process (so allocator caches do not mix). Peak memor
 of the peak above what the process held just before the call, inputs included in that
 baseline: CUDA max_memory_allocated on a GPU, the resident set high-water mark on the CPU
 (reset through /proc/self/clear_refs). Time is the median of --repeats calls after a warm-up.
+--rounds N times only: one process, the methods take turns N rounds (each call on a fresh copy
+of the same logits), and the table gives each method's median time and the median of its
+round-by-round ratio to Megatron's CE: on a shared machine the load drifts over minutes, and
+turns expose every method to the same drift.
 """
 
 import argparse
@@ -124,6 +129,33 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+def run_rounds(methods, shape, dtype_name, rounds, device):
+    """{method: [seconds per round]}, the methods taking turns in this process."""
+    torch.manual_seed(0)
+    dims = _logits_shape(shape)
+    base = (torch.randn(*dims, device=device) * 3).to(DTYPES[dtype_name])
+    target = torch.randint(0, dims[-1], dims[:-1], device=device)
+    loss_fns = {method: _loss_fn(method) for method in methods}
+    times = {method: [] for method in methods}
+    for _ in range(rounds + 1):  # the first round warms up
+        for method in methods:
+            logits = base.clone().requires_grad_()
+            _sync(device)
+            start = time.perf_counter()
+            (grad,) = torch.autograd.grad(loss_fns[method](logits, target).sum(), logits)
+            _sync(device)
+            times[method].append(time.perf_counter() - start)
+            del logits, grad
+    return {method: values[1:] for method, values in times.items()}
+
+
+def _print_rounds(shape, dtype, times):
+    ref = times.get("megatron_ce")
+    for method, values in times.items():
+        ratio = f"{statistics.median(v / r for v, r in zip(values, ref)):.2f}" if ref else "-"
+        print(f"| {shape} | {dtype} | {method} | {statistics.median(values) * 1e3:.0f} | {ratio} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["2048x76032", "2048x64128"], help="TOKENSxSHARD or AxBxSHARD")
@@ -136,9 +168,21 @@ def main():
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, help="time only: the methods in turns in one process, ROUNDS rounds")
     args = parser.parse_args()
     if args.method:
         return _child(args)
+    if args.rounds:
+        device = torch.device(args.device)
+        if "megatron_ce" in args.methods:
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                                                 init_method="tcp://127.0.0.1:%d" % _free_port())
+        print("| logits shape | dtype | method | fwd+bwd ms (median) | time / Megatron CE (median of the rounds) |")
+        print("|---|---|---|---:|---:|")
+        for shape in args.shapes:
+            for dtype in args.dtypes:
+                _print_rounds(shape, dtype, run_rounds(args.methods, shape, dtype, args.rounds, device))
+        return
 
     rows = []
     for shape in args.shapes:

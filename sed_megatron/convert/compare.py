@@ -132,9 +132,9 @@ def compare_hf_mcore(hf_dir, load, tp=1, pp=1, ep=1, atol=None, batch_size=2, se
             shard = outputs[0].contiguous()
             parts = [torch.empty_like(shard) for _ in range(tp)]
             dist.all_gather(parts, shard, group=groups.tp)
-            logits = torch.cat(parts, dim=-1)[..., :model_cfg.vocab_size].float().cpu()  # (b, s, V)
+            logits = torch.cat(parts, dim=-1)[..., :model_cfg.vocab_size].float()  # (b, s, V)
             if dist.get_rank(group=groups.tp) == 0 and dist.get_rank(group=groups.dp) == 0:
-                figures[0], figures[1] = _against_transformers(hf_dir, tokens, logits, compute_dtype)
+                figures[0], figures[1] = _against_transformers(hf_dir, tokens, logits, compute_dtype, device)
         dist.all_reduce(figures, op=dist.ReduceOp.MAX)  # every rank learns the reporter's figures
         diff, reference = float(figures[0]), (float(figures[1]) if figures[1] >= 0 else None)
         if atol is None:
@@ -144,12 +144,15 @@ def compare_hf_mcore(hf_dir, load, tp=1, pp=1, ep=1, atol=None, batch_size=2, se
         dist.destroy_process_group()
 
 
-def _against_transformers(hf_dir, tokens, logits, compute_dtype):
-    """(max |logits - transformers'|, transformers' own bf16-vs-fp32 difference or -1), logits (b, s, V)."""
+def _against_transformers(hf_dir, tokens, logits, compute_dtype, device):
+    """(max |logits - transformers'|, transformers' own bf16-vs-fp32 difference or -1), logits (b, s, V).
+
+    Transformers runs on the device Megatron ran on (a GPU, or the CPU)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval().to(device)
+    tokens = tokens.to(device)
     with torch.no_grad():
         fp32 = hf_model(tokens).logits  # (b, s, V)
         if compute_dtype == "float32":

@@ -1,19 +1,22 @@
-"""Token chunks: how the passes that need temporaries bound them.
+"""Token chunks: how the passes over a `[t, V/tp]` shard bound their temporaries and stay in cache.
 
-Every pass over a `[t, V/tp]` shard that needs a temporary of the shard's shape (a second
-exponential, a product to reduce) walks it in chunks of whole tokens (rows), so its
-temporaries never exceed CHUNK_ELEMENTS elements whatever the caller's layout: with
-`[b, s, V/tp]` and b = 1 the token dim is long, a leading dim may not be.
+Every pass over a shard walks it in chunks of whole tokens (rows), so its temporaries never
+exceed one chunk whatever the caller's layout (with `[b, s, V/tp]` and b = 1 the token dim is
+long, a leading dim may not be), and on the CPU a chunk's successive passes run in the caches.
 """
 
 CHUNK_ELEMENTS = 1 << 20
-"""Element budget of one chunk's temporaries (4 MiB in fp32: a few passes over a chunk stay in the
-CPU's caches, and the allocator reuses it); read at each call, so tests may lower it."""
+"""Element budget of one chunk on the CPU (4 MiB in fp32: a chunk's passes stay in the caches,
+and its temporaries are reused); read at each call, so tests may lower it."""
+CHUNK_ELEMENTS_GPU = 1 << 28
+"""The same on a GPU, where every pass is one kernel launch and memory-bound either way: whole
+shards up to 1 GiB of fp32 (a 2048 x 76032 shard is one chunk)."""
 
 
-def token_chunks(num_tokens, row_elements):
-    """Row slices that cover [0, num_tokens), each of at most CHUNK_ELEMENTS // row_elements rows (>= 1)."""
-    rows = max(1, CHUNK_ELEMENTS // max(1, row_elements))
+def token_chunks(num_tokens, row_elements, device=None):
+    """Row slices that cover [0, num_tokens), each of at most the device's element budget // row_elements rows (>= 1)."""
+    budget = CHUNK_ELEMENTS_GPU if device is not None and device.type == "cuda" else CHUNK_ELEMENTS
+    rows = max(1, budget // max(1, row_elements))
     return [slice(start, min(start + rows, num_tokens)) for start in range(0, num_tokens, rows)]
 
 

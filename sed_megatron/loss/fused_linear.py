@@ -62,8 +62,8 @@ from .vocab_parallel import (
     loss_from_local_stats,
     real_columns,
     shard_loss_forward,
-    shifted_buffer,
     validate_target_ids,
+    working_buffer,
 )
 
 BACKENDS = ("auto", "torch", "triton")
@@ -284,7 +284,7 @@ def _form_gradient_(logits, kept, opts: _Options, kind, sums: TokenSums, logits_
         return triton_kernels.write_gradient_(logits, logits_max, coef / _normalizer(kind, opts.cfg, sums),
                                               coef * in_shard, index, real, kind.temperature(opts.cfg))
     if kept is None:
-        kept = loss_math.keep_from_shifted_(shifted_buffer(logits, logits_max, real, inplace=True), kind, opts.cfg)
+        kept = loss_math.keep_from_logits_(working_buffer(logits, inplace=True), logits_max, real, kind, opts.cfg)
     return kind.gradient_(opts.cfg, kept, sums, coef, index, in_shard)
 
 

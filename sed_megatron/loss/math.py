@@ -94,27 +94,42 @@ def global_topk(candidates, top_k):
     return candidates.topk(top_k, dim=-1, sorted=False).values
 
 
-def exp_and_partial_sums_(shifted, target_shifted, kind: LossKind, cfg, with_entropy):
-    """In place x -> the kind's kept buffer for x = z - m `[t, V/tp]`; returns this shard's partial sums `[n, t]`.
+PADDING_LOGIT = -1e30
+"""What padding ids (>= the real vocabulary) hold in the shifted buffer: exp() of it, or of it
+divided by a temperature, is 0, and it is finite, so 0 * x stays 0 in the sums (the most negative
+float would become -inf divided by a temperature below 1, and 0 * -inf is NaN)."""
+
+
+def shift_chunk_(chunk, logits_max, real):
+    """In place: a chunk z `[r, V/tp]` of the working buffer -> x = z - m, padding ids at PADDING_LOGIT."""
+    chunk.sub_(logits_max.unsqueeze(-1))
+    if real < chunk.size(-1):
+        chunk[:, real:] = PADDING_LOGIT
+    return chunk
+
+
+def exp_and_partial_sums_(buffer, logits_max, real, target_shifted, kind: LossKind, cfg, with_entropy):
+    """In place: the working buffer z `[t, V/tp]` -> x = z - m -> the kind's kept buffer; returns
+    this shard's partial sums `[n, t]`.
 
     Rows: sum_j exp(x_j); then sum_j exp(x_j) x_j (the entropy's, if with_entropy); then the
     kind's extra sums (`kind.sum_names(cfg)`), which may need x_y (target_shifted `[t]`). The kept
-    buffer is exp(x / T) for a softmax-form kind (`LossKind.temperature`), else exp(x).
-    CE, DFT and SED without the entropy are a single in-place pass; the rest need x and a
-    function of it at once, so they run chunk by chunk of tokens with chunk-sized temporaries.
+    buffer is exp(x / T) for a softmax-form kind (`LossKind.temperature`), else exp(x). logits_max
+    `[t]` is the m to shift by; real: the shard's columns that are tokens.
+    Every step runs chunk by chunk of tokens (`chunks.token_chunks`), so that on the CPU a chunk's
+    passes (the shift, the exponential, the sums) stay in the caches: the buffer crosses memory
+    once instead of once per pass. Temporaries are one chunk's.
     """
     temperature = kind.temperature(cfg)
     num_extra = len(kind.sum_names(cfg))
-    if temperature == 1.0 and not with_entropy:
-        return shifted.exp_().sum(dim=-1).unsqueeze(0)
-    num_tokens, shard_size = shifted.shape
+    num_tokens, shard_size = buffer.shape
     first_extra = 1 + int(with_entropy)
-    sums = torch.empty((first_extra + num_extra, num_tokens), dtype=torch.float32, device=shifted.device)
-    slices = token_chunks(num_tokens, shard_size)
-    work = torch.empty((slices[0].stop - slices[0].start, shard_size), dtype=torch.float32, device=shifted.device) \
+    sums = torch.empty((first_extra + num_extra, num_tokens), dtype=torch.float32, device=buffer.device)
+    slices = token_chunks(num_tokens, shard_size, buffer.device)
+    work = torch.empty((slices[0].stop - slices[0].start, shard_size), dtype=torch.float32, device=buffer.device) \
         if slices and (with_entropy or temperature != 1.0) else None  # one chunk-sized temporary, reused
     for rows in slices:
-        chunk = shifted[rows]  # [r, V/tp], a view
+        chunk = shift_chunk_(buffer[rows], logits_max[rows], real)  # [r, V/tp], a view
         if temperature is None:
             sums[first_extra:, rows] = kind.partial_sums(cfg, chunk, target_shifted[rows])
         if temperature not in (None, 1.0):
@@ -133,10 +148,7 @@ def exp_and_partial_sums_(shifted, target_shifted, kind: LossKind, cfg, with_ent
 def _tempered_sums_(chunk, temperature, sums, with_entropy, work):
     """A softmax-form kind with T != 1 on a chunk x `[r, V/tp]`: sums[0] = sum exp(x), [sums[1] =
     sum exp(x) x], the last two rows sum exp(x / T) and sum exp(x / T) x; x becomes exp(x / T).
-    work: a temporary of the chunk's shape.
-
-    x / T goes into the temporary, never into x: padding ids hold the most negative finite float,
-    whose x / T is -inf for T < 1, and 0 * -inf in the dot product would be NaN."""
+    work: a temporary of the chunk's shape."""
     torch.exp(chunk, out=work)
     sums[0] = work.sum(dim=-1)
     if with_entropy:
@@ -147,15 +159,17 @@ def _tempered_sums_(chunk, temperature, sums, with_entropy, work):
     chunk.copy_(work)
 
 
-def keep_from_shifted_(shifted, kind: LossKind, cfg):
-    """In place: x = z - m `[t, V/tp]` -> the kind's kept buffer (exp(x / T), or exp(x)); returns it.
-
-    What exp_and_partial_sums_ leaves in the buffer, for a path that recomputes the logits
-    (the fused loss's backward) and needs no sums."""
+def keep_from_logits_(buffer, logits_max, real, kind: LossKind, cfg):
+    """In place: the working buffer z `[t, V/tp]` -> the kind's kept buffer (exp((z - m) / T), or
+    exp(z - m)); returns it. What exp_and_partial_sums_ leaves in the buffer, for a path that
+    recomputes the logits (the fused loss's backward) and needs no sums."""
     temperature = kind.temperature(cfg)
-    if temperature not in (None, 1.0):
-        shifted.mul_(1.0 / temperature)
-    return shifted.exp_()
+    for rows in token_chunks(*buffer.shape, buffer.device):
+        chunk = shift_chunk_(buffer[rows], logits_max[rows], real)
+        if temperature not in (None, 1.0):
+            chunk.mul_(1.0 / temperature)
+        chunk.exp_()
+    return buffer
 
 
 def rescale_partial_sums(local_max, logits_max, sum_exp, sum_exp_x=None, tempered=None, temperature=1.0):

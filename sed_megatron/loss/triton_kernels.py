@@ -156,8 +156,43 @@ def _block(num_columns):
 
 
 def launch_variants(count, with_entropy, tempered):
-    """The constexpr values of local_stats_kernel for one call: what the ahead-of-time compile test covers."""
+    """The constexpr values of local_stats_kernel for one call (BLOCK aside)."""
     return dict(COUNT=count, COUNT_POW2=_next_power_of_2(count), WITH_ENTROPY=with_entropy, TEMPERED=tempered)
+
+
+_POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+BLOCKS = tuple(1 << n for n in range(4, 12))
+"""Every BLOCK `_block` can give (16 to BLOCK_COLUMNS = 2048)."""
+COUNTS = (1, 2, 3, 10)
+"""Values of COUNT = min(k, V/tp) the compile test covers: k = 1 (amax), the paper's 2, an odd k,
+and the published calibration's 10 (COUNT_POW2 above COUNT)."""
+
+
+def compile_variants():
+    """(kernel name, signature, constexprs) for each launch the code can make, for an ahead-of-time
+    compile (tests/loss/test_triton_compile.py): every logits dtype x entropy x tempered flag with
+    the COUNT and BLOCK values in rotation, every BLOCK of both kernels at least once per dtype.
+    Integer arguments as Triton types them at a launch (i32; the row stride i64 at worst)."""
+    stats_kernel, gradient_kernel = _kernels()
+    per_token = {name: "*fp32" for name in ("max_ptr", "sum_ptr", "dot_ptr", "tempered_sum_ptr", "tempered_dot_ptr",
+                                             "topk_ptr", "target_ptr")}
+    variants = []
+    flags = [(entropy, tempered) for entropy in (False, True) for tempered in (False, True)]
+    for d, dtype in enumerate(_POINTER):
+        for f, (entropy, tempered) in enumerate(flags):
+            step = d * len(flags) + f
+            signature = {"logits_ptr": _POINTER[dtype], "row_stride": "i64", "real": "i32", "index_ptr": "*i64",
+                         "in_shard_ptr": "*i8", "inv_temperature": "fp32", **per_token}
+            constexprs = dict(launch_variants(COUNTS[step % len(COUNTS)], entropy, tempered),
+                              BLOCK=BLOCKS[(3 * step) % len(BLOCKS)])
+            variants.append(("local_stats_kernel", stats_kernel, signature, constexprs))
+        for block in BLOCKS:
+            signature = {"logits_ptr": _POINTER[dtype], "row_stride": "i64", "real": "i32", "num_columns": "i32",
+                         "inv_temperature": "fp32", "max_ptr": "*fp32", "scale_ptr": "*fp32",
+                         "target_coef_ptr": "*fp32", "index_ptr": "*i64"}
+            variants.append(("gradient_kernel", gradient_kernel, signature, {"BLOCK": block}))
+    return [(name, kernel, {**signature, **{key: "constexpr" for key in constexprs}}, constexprs)
+            for name, kernel, signature, constexprs in variants]
 
 
 def _next_power_of_2(n):

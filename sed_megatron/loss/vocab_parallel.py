@@ -111,20 +111,6 @@ def working_buffer(logits, inplace):
     return logits.to(torch.float32, copy=not inplace)
 
 
-def shift_(buffer, logits_max, real):
-    """In place: the working buffer z -> x = z - m, padding ids at the most negative float; returns it."""
-    buffer.sub_(logits_max.unsqueeze(-1))
-    if real < buffer.size(-1):
-        # exp() = 0: no probability, no gradient. Finite, so 0 * x stays 0 in the sums.
-        buffer[:, real:] = torch.finfo(torch.float32).min
-    return buffer
-
-
-def shifted_buffer(logits, logits_max, real, inplace):
-    """The fp32 `[t, V/tp]` working buffer x = z - m (working_buffer, then shift_)."""
-    return shift_(working_buffer(logits, inplace), logits_max, real)
-
-
 def shard_loss_forward(logits, target, cfg: LossConfig, tp_group, inplace, with_entropy, vocab_size) -> ShardLoss:
     """The loss of tokens `[t]` from this rank's logits `[t, V/tp]`: both collectives, every kind.
 
@@ -146,7 +132,7 @@ def shard_loss_forward(logits, target, cfg: LossConfig, tp_group, inplace, with_
     target_logit = loss_math.local_target_logit(buffer, index, in_shard)  # [t]
     topk_logits, logits_max, target_shifted = global_topk_and_target(candidates, target_logit, target, cfg,
                                                                       tp_group, world_size)
-    partial = loss_math.exp_and_partial_sums_(shift_(buffer, logits_max, real), target_shifted, kind, cfg,
+    partial = loss_math.exp_and_partial_sums_(buffer, logits_max, real, target_shifted, kind, cfg,
                                               with_entropy)  # [n, t]
     all_reduce_sums_(partial, tp_group, world_size)
     sums, kind_loss, stat_values = token_results(target, target_shifted, partial, topk_logits, logits_max, kind, cfg,
@@ -166,8 +152,8 @@ def local_shard_stats(logits, index, in_shard, real, kind, cfg, with_entropy) ->
     candidates = loss_math.local_topk_candidates(buffer[:, :real], cfg.top_k, logits.size(-1))  # [c, k']
     target_logit = loss_math.local_target_logit(buffer, index, in_shard)  # [c]
     local_max = candidates.amax(dim=-1)  # -inf on a shard without real ids
-    shift_(buffer, torch.where(torch.isfinite(local_max), local_max, 0.0), real)
-    sums = loss_math.exp_and_partial_sums_(buffer, None, kind, cfg, with_entropy)
+    shift_by = torch.where(torch.isfinite(local_max), local_max, 0.0)
+    sums = loss_math.exp_and_partial_sums_(buffer, shift_by, real, None, kind, cfg, with_entropy)
     tempered = (sums[-2], sums[-1]) if kind.temperature(cfg) != 1.0 else None
     return loss_math.LocalStats(local_max, sums[0], sums[1] if with_entropy else None, tempered, candidates,
                                 target_logit)

@@ -72,7 +72,7 @@ class _LogSigmoidH:
     @staticmethod
     def gradient_(cfg, exp_x, sums, coef, index, in_shard):
         tempered_sum = sums.extra[0]
-        for rows in token_chunks(*exp_x.shape):  # w needs a temporary of the chunk's size
+        for rows in token_chunks(*exp_x.shape, exp_x.device):  # w needs a temporary of the chunk's size
             chunk = exp_x[rows]
             weights = _logsigmoid_weights_(torch.log(chunk), sums.target_logit[rows])
             chunk.pow_(1.0 / cfg.gem_beta).mul_(weights)  # a w
