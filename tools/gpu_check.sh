@@ -65,7 +65,7 @@ if [ "$DRY" = "1" ]; then
   PY=$REPO/$VENV_PY
   export SED_MEGATRON_GPU_TESTS_ON_CPU=1
   passed+=("install (dry run: the project's environment)")
-  bench=(--shapes 256x64x2048 --dtypes bf16 --device cpu --repeats 1 --warmup 0)
+  bench=(--shapes 256x64x2048 --dtypes bf16 --device cpu --repeats 1 --warmup 1)
 else
   PY=${PYTHON:-python3}
   step install 120 env TARGET=/tmp/site PYTHON="$PY" bash tools/gpu_setup.sh install "$WHEELS"

@@ -192,11 +192,12 @@ def _cpu_16bit_hidden_grad(grad, weight, out):
 
 def _gradient_gemms(grad, hidden_rows, weight, grad_hidden_rows, wgrad):
     """One chunk's G `[c, V/tp]`: grad_hidden_rows = G @ W (written once, its dtype) and wgrad += G^T @ hidden_rows."""
+    grad = grad.to(weight.dtype)  # the 16-bit G Megatron's output layer would get: one cast for both GEMMs
     if grad_hidden_rows is not None:
         if not weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16):
             _cpu_16bit_hidden_grad(grad, weight, grad_hidden_rows)
-        else:  # the output layer's backward GEMM: 16-bit operands as Megatron's layer gets them
-            torch.matmul(grad.to(weight.dtype), weight, out=grad_hidden_rows)
+        else:  # the output layer's backward GEMM
+            torch.matmul(grad, weight, out=grad_hidden_rows)
     if wgrad is not None:
         _accumulate_weight_grad_(wgrad, grad, hidden_rows)
 

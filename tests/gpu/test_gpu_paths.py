@@ -33,12 +33,14 @@ THREE_STEPS = ["--tensor-model-parallel-size", "1", "--train-iters", "3", "--lr-
                "--log-interval", "1", "--eval-iters", "0", "--save-interval", "3", "--distributed-timeout-minutes", "2",
                "--use-cpu-initialization"]  # the CPU's generator initializes the weights: the same model on both
 
-BF16_LOSS_RTOL = 2e-2
-"""3 iterations of the tiny model (h = 64, V = 256) in bf16 against fp32: bf16 rounds the weights,
-activations and logits (2^-9 relative), and Adam's first steps move every weight by about the
-learning rate whatever the gradient's size, so the two runs drift apart by ~1e-3 per step;
-measured 3e-3 at most on the CPU layer. 2e-2 fails a wrong kernel or a lost gradient (a zero
-gradient leaves the loss flat; a wrong one moves it by ~1e-1 by iteration 3)."""
+BF16_LOSS_RTOL, BF16_GRAD_NORM_RTOL = 5e-3, 2e-2
+"""3 iterations of the tiny model (h = 64, V = 256) in bf16 against fp32, from the same initial
+weights and batches: bf16 rounds the weights, activations and logits (2^-9 relative), and the
+runs drift apart a little with each step. Measured on the CPU layer: loss 6e-4, gradient norm
+2e-5 at iteration 1 and 2e-3 after. The gradient norm of the first iteration depends on the
+initial model alone, so a lost or wrong gradient (the output layer's, say) moves it by far more
+than 2e-2; the loss falls by ~1.2 % over the 3 iterations, so a run that does not learn misses
+5e-3."""
 
 
 def _records(tmp_path, name, flags, env=None):
@@ -72,10 +74,10 @@ def test_three_bf16_iterations_follow_the_fp32_cpu_run(tmp_path, impl, fused):
     cpu_records = _records(tmp_path, "cpu", [*THREE_STEPS, "--transformer-impl", "local", *extra],
                            env={"SED_MEGATRON_DEVICE": "cpu"})
     for device_record, cpu_record in zip(device_records, cpu_records, strict=True):
-        for key in ("loss", "ce_loss"):
-            torch.testing.assert_close(device_record[key], cpu_record[key], rtol=BF16_LOSS_RTOL, atol=0,
+        for key, rtol in (("loss", BF16_LOSS_RTOL), ("ce_loss", BF16_LOSS_RTOL), ("grad_norm", BF16_GRAD_NORM_RTOL)):
+            torch.testing.assert_close(device_record[key], cpu_record[key], rtol=rtol, atol=0,
                                        msg=f"iteration {cpu_record['iteration']} {key}")
-        assert abs(device_record["mask_rate"] - cpu_record["mask_rate"]) <= 0.05
+        assert abs(device_record["mask_rate"] - cpu_record["mask_rate"]) <= 0.05  # tau calibrated in bf16 vs fp32
     assert 0 < tau <= 1
 
 
