@@ -101,7 +101,7 @@ def convert(workdir, hf_dir, save):
 def trained_to(save, iters):
     """Whether the checkpoint directory `save` holds a finished save of iteration `iters` (Megatron
     writes latest_checkpointed_iteration.txt after the checkpoint itself)."""
-    from sed_megatron.convert.checkpoint import TRACKER_FILE
+    from sed_megatron.runtime.mcore import TRACKER_FILE
 
     marker = os.path.join(save, TRACKER_FILE)
     if not os.path.exists(marker):

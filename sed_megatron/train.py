@@ -3,11 +3,9 @@
     torchrun --nproc_per_node 2 -m sed_megatron.train --config examples/tiny_cpu.yaml [--flag value ...]
     python -m sed_megatron.train --config examples/tiny_cpu.yaml     # starts this machine's ranks itself
 
-Flags on the command line win over the YAML; every Megatron-LM flag works (parallelism,
-distributed optimizer, precision, checkpoints, logging). Started without torchrun it starts its
-ranks itself: on a CPU one model replica (TP x PP x CP ranks), on a GPU machine one rank per GPU
-(data-parallel replicas of TP x PP x CP). On GPUs nothing is changed (NCCL,
-bf16, Transformer Engine when installed); on a machine without any GPU the CPU layer runs it
+Flags on the command line win over the YAML; every Megatron-LM flag works. Without torchrun it
+starts one model replica's ranks on a CPU, one rank per GPU on a GPU machine. On GPUs nothing is
+changed (NCCL, bf16, Transformer Engine when installed); without any GPU the CPU layer runs it
 over gloo; a GPU that torch cannot see stops the run (sed_megatron/runtime).
 """
 
@@ -53,7 +51,7 @@ def _tau(args, step_cfg, model):
     n = args.sed_calibrate_samples
     dataset = build_datasets(args, [n, n, 0])[1]
     top_k = calibration_top_k_from_args(args)  # training's k unless the published mode or the flag says otherwise
-    calibration_cfg = dataclasses.replace(step_cfg, loss=dataclasses.replace(step_cfg.loss, top_k=top_k))
+    calibration_cfg = dataclasses.replace(step_cfg, loss=step_cfg.loss.replace(top_k=top_k))
     tau = calibrate_tau(model, dataset, n, calibration_cfg, args.sed_calibrate_ratio, args.sed_calibrate_tokens)
     print_rank_0(f"SED tau={tau!r} calibrated on {n} samples ({args.sed_calibrate_tokens} tokens, "
                  f"k={top_k}, mask ratio {args.sed_calibrate_ratio})")
@@ -71,7 +69,7 @@ def _before_training(args, step_cfg, model):
 
     if calibrates_tau(args):
         tau = _tau(args, step_cfg, model)
-        step_cfg = dataclasses.replace(step_cfg, loss=dataclasses.replace(step_cfg.loss, tau=tau))
+        step_cfg = dataclasses.replace(step_cfg, loss=step_cfg.loss.replace(tau=tau))
     return functools.partial(forward_step, step_cfg)
 
 

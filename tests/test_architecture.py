@@ -6,7 +6,7 @@ import os
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sed_megatron")
 
 LAYERS = {  # top-level module or package of sed_megatron -> layer
-    "utils": 0,
+    "utils": 0, "parallel": 0,
     "loss": 1, "runtime": 1, "launch": 1,
     "models": 2, "data": 2, "calibration": 2, "testing": 2,
     "training": 3, "eval": 3,

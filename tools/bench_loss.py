@@ -35,6 +35,7 @@ import time
 import torch
 
 from sed_megatron.testing.memory import PeakMemory
+from sed_megatron.utils import free_port
 
 METHODS = ("megatron_ce", "ce", "dft", "sed", "gem", "sed_copy", "sed_entropy", "published_sed")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -121,14 +122,6 @@ def _child(args):
     print(json.dumps(run_one(args.method, args.shape, args.dtype, args.repeats, device)))
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_rounds(methods, shape, dtype_name, rounds, device):
     """{method: [seconds per round]}, the methods taking turns in this process."""
     torch.manual_seed(0)
@@ -157,7 +150,9 @@ def _print_rounds(shape, dtype, times):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    summary, commands, notes = __doc__.split("\n\n", 2)  # the notes after the options: those on the first screen
+    parser = argparse.ArgumentParser(description=f"{summary}\n\n{commands}", epilog=notes,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["2048x76032", "2048x64128"], help="TOKENSxSHARD or AxBxSHARD")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -176,7 +171,7 @@ def main():
         device = torch.device(args.device)
         if "megatron_ce" in args.methods:
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
-                                                 init_method="tcp://127.0.0.1:%d" % _free_port())
+                                                 init_method="tcp://127.0.0.1:%d" % free_port())
         print("| logits shape | dtype | method | fwd+bwd ms (median) | time / Megatron CE (median of the rounds) |")
         print("|---|---|---|---:|---:|")
         for shape in args.shapes:
@@ -190,7 +185,7 @@ def main():
             for method in args.methods:
                 cmd = [sys.executable, os.path.abspath(__file__), "--method", method, "--shape", shape,
                        "--dtype", dtype, "--repeats", str(args.repeats), "--device", args.device,
-                       "--port", str(_free_port())]
+                       "--port", str(free_port())]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
                     sys.exit(f"bench_loss: {method} {shape} {dtype} failed:\n{out.stderr[-3000:]}")

@@ -21,7 +21,7 @@ import sys
 
 from sed_megatron.calibration import TOKEN_SETS, calibration_top_k
 from sed_megatron.runtime import DeviceError, MegatronVersionError, prepare, quiet_tool
-from sed_megatron.training.arguments import LOSS_FLAGS
+from sed_megatron.training.arguments import TAU_CALIBRATION_FLAGS
 from sed_megatron.utils import fail
 
 PROG = "calibrate_tau.py"
@@ -53,7 +53,8 @@ def _setting(args, option, loss_key):
     value = getattr(args, option[2:].replace("-", "_"))
     if value is not None:
         return value, option
-    return getattr(args, LOSS_FLAGS[loss_key][2:].replace("-", "_")), f"{LOSS_FLAGS[loss_key]} (loss.{loss_key})"
+    flag = TAU_CALIBRATION_FLAGS[loss_key]
+    return getattr(args, flag[2:].replace("-", "_")), f"{flag} (loss.{loss_key})"
 
 
 def calibration_settings(args):

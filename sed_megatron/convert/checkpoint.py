@@ -9,6 +9,7 @@ import os
 import shutil
 import struct
 
+from sed_megatron.runtime.mcore import TRACKER_FILE
 from sed_megatron.utils import UsageError
 
 _SAFETENSORS_DTYPES = {
@@ -159,9 +160,6 @@ def single_process_env():
         raise UsageError("run the converter as a single process (no torchrun with several processes)")
 
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-
-
 def checkpoint_iteration_dir(load):
     """The directory of the iteration Megatron's tracker file in `load` points to (torch_dist)."""
     tracker = os.path.join(load, TRACKER_FILE)
@@ -181,19 +179,16 @@ def checkpoint_iteration_dir(load):
 def single_process_model_parallel():
     """A gloo world of this one process with Megatron's model parallel state at TP=PP=1, torn
     down on exit: enough to build a GPTModel and read its sharded state dict."""
-    import socket
-
     import torch.distributed as dist
     from megatron.core import parallel_state
+
+    from sed_megatron.utils import free_port
 
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise UsageError("run the converter as a single process (no torchrun with several processes)")
     created = not dist.is_initialized()
     if created:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         parallel_state.initialize_model_parallel(1, 1)
         yield

@@ -86,10 +86,9 @@ def compare_hf_mcore(hf_dir, load, tp=1, pp=1, ep=1, atol=None, batch_size=2, se
     import torch
     import torch.distributed as dist
 
+    from sed_megatron.parallel import model_groups, pipeline_stage
     from sed_megatron.runtime import prepare
-    from sed_megatron.training.batch import pipeline_stage
     from sed_megatron.training.setup import model_provider, parse_run_args
-    from sed_megatron.training.step import model_groups
 
     runtime = prepare(training=True)  # the device check; on a machine without a GPU, Megatron's CPU layer
     args, _ = parse_run_args(

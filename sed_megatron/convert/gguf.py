@@ -29,6 +29,7 @@ import json
 import math
 import os
 
+from ..models.config import LLAMA3_ROPE_CONSTANTS
 from ..utils import UsageError
 from .checkpoint import ShardWriter, check_output_dir, staged_output
 
@@ -40,7 +41,6 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 ROPE_FREQS = "rope_freqs.weight"
 # Llama-3 RoPE scaling as llama.cpp computes rope_freqs from it; only the factor varies across
 # the released models (8 for 3.1, 32 for 3.2), so the others are checked, not searched.
-_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 # llama.cpp pre-tokenizers (`tokenizer.ggml.pre`) that isolate every digit before the GPT-2 split
 # (llama-vocab.cpp: "\\p{N}", then the GPT-2 regex), e.g. SmolLM2's. transformers rebuilds these
 # vocabularies with the plain GPT-2 split, which differs on runs of spaces before a digit.
@@ -144,10 +144,10 @@ def llama3_rope_factors(theta, head_dim, factor, low_freq_factor, high_freq_fact
 def rope_scaling_from_freqs(rope_freqs, theta, head_dim, where):
     """Llama-3 rope_parameters matching a GGUF's rope_freqs tensor; UsageError if they do not match."""
     values = [float(v) for v in rope_freqs]
-    scaling = {"rope_type": "llama3", "rope_theta": float(theta), "factor": max(values), **_LLAMA3_FIXED}
-    expected = llama3_rope_factors(theta, head_dim, scaling["factor"], **_LLAMA3_FIXED)
+    scaling = {"rope_type": "llama3", "rope_theta": float(theta), "factor": max(values), **LLAMA3_ROPE_CONSTANTS}
+    expected = llama3_rope_factors(theta, head_dim, scaling["factor"], **LLAMA3_ROPE_CONSTANTS)
     if len(values) != len(expected) or any(abs(a - b) > 1e-4 * max(1.0, abs(b)) for a, b in zip(values, expected)):
-        raise UsageError(f"{where}: {ROPE_FREQS} is not Llama-3 RoPE scaling with {_LLAMA3_FIXED} "
+        raise UsageError(f"{where}: {ROPE_FREQS} is not Llama-3 RoPE scaling with {LLAMA3_ROPE_CONSTANTS} "
                          f"(factor {scaling['factor']:g}); this RoPE scaling is not supported")
     return scaling
 

@@ -203,7 +203,7 @@ def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=Tr
         @functools.lru_cache(maxsize=1)  # a parameter saved as several chunks is converted once
         def converted(name):
             row = rows[name]
-            return row.mapping.to_megatron(model_cfg, *(read(n) for n in row.hf)).to(torch_dtype)
+            return row.to_megatron(model_cfg, read).to(torch_dtype)
 
         def materialize(key, offset):
             name, cut = sources[(key, offset)]

@@ -7,21 +7,20 @@ behind the output layer's GEMM (`fused_linear_sft_loss`; `triton_kernels.py`: it
 kernels); `reduce.py` applies the loss mask and the global token count.
 """
 
-from .config import GEM_H, IGNORE_INDEX, LOSS_KINDS, SED_MASKS, LossConfig
+from .config import IGNORE_INDEX, LOSS_KINDS, LossConfig
 from .fused_linear import fused_linear_sft_loss
-from .kinds import LossKind, get_kind, register
+from .kinds import LossKind, Param, get_kind, register
 from .math import STAT_NAMES
 from .reduce import masked_sum_and_count, masked_token_mean
 from .vocab_parallel import sft_token_loss
 
 __all__ = [
-    "GEM_H",
     "IGNORE_INDEX",
     "LOSS_KINDS",
-    "SED_MASKS",
     "STAT_NAMES",
     "LossConfig",
     "LossKind",
+    "Param",
     "get_kind",
     "fused_linear_sft_loss",
     "masked_sum_and_count",

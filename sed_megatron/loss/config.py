@@ -1,57 +1,82 @@
-"""Configuration of the per-token SFT loss family (CE, DFT, SED, GEM)."""
+"""LossConfig: which per-token SFT loss to compute (CE, DFT, SED, GEM, or a kind of one's own) and its parameters.
 
-import math
-from dataclasses import dataclass
+    cfg = LossConfig(kind="sed", top_k=2, tau=0.8, lam=1.0)
+    cfg.tau, cfg.replace(tau=0.6), LossConfig.field_names()
 
-from .kinds import get_kind, kind_names
+Its fields are `kind`, `top_k`, and the hyper-parameters every registered loss kind declares
+(`LossKind.params`: SED's tau, lam, mask; GEM's gem_beta, gem_h), each with its default; a kind
+reads only its own. The fields are read from the registry when a config is made, so a kind
+registered at run time brings its own. Immutable and hashable; every error names the field.
+"""
+
+from .kinds import declared_params, get_kind, kind_names
 
 IGNORE_INDEX = -100
 """Target id of positions that carry no loss (prompt tokens, padding)."""
 
 LOSS_KINDS = kind_names()
-"""The kinds registered by sed_megatron.loss.kinds: ("ce", "dft", "sed", "gem")."""
-SED_MASKS = ("topk_mass", "none")
-GEM_H = ("linear", "logsigmoid")
+"""The kinds registered by sed_megatron.loss.kinds on import: ("ce", "dft", "sed", "gem")."""
+
+COMMON_FIELDS = {"kind": "ce", "top_k": 2}
+"""The fields every kind has: the kind's name, and k of the top-k probability mass P_topk that every
+kind reports (and SED's mask reads; paper: 2)."""
 
 
-@dataclass(frozen=True)
 class LossConfig:
-    """Which token loss to compute and its hyper-parameters.
+    """Which token loss to compute and its hyper-parameters (see the module docstring)."""
 
-    The SED fields (top_k, tau, lam, mask) are read only by kind "sed", except top_k, which
-    also sets the top-k mass reported in the stats of every kind; gem_beta and gem_h only by "gem".
-    Each kind checks the fields it reads (`LossKind.validate`).
-    """
+    __slots__ = ("_values",)
 
-    kind: str = "ce"
-    """ce: -log p; dft: -sg(p) log p; sed: -log p + lam * M * (p - 0.5)^2; gem: GEM (h = gem_h)."""
-    top_k: int = 2
-    """k of the top-k probability mass P_topk that decides the SED mask (paper: 2)."""
-    tau: float | None = None
-    """SED threshold: the penalty applies where P_topk < tau. Calibrate with tools/calibrate_tau.py."""
-    lam: float = 1.0
-    """Weight of the SED penalty (paper: 1)."""
-    mask: str = "topk_mass"
-    """topk_mass: penalty where P_topk < tau; none: penalty on every token."""
-    gem_beta: float = 0.7
-    """GEM temperature beta of q = softmax(z / beta) (published code: 0.7)."""
-    gem_h: str = "linear"
-    """GEM's function h: linear (SED-SFT's GEM baseline) or logsigmoid (weights sigmoid(0.01 (z_j - z_y)),
-    GEM's own training scripts)."""
+    def __init__(self, kind="ce", top_k=2, **params):
+        declared = declared_params()
+        unknown = sorted(set(params) - set(declared))
+        if unknown:
+            raise TypeError(f"LossConfig: unknown field {unknown[0]!r} (fields: {', '.join(self.field_names())})")
+        values = {"kind": kind, "top_k": top_k, **{name: param.default for name, param in declared.items()}, **params}
+        object.__setattr__(self, "_values", values)
+        if kind not in kind_names():
+            raise ValueError(f"LossConfig.kind: unknown loss kind {kind!r}; expected one of {kind_names()}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"LossConfig.top_k: must be an integer >= 1, got {top_k!r}")
+        for name, param in declared.items():
+            problem = param.problem(values[name])
+            if problem is not None:
+                raise ValueError(f"LossConfig.{name}: {problem}")
+        get_kind(kind).validate(self)
 
-    def __post_init__(self):
-        if self.kind not in kind_names():
-            raise ValueError(f"LossConfig.kind: unknown loss kind {self.kind!r}; expected one of {kind_names()}")
-        if self.mask not in SED_MASKS:
-            raise ValueError(f"LossConfig.mask: unknown SED mask {self.mask!r}; expected one of {SED_MASKS}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"LossConfig.top_k: must be an integer >= 1, got {self.top_k!r}")
-        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
-            raise ValueError(f"LossConfig.lam: must be a finite number >= 0, got {self.lam!r}")
-        if self.tau is not None and not (isinstance(self.tau, (int, float)) and 0.0 < self.tau <= 1.0):
-            raise ValueError(f"LossConfig.tau: must lie in (0, 1], got {self.tau!r}")
-        if not (isinstance(self.gem_beta, (int, float)) and math.isfinite(self.gem_beta) and self.gem_beta > 0):
-            raise ValueError(f"LossConfig.gem_beta: must be a finite number > 0, got {self.gem_beta!r}")
-        if self.gem_h not in GEM_H:
-            raise ValueError(f"LossConfig.gem_h: unknown GEM function {self.gem_h!r}; expected one of {GEM_H}")
-        get_kind(self.kind).validate(self)
+    @staticmethod
+    def field_names():
+        """("kind", "top_k", then every registered kind's parameters)."""
+        return (*COMMON_FIELDS, *declared_params())
+
+    def __getattr__(self, name):
+        try:
+            return object.__getattribute__(self, "_values")[name]
+        except KeyError:
+            raise AttributeError(f"LossConfig has no field {name!r}") from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"LossConfig is immutable: use cfg.replace({name}=...)")
+
+    def replace(self, **changes):
+        """A copy with some fields changed (validated again)."""
+        return LossConfig(**{**self._values, **changes})
+
+    def as_dict(self):
+        return dict(self._values)
+
+    def __eq__(self, other):
+        return isinstance(other, LossConfig) and self._values == other._values
+
+    def __hash__(self):
+        return hash(tuple(sorted(self._values.items(), key=lambda item: item[0])))
+
+    def __repr__(self):
+        return f"LossConfig({', '.join(f'{name}={value!r}' for name, value in self._values.items())})"
+
+    def __reduce__(self):  # pickles by its fields (processes started with spawn rebuild it)
+        return _rebuild, (dict(self._values),)
+
+
+def _rebuild(values):
+    return LossConfig(**values)

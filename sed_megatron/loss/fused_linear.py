@@ -52,12 +52,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..parallel import gather_sequence, group_rank_and_size, reduce_scatter_sequence
 from . import chunks, triton_kernels
 from . import math as loss_math
 from .config import LossConfig
 from .kinds import TokenSums, get_kind
 from .vocab_parallel import (
-    group_rank_and_size,
     local_shard_stats,
     loss_from_local_stats,
     real_columns,
@@ -70,8 +70,6 @@ BACKENDS = ("auto", "torch", "triton")
 SCHEMES = {"recompute": False, "grad-in-forward": True}
 """The gradient schemes by the names the flag uses (--sft-fused-mode) -> grad_in_forward."""
 
-_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def default_grad_in_forward(device):
@@ -99,20 +97,6 @@ class _Options:
     use_triton: bool
     need_hidden_grad: bool
     need_weight_grad: bool
-
-
-def _gather_sequence(hidden, tp_group, world_size):
-    """`[s/tp, ...]` on each rank -> `[s, ...]`, rank order along dim 0 (the sequence)."""
-    total = hidden.new_empty((world_size * hidden.size(0), *hidden.shape[1:]))
-    _all_gather_into(total, hidden.contiguous(), group=tp_group)
-    return total
-
-
-def _reduce_scatter_sequence(grad, tp_group, world_size):
-    """`[s, ...]` on each rank -> this rank's `[s/tp, ...]` of the sum over ranks."""
-    local = grad.new_empty((grad.size(0) // world_size, *grad.shape[1:]))
-    _reduce_scatter_into(local, grad.contiguous(), group=tp_group)
-    return local
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +283,7 @@ class _FusedLinearSFTLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, loss_mask, opts: _Options):
         rank, world_size = group_rank_and_size(opts.tp_group)
-        total = _gather_sequence(hidden, opts.tp_group, world_size) if opts.sequence_parallel and world_size > 1 \
+        total = gather_sequence(hidden, opts.tp_group) if opts.sequence_parallel and world_size > 1 \
             else hidden
         flat_hidden = total.reshape(-1, total.size(-1))  # [t, h]
         flat_target = target.reshape(-1)  # [t]
@@ -357,7 +341,7 @@ class _FusedLinearSFTLoss(torch.autograd.Function):
             total_shape = (ctx.hidden_shape[0] * (world_size if opts.sequence_parallel else 1), *ctx.hidden_shape[1:])
             grad_hidden = grad_hidden.view(total_shape)
             if world_size > 1 and opts.sequence_parallel:
-                grad_hidden = _reduce_scatter_sequence(grad_hidden, opts.tp_group, world_size)
+                grad_hidden = reduce_scatter_sequence(grad_hidden, opts.tp_group)
             elif world_size > 1:
                 dist.all_reduce(grad_hidden, group=opts.tp_group)
         grad_weight = None
@@ -457,7 +441,7 @@ def _recompute_gradients(ctx, scale, rank, world_size):
     -> (dL/dhidden `[t, h]` or None, the dL/dW accumulator or None (main_grad: already added))."""
     opts: _Options = ctx.opts
     hidden, weight, flat_target, per_token = ctx.saved_tensors
-    total = _gather_sequence(hidden, opts.tp_group, world_size) if opts.sequence_parallel and world_size > 1 \
+    total = gather_sequence(hidden, opts.tp_group) if opts.sequence_parallel and world_size > 1 \
         else hidden
     flat_hidden = total.reshape(-1, total.size(-1))  # [t, h]
     kind = get_kind(opts.cfg.kind)

@@ -33,6 +33,7 @@ processes they spawn).
 import functools
 import importlib.util
 import os
+
 import torch
 
 from .math import LocalStats

@@ -30,16 +30,10 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from ..parallel import group_rank_and_size
 from . import math as loss_math
 from .config import IGNORE_INDEX, LossConfig
 from .kinds import KindLoss, TokenSums, get_kind
-
-
-def group_rank_and_size(tp_group):
-    """(rank, size) of this process in the tensor-parallel group; (0, 1) when tp_group is None."""
-    if tp_group is None:
-        return 0, 1
-    return dist.get_rank(group=tp_group), dist.get_world_size(group=tp_group)
 
 
 def real_columns(vocab_size, vocab_start, shard_size):

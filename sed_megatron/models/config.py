@@ -141,46 +141,15 @@ class ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    # ------------------------------------------------------------ Megatron-LM flags
+    # ------------------------------------------------------------ Megatron (megatron_fields.py's table)
 
     def to_megatron_flags(self):
-        """Megatron-LM flags (YAML `model:` keys) that describe the architecture.
-
-        Dropout is switched off: these models are fine-tuned as they were pre-trained (Megatron's
+        """Megatron-LM flags (YAML `model:` keys) that describe the architecture, as a model file
+        stores them. Dropout is off: these models are fine-tuned as they were pre-trained (Megatron's
         default is 0.1). The padded vocabulary, model_type and layer implementation are not flags."""
-        flags = {
-            "num_layers": self.num_layers,
-            "hidden_size": self.hidden_size,
-            "ffn_hidden_size": self.ffn_hidden_size,
-            "num_attention_heads": self.num_attention_heads,
-            "group_query_attention": self.num_query_groups != self.num_attention_heads,
-            "num_query_groups": self.num_query_groups,
-            "kv_channels": self.kv_channels,
-            "max_position_embeddings": self.max_position_embeddings,
-            "vocab_size": self.vocab_size,
-            "normalization": self.normalization,
-            "norm_epsilon": self.norm_epsilon,
-            "swiglu": self.swiglu,
-            "disable_bias_linear": not self.add_bias_linear,
-            "add_qkv_bias": self.qkv_bias,
-            "position_embedding_type": self.position_embedding_type,
-            "rotary_base": self.rotary_base,
-            "rotary_percent": self.rotary_percent,
-            "untie_embeddings_and_output_weights": not self.tied_embeddings,
-            "attention_dropout": 0.0,
-            "hidden_dropout": 0.0,
-        }
-        if self.qk_layernorm:
-            flags["qk_layernorm"] = True
-        if self.rope_scaling_factor is not None:
-            flags.update(use_rope_scaling=True, rope_scaling_factor=self.rope_scaling_factor)
-        if self.rotary_seq_len_interpolation_factor is not None:
-            flags["rotary_seq_len_interpolation_factor"] = self.rotary_seq_len_interpolation_factor
-        if self.num_experts is not None:
-            flags.update(num_experts=self.num_experts, moe_ffn_hidden_size=self.moe_ffn_hidden_size,
-                         moe_router_topk=self.moe_router_topk, moe_router_pre_softmax=self.moe_router_pre_softmax,
-                         moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=self.moe_aux_loss_coeff)
-        return flags
+        from . import megatron_fields
+
+        return megatron_fields.to_flags(self)
 
     @classmethod
     def from_megatron_flags(cls, flags, padded_vocab_size, model_type=None, transformer_impl="local", where="model"):
@@ -188,87 +157,31 @@ class ModelConfig:
 
         Reads every model file the converters have written. A flag outside the architecture, or a
         value this config cannot express, is an error naming it."""
-        flags = dict(flags)
-        unknown = sorted(set(flags) - _FLAG_KEYS)
-        if unknown:
-            raise ValueError(f"{where}.{unknown[0]}: not an architecture flag this model config knows")
-        for key, value in _FIXED_FLAGS.items():
-            if key in flags and flags[key] != value:
-                raise ValueError(f"{where}.{key}: only {value!r} is supported, got {flags[key]!r}")
-        missing = [key for key in _REQUIRED_FLAGS if key not in flags]
-        if missing:
-            raise ValueError(f"{where}.{missing[0]}: missing")
-        heads = flags["num_attention_heads"]
-        groups = flags.get("num_query_groups") if flags.get("group_query_attention", False) else heads
-        try:
-            return cls(
-                num_layers=flags["num_layers"], hidden_size=flags["hidden_size"],
-                ffn_hidden_size=flags["ffn_hidden_size"], num_attention_heads=heads,
-                num_query_groups=groups or heads, kv_channels=flags.get("kv_channels") or flags["hidden_size"] // heads,
-                vocab_size=flags["vocab_size"], padded_vocab_size=padded_vocab_size,
-                max_position_embeddings=flags["max_position_embeddings"],
-                normalization=flags.get("normalization", "LayerNorm"),
-                norm_epsilon=float(flags.get("norm_epsilon", 1e-5)),
-                swiglu=bool(flags.get("swiglu", False)),
-                add_bias_linear=not flags.get("disable_bias_linear", False),
-                qkv_bias=bool(flags.get("add_qkv_bias", False)),
-                qk_layernorm=bool(flags.get("qk_layernorm", False)),
-                position_embedding_type=flags.get("position_embedding_type", "learned_absolute"),
-                rotary_base=flags.get("rotary_base", 10000),
-                rotary_percent=float(flags.get("rotary_percent", 1.0)),
-                rope_scaling_factor=float(flags["rope_scaling_factor"]) if flags.get("use_rope_scaling") else None,
-                rotary_seq_len_interpolation_factor=flags.get("rotary_seq_len_interpolation_factor"),
-                tied_embeddings=not flags.get("untie_embeddings_and_output_weights", False),
-                num_experts=flags.get("num_experts"),
-                moe_ffn_hidden_size=flags.get("moe_ffn_hidden_size"),
-                moe_router_topk=flags.get("moe_router_topk", 2),
-                moe_router_pre_softmax=bool(flags.get("moe_router_pre_softmax", False)),
-                moe_aux_loss_coeff=float(flags.get("moe_aux_loss_coeff", 0.0)),
-                model_type=model_type,
-                transformer_impl=transformer_impl,
-            )
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
+        from . import megatron_fields
 
-    # ------------------------------------------------------------ Megatron-Core
+        return megatron_fields.from_flags(cls, dict(flags), padded_vocab_size, model_type, transformer_impl, where)
+
+    @classmethod
+    def from_megatron_args(cls, args, model_type=None):
+        """The ModelConfig of Megatron-LM's validated args: what a run builds (`model_type` from the
+        converted checkpoint's model file; None: a model defined by flags alone)."""
+        from . import megatron_fields
+
+        return megatron_fields.from_args(cls, args, model_type)
 
     def transformer_config(self, **overrides):
         """A Megatron-Core TransformerConfig of this architecture (TP=1, fp32, CPU initialization,
         no fusions) for tests and tools that build a model without Megatron-LM's parser;
         `overrides` sets any other TransformerConfig field (parallel sizes, dtypes)."""
-        import torch
         from megatron.core.transformer import TransformerConfig
 
+        from . import megatron_fields
+
         kwargs = dict(
-            num_layers=self.num_layers, hidden_size=self.hidden_size, ffn_hidden_size=self.ffn_hidden_size,
-            num_attention_heads=self.num_attention_heads, num_query_groups=self.num_query_groups,
-            kv_channels=self.kv_channels, normalization=self.normalization, layernorm_epsilon=self.norm_epsilon,
-            gated_linear_unit=self.swiglu,
-            activation_func=torch.nn.functional.silu if self.swiglu else torch.nn.functional.gelu,
-            add_bias_linear=self.add_bias_linear, add_qkv_bias=self.qkv_bias, qk_layernorm=self.qk_layernorm,
-            hidden_dropout=0.0, attention_dropout=0.0, transformer_impl=self.transformer_impl,
-            num_moe_experts=self.num_experts, moe_ffn_hidden_size=self.moe_ffn_hidden_size,
-            moe_router_topk=self.moe_router_topk if self.num_experts else 2,
-            moe_router_pre_softmax=self.moe_router_pre_softmax, moe_aux_loss_coeff=self.moe_aux_loss_coeff,
-            moe_grouped_gemm=self.moe_grouped_gemm,
+            megatron_fields.transformer_config_kwargs(self), hidden_dropout=0.0, attention_dropout=0.0,
             use_cpu_initialization=True, gradient_accumulation_fusion=False, persist_layer_norm=False,
             bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
             bias_activation_fusion=False,
         )
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)
-
-
-# What from_megatron_flags reads, what it insists on, and what must be present.
-_FLAG_KEYS = {
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
-    "num_query_groups", "kv_channels", "max_position_embeddings", "vocab_size", "normalization", "norm_epsilon",
-    "swiglu", "disable_bias_linear", "add_qkv_bias", "qk_layernorm", "position_embedding_type", "rotary_base",
-    "rotary_percent", "use_rope_scaling", "rope_scaling_factor", "rotary_seq_len_interpolation_factor",
-    "untie_embeddings_and_output_weights", "attention_dropout", "hidden_dropout", "num_experts",
-    "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax", "moe_router_load_balancing_type",
-    "moe_aux_loss_coeff",
-}
-_FIXED_FLAGS = {"attention_dropout": 0.0, "hidden_dropout": 0.0, "moe_router_load_balancing_type": "aux_loss"}
-_REQUIRED_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
-                   "max_position_embeddings")

@@ -31,23 +31,11 @@ def gpt_block_spec(model_cfg, transformer_config, vp_stage=None, pp_rank=None):
     return spec
 
 
-# (ModelConfig field, TransformerConfig field): the architecture both describe.
-_SHARED_FIELDS = (
-    ("num_layers", "num_layers"), ("hidden_size", "hidden_size"), ("ffn_hidden_size", "ffn_hidden_size"),
-    ("num_attention_heads", "num_attention_heads"), ("num_query_groups", "num_query_groups"),
-    ("kv_channels", "kv_channels"), ("normalization", "normalization"), ("norm_epsilon", "layernorm_epsilon"),
-    ("swiglu", "gated_linear_unit"), ("add_bias_linear", "add_bias_linear"), ("qkv_bias", "add_qkv_bias"),
-    ("qk_layernorm", "qk_layernorm"), ("num_experts", "num_moe_experts"), ("transformer_impl", "transformer_impl"),
-    ("moe_router_pre_softmax", "moe_router_pre_softmax"), ("moe_grouped_gemm", "moe_grouped_gemm"),
-)
-
-
 def check_agrees(model_cfg, transformer_config):
     """ValueError naming the first field on which the two configs describe different models."""
-    for ours, theirs in _SHARED_FIELDS:
-        if getattr(model_cfg, ours) != getattr(transformer_config, theirs):
-            raise ValueError(f"ModelConfig.{ours} is {getattr(model_cfg, ours)!r}, but the TransformerConfig's "
-                             f"{theirs} is {getattr(transformer_config, theirs)!r}")
+    from .megatron_fields import check_agrees as agree
+
+    agree(model_cfg, transformer_config)
 
 
 def decoder_block_spec(model_cfg, transformer_config, vp_stage=None, pp_rank=None):

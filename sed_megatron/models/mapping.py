@@ -104,6 +104,10 @@ class Row(NamedTuple):
     hf: tuple
     mapping: Mapping
 
+    def to_megatron(self, cfg, get_hf):
+        """The Megatron tensor of this row; get_hf(name) loads one Hugging Face tensor."""
+        return self.mapping.to_megatron(cfg, *(get_hf(name) for name in self.hf))
+
 
 def expand(mappings, num_layers):
     """Concrete rows: the mappings without `{layer}` once, then every layer's, layer by layer."""
@@ -113,13 +117,6 @@ def expand(mappings, num_layers):
         for m in per_layer:
             rows.append(Row(m.megatron.format(layer=layer), tuple(n.format(layer=layer) for n in m.hf), m))
     return rows
-
-
-def hf_to_megatron(get_hf, cfg, rows):
-    """Yield (Megatron name, tensor); get_hf(name) loads one Hugging Face tensor (one several rows
-    read, such as a stacked expert tensor, is loaded once per row)."""
-    for row in rows:
-        yield row.megatron, row.mapping.to_megatron(cfg, *(get_hf(name) for name in row.hf))
 
 
 def megatron_to_hf(get_mcore, cfg, rows, only=None):

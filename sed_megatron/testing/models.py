@@ -29,3 +29,10 @@ def tiny_gpt(vocab_size=96, max_sequence_length=32, tp=1, seed=1234, transformer
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     model = build_gpt_model(model_cfg, config)
     return model.cuda() if transformer_engine else model
+
+
+def hf_to_megatron(get_hf, cfg, rows):
+    """(Megatron name, tensor) of every row of a family's name map: what the converter writes, in
+    memory; get_hf(name) loads one Hugging Face tensor."""
+    for row in rows:
+        yield row.megatron, row.to_megatron(cfg, get_hf)

@@ -23,23 +23,17 @@ import argparse
 import yaml
 
 from sed_megatron.calibration import PUBLISHED_TOP_K, TOKEN_SETS, calibration_top_k
-from sed_megatron.loss import GEM_H, LOSS_KINDS, SED_MASKS
 from sed_megatron.loss.fused_linear import SCHEMES as FUSED_MODES
 
 MEGATRON_SECTIONS = ("model", "parallel", "training", "optimizer", "checkpoint", "logging")
 
-LOSS_FLAGS = {  # LossConfig field -> flag
-    "kind": "--loss-type",
-    "top_k": "--sed-top-k",
-    "tau": "--sed-tau",
-    "lam": "--sed-lambda",
-    "mask": "--sed-mask",
-    "gem_beta": "--gem-beta",
-    "gem_h": "--gem-h",
+TAU_CALIBRATION_FLAGS = {  # LossConfig-adjacent settings of tau calibration -> flag (YAML loss: keys)
     "calibrate_ratio": "--sed-calibrate-ratio",
     "calibrate_samples": "--sed-calibrate-samples",
     "calibrate_tokens": "--sed-calibrate-tokens",
     "calibrate_top_k": "--sed-calibrate-top-k",
+}
+FUSED_FLAGS = {  # the fused output-layer loss (YAML loss: keys) -> flag
     "fused_linear": "--sft-fused-linear",
     "fused_mode": "--sft-fused-mode",
     "fused_chunk_tokens": "--sft-fused-chunk-tokens",
@@ -57,14 +51,58 @@ RUN_FLAGS = {  # run-level keys at the top of the YAML -> flag
     "log_entropy": "--log-entropy",
     "metrics_file": "--metrics-file",
 }
+LOSS_MODULE_FLAG = "--loss-module"
 
 
-_OWN_KEYS = {flag[2:].replace("-", "_") for table in (LOSS_FLAGS, DATA_FLAGS, RUN_FLAGS) for flag in table.values()}
-_OWN_KEYS.update({"config", "verbose", "help_megatron"})
+def loss_flags():
+    """YAML `loss:` key -> flag: the LossConfig fields (the registered kinds' parameters included),
+    tau calibration, the fused loss, and `module` (a kind of one's own)."""
+    from sed_megatron.loss.kinds import declared_params
+
+    return {"kind": "--loss-type", "top_k": "--sed-top-k", **{name: param.flag for name, param in declared_params().items()},
+            **TAU_CALIBRATION_FLAGS, **FUSED_FLAGS, "module": LOSS_MODULE_FLAG}
+
+
+def _dest(flag):
+    return flag[2:].replace("-", "_")
+
+
+def _own_keys():
+    return {_dest(flag) for table in (loss_flags(), DATA_FLAGS, RUN_FLAGS) for flag in table.values()} | {
+        "config", "verbose", "help_megatron"}
 
 
 class ConfigError(ValueError):
     """A bad configuration file or value; the message names the file and key."""
+
+
+def import_loss_modules(argv):
+    """Import the modules that --loss-module (YAML loss.module) names, before any parser exists:
+    each registers a loss kind of one's own, whose flags the parser then has. ConfigError (one
+    line naming the flag or key) when one does not import."""
+    import importlib
+
+    names = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == LOSS_MODULE_FLAG]
+    names += [arg.split("=", 1)[1] for arg in argv if arg.startswith(LOSS_MODULE_FLAG + "=")]
+    path = config_path_from_argv(argv)
+    where = {name: LOSS_MODULE_FLAG for name in names}
+    if path is not None:
+        try:
+            with open(path) as f:
+                doc = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            doc = None  # reported with its line by the YAML reader
+        listed = doc.get("loss", {}).get("module") if isinstance(doc, dict) and isinstance(doc.get("loss"), dict) \
+            else None
+        for name in [listed] if isinstance(listed, str) else (listed or []):
+            where.setdefault(name, f"{path}: loss.module")
+            names.append(name)
+    for name in dict.fromkeys(names):
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - any failure to import is the user's to see, in one line
+            raise ConfigError(f"{where[name]} {name}: cannot import it ({type(err).__name__}: "
+                              f"{(str(err).splitlines() or [''])[0]})") from None
 
 
 def add_sed_arguments(parser):
@@ -74,25 +112,15 @@ def add_sed_arguments(parser):
     group.add_argument("--verbose", action="store_true",
                        help="also print Megatron-LM's argument dump and its notices about optional kernels")
     group.add_argument("--help-megatron", action="store_true", help="list every Megatron-LM flag (about 900) and exit")
-    group.add_argument("--loss-type", default="ce", choices=LOSS_KINDS, help="token loss")
-    group.add_argument("--sed-top-k", type=int, default=2, help="k of the top-k mass that decides the SED mask")
-    group.add_argument("--sed-tau", type=float, default=None, help="SED threshold on the top-k mass")
-    group.add_argument("--sed-lambda", type=float, default=1.0, help="weight of the SED penalty")
-    group.add_argument("--sed-mask", default="topk_mass", choices=SED_MASKS, help="where SED applies")
-    group.add_argument("--gem-beta", type=float, default=0.7, help="GEM temperature")
-    group.add_argument("--gem-h", default="linear", choices=GEM_H,
-                       help="GEM's h: linear (SED-SFT's GEM baseline) or logsigmoid (GEM's own repository)")
+    add_loss_arguments(group)
     group.add_argument("--sed-calibrate-ratio", type=float, default=None,
                        help="calibrate tau before the first step as the (1 - r) quantile of the initial "
                             "model's top-k mass, r = this masking ratio (--sed-tau, if given, wins)")
     group.add_argument("--sed-calibrate-samples", type=int, default=100, help="validation samples for it")
     group.add_argument("--sed-calibrate-tokens", default="response", choices=TOKEN_SETS,
                        help="tokens whose top-k mass sets tau: response (the loss tokens), all (every position "
-                            "with a target, prompt included), or published: reproduces the published calibration: "
-                            "every position of the full input incl. prompt and the last token, k = 10 unless "
-                            "--sed-calibrate-top-k is given; not the default because it calibrates with another k "
-                            "than training and on prompt tokens (a sample that fills --seq-length has no room for "
-                            "the position past its last token: it is scored without it, and a line says how many)")
+                            "with a target), or published (the published calibration: every position of the input, "
+                            "k = 10 unless --sed-calibrate-top-k is given; see the README)")
     group.add_argument("--sed-calibrate-top-k", type=int, default=None,
                        help="k of the top-k mass that calibrates tau (default: --sed-top-k, the k of training; "
                             f"{PUBLISHED_TOP_K} with --sed-calibrate-tokens published)")
@@ -100,10 +128,8 @@ def add_sed_arguments(parser):
                        help="the output layer and the loss chunk by chunk of tokens: no [tokens, V/tp] logits "
                             "(fused_linear_sft_loss; the same loss, tau calibration included)")
     group.add_argument("--sft-fused-mode", default=None, choices=list(FUSED_MODES),
-                       help="gradient scheme of --sft-fused-linear: grad-in-forward (3 GEMMs; holds dL/dhidden "
-                            "[tokens, h] from the forward to the backward) or recompute (4 GEMMs: the logits again "
-                            "in the backward; the least memory). Default: grad-in-forward (measured: "
-                            "docs/PERFORMANCE.md)")
+                       help="its gradient scheme: grad-in-forward (3 GEMMs, the default) or recompute (4 GEMMs, "
+                            "the least memory)")
     group.add_argument("--sft-fused-chunk-tokens", type=int, default=None,
                        help="tokens per chunk of --sft-fused-linear (default: about 2^27 logits per chunk on a "
                             "GPU with grad-in-forward, 2^26 with recompute, 2^24 on CPU)")
@@ -129,6 +155,21 @@ def add_sed_arguments(parser):
     group.add_argument("--metrics-file", default=None,
                        help="JSON-lines metrics (default: metrics.jsonl in --save, else in the working directory)")
     return parser
+
+
+def add_loss_arguments(group):
+    """The loss flags: the kind, top_k, and every registered kind's parameters (`LossKind.params`)."""
+    from sed_megatron.loss.config import COMMON_FIELDS
+    from sed_megatron.loss.kinds import declared_params, kind_names
+
+    group.add_argument(LOSS_MODULE_FLAG, action="append", default=[], metavar="MODULE",
+                       help="import MODULE first: a loss kind of one's own (sed_megatron.loss.register)")
+    group.add_argument("--loss-type", default=COMMON_FIELDS["kind"], choices=kind_names(), help="token loss")
+    group.add_argument("--sed-top-k", type=int, default=2,
+                       help="k of the top-k mass every kind reports (and SED's mask reads; paper: 2)")
+    for param in declared_params().values():
+        group.add_argument(param.flag, type=param.type, default=param.default, choices=param.choices,
+                           help=param.help)
 
 
 def option_names(parser):
@@ -169,9 +210,10 @@ def yaml_flags_to_argv(flags, parser, where, sources=None):
 
     sources, if given, records where each setting came from: {dest: "where.key"}."""
     actions = _option_actions(parser)
+    own = _own_keys()
     argv = []
     for key, value in flags.items():
-        if key not in actions or key in _OWN_KEYS:
+        if key not in actions or key in own:
             raise ConfigError(f"{where}.{key}: unknown Megatron-LM flag --{key.replace('_', '-')}")
         argv += _value_to_argv(*actions[key], value, f"{where}.{key}")
         if sources is not None:
@@ -212,7 +254,7 @@ def yaml_to_argv(path, parser, sources=None):
         for key, value in body.items():
             where = f"{path}: {section}.{key}"
             if section in ("loss", "data"):
-                table = LOSS_FLAGS if section == "loss" else DATA_FLAGS
+                table = loss_flags() if section == "loss" else DATA_FLAGS
                 if key not in table:
                     raise ConfigError(f"{where}: unknown key (known: {', '.join(table)})")
                 option, action = actions[table[key][2:].replace("-", "_")]
@@ -252,9 +294,24 @@ def expand_config(argv, parser, sources=None):
 
 
 
+def loss_fields(args):
+    """The LossConfig fields of the parsed arguments, as a dict (the registered kinds' parameters by their flags)."""
+    from sed_megatron.loss.kinds import declared_params
+
+    return {"kind": args.loss_type, "top_k": args.sed_top_k,
+            **{name: getattr(args, _dest(param.flag)) for name, param in declared_params().items()}}
+
+
 def calibrates_tau(args):
-    """Whether tau comes from calibration before the first step (an explicit tau wins)."""
-    return args.loss_type == "sed" and args.sed_calibrate_ratio is not None and args.sed_tau is None
+    """Whether tau comes from calibration before the first step: asked for (--sed-calibrate-ratio),
+    read by the kind (`LossKind.uses_tau`), and not given (an explicit tau wins)."""
+    from sed_megatron.loss import LossConfig, get_kind
+
+    fields = loss_fields(args)
+    if args.sed_calibrate_ratio is None or fields.get("tau") is not None:
+        return False
+    probe = LossConfig(**{**fields, "tau": 1.0})  # the placeholder loss_config_from_args uses
+    return get_kind(probe.kind).uses_tau(probe)
 
 
 def calibration_top_k_from_args(args):
@@ -270,17 +327,14 @@ def loss_config_from_args(args):
     """
     from sed_megatron.loss import LossConfig
 
-    tau = args.sed_tau
+    fields = loss_fields(args)
     if args.sed_calibrate_top_k is not None and args.sed_calibrate_top_k < 1:
         raise ValueError(f"LossConfig.calibrate_top_k: must be an integer >= 1, got {args.sed_calibrate_top_k}")
     if calibrates_tau(args):
         if not 0.0 <= args.sed_calibrate_ratio <= 1.0:
             raise ValueError(f"LossConfig.calibrate_ratio: must lie in [0, 1], got {args.sed_calibrate_ratio}")
-        tau = 1.0
-    return LossConfig(
-        kind=args.loss_type, top_k=args.sed_top_k, tau=tau, lam=args.sed_lambda,
-        mask=args.sed_mask, gem_beta=args.gem_beta, gem_h=args.gem_h,
-    )
+        fields["tau"] = 1.0
+    return LossConfig(**fields)
 
 
 def write_config_with_tau(source, target, tau):

@@ -29,6 +29,7 @@ from megatron.core.utils import (
 )
 
 from sed_megatron.models.layers.context_parallel import check_cp_segments, cp_partition_indices
+from sed_megatron.parallel import pipeline_stage
 
 _KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask", "cu_seqlens", "cu_seqlens_padded",
          "max_seqlen")
@@ -46,12 +47,6 @@ class BatchSpec:
     packed_thd: bool = False
     """Rows are packed and carry cu_seqlens: packed-sequence (THD) attention (Transformer Engine's,
     or the local CP attention's); at CP > 1 every sample is padded to a multiple of 2 x CP."""
-
-
-def pipeline_stage(pp_group):
-    """(first stage, last stage) of this rank in its pipeline group (virtual stages ignored)."""
-    rank, size = dist.get_rank(group=pp_group), dist.get_world_size(group=pp_group)
-    return rank == 0, rank == size - 1
 
 
 def _to_device(batch):
@@ -116,12 +111,6 @@ def packed_seq_params(batch):
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded,
                            max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
-
-
-def to_thd(batch):
-    """Step 3 (CP=1): rows [b, s] -> one packed sequence [1, b*s] and its PackedSeqParams (format thd)."""
-    batch = flatten_batch_for_packed_sequences(dict(batch))
-    return {**batch, "packed_seq_params": packed_seq_params(batch)}
 
 
 def get_batch(data_iterator, spec: BatchSpec, groups):

@@ -18,8 +18,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from sed_megatron.calibration import calibration_top_k, gather_values, select_tokens, tau_from_topk_mass
 from sed_megatron.loss import LossConfig
 
-from .batch import get_batch, pipeline_stage
-from .step import StepConfig, loss_sum_and_stats, model_forward, model_groups
+from ..parallel import model_groups, pipeline_stage
+from .batch import get_batch
+from .step import StepConfig, loss_sum_and_stats, model_forward
 
 
 def _calibration_loss(step_cfg: StepConfig, token_set, tp_group, sink, labels, loss_mask, output):
@@ -72,7 +73,7 @@ def local_topk_masses(model_chunks, dataset, num_samples, step_cfg: StepConfig, 
         _report_unscored_past_end(rows, num_samples, step_cfg.batch.seq_length, dp_group)
     samples = iter([{key: value.unsqueeze(0) for key, value in row.items()} for row in rows])
     # One sample per micro-batch (no partial micro-batches); the loss kind does not matter: CE.
-    step_cfg = dataclasses.replace(step_cfg, loss=LossConfig(kind="ce", top_k=step_cfg.loss.top_k), with_entropy=False,
+    step_cfg = dataclasses.replace(step_cfg, loss=LossConfig(top_k=step_cfg.loss.top_k), with_entropy=False,
                                    batch=dataclasses.replace(step_cfg.batch, micro_batch_size=1))
     sink = []
     bar = None
@@ -150,5 +151,5 @@ def calibrate_from_args(args, runtime, mask_ratio, num_samples, token_set, split
         args.finetune, args.no_load_optim, args.no_load_rng = True, True, True
         load_checkpoint(model, None, None)
     dataset = build_datasets(args, [num_samples, num_samples, 0])[0 if split == "train" else 1]
-    step_cfg = step_config(args, LossConfig(kind="ce", top_k=calibration_top_k(token_set, args.sed_top_k, top_k)))
+    step_cfg = step_config(args, LossConfig(top_k=calibration_top_k(token_set, args.sed_top_k, top_k)))
     return calibrate_tau(model, dataset, num_samples, step_cfg, mask_ratio, token_set, progress)

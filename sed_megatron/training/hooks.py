@@ -19,9 +19,8 @@ import torch.distributed as dist
 
 from sed_megatron.runtime import check_signature
 
-from .batch import pipeline_stage
+from ..parallel import model_groups, pipeline_stage
 from .nonfinite import describe
-from .step import model_groups
 
 TRAIN_PARAMS = ("forward_step_func", "model", "optimizer", "opt_param_scheduler", "train_data_iterator")
 TRAINING_LOG_PARAMS = ("loss_dict", "total_loss_dict", "learning_rate", "iteration", "loss_scale",

@@ -17,40 +17,34 @@ import torch
 
 from sed_megatron.utils import atomic_write_text
 
-# Report key (as Megatron logs it) -> metrics.jsonl key.
-REPORT_KEYS = {
-    "lm loss": "loss",
-    "ce loss": "ce_loss",
-    "sed penalty": "sed_penalty",
-    "mask rate": "mask_rate",
-    "penalty rate": "penalty_rate",
-    "topk mass": "topk_mass",
-    "p target": "p_target",
-    "token accuracy": "token_accuracy",
-    "entropy": "entropy",
+# Report keys (as Megatron logs them) whose metrics.jsonl key is not the report key with "_" for " ".
+RENAMED = {
+    "lm loss": "loss",  # the objective, whatever the kind
     "load_balancing_loss": "moe_aux_loss",  # Megatron's MoE metrics tracker (MoE models)
 }
-# Extra per-token stats a loss kind or option adds -> their report key.
-OPTIONAL_STATS = {"penalty": "sed penalty", "entropy": "entropy"}
+# The stats every kind returns -> their report keys (the kind's own reports: "<kind> <stat>").
+STANDARD_REPORTS = {"ce": "ce loss", "topk_mass": "topk mass", "p_target": "p target", "correct": "token accuracy",
+                    "entropy": "entropy"}
 
 
-def token_metric_report(loss_sum, stats, loss_mask):
+def metrics_key(report_key):
+    """The metrics.jsonl key of a report key: "ce loss" -> "ce_loss", "sed penalty" -> "sed_penalty"."""
+    return RENAMED.get(report_key, report_key.replace(" ", "_"))
+
+
+def token_metric_report(loss_sum, stats, loss_mask, kind_name):
     """`[sum, count]` pairs of the objective (its sum over the loss tokens) and the stats over
-    the loss tokens, detached.
+    the loss tokens, detached; the kind's own stats (`LossKind.reports`) as "<kind> <stat>".
 
     mask rate follows the published SED-SFT logs: the share of loss tokens WITHOUT the penalty
     (about r once tau is calibrated); penalty rate is the share with it."""
+    from sed_megatron.loss import get_kind
+
     mask = loss_mask.float()
     count = mask.sum()
-    per_token = {
-        "ce loss": stats["ce"],
-        "mask rate": 1.0 - stats["mask"],
-        "penalty rate": stats["mask"],
-        "topk mass": stats["topk_mass"],
-        "p target": stats["p_target"],
-        "token accuracy": stats["correct"],
-    }
-    per_token.update({report: stats[name] for name, report in OPTIONAL_STATS.items() if name in stats})
+    per_token = {"mask rate": 1.0 - stats["mask"], "penalty rate": stats["mask"]}
+    per_token.update({report: stats[name] for name, report in STANDARD_REPORTS.items() if name in stats})
+    per_token.update({f"{kind_name} {name}": stats[name] for name in get_kind(kind_name).reports})
     report = {"lm loss": torch.stack([loss_sum.detach().float(), count])}
     report.update({key: torch.stack([(value * mask).sum(), count]) for key, value in per_token.items()})
     return report
@@ -105,9 +99,8 @@ class MetricsLog:
     def write(self, iteration, lr, grad_norm):
         now = time.time()
         record = {"iteration": int(iteration)}
-        for report_key, key in REPORT_KEYS.items():
-            if report_key in self._sums:
-                record[key] = self._sums[report_key] / max(1, self._count)
+        for report_key, total in self._sums.items():
+            record[metrics_key(report_key)] = total / max(1, self._count)
         record["lr"] = float(lr) if lr is not None else None
         record["grad_norm"] = float(grad_norm) if grad_norm is not None else None
         record["tokens_per_sec"] = None

@@ -54,6 +54,17 @@ class OneLineErrorParser(argparse.ArgumentParser):
         _fail(message, self.prog)
 
 
+def load_loss_modules(argv, prog="sed_megatron.train"):
+    """The loss kinds of one's own that --loss-module (YAML loss.module) names, registered before any
+    parser is built (their parameters are flags); one line and exit 2 when one does not import."""
+    from .arguments import ConfigError, import_loss_modules
+
+    try:
+        import_loss_modules(argv)
+    except ConfigError as err:
+        fail(str(err), prog)
+
+
 def print_help_if_asked(argv, prog, description=None, extra_args_provider=None):
     """-h/--help: the tool's own options, then SED-SFT's (Megatron-LM's ~900 flags are behind
     --help-megatron); exit 0. Entry points call it before anything else.
@@ -62,6 +73,7 @@ def print_help_if_asked(argv, prog, description=None, extra_args_provider=None):
     only them, and its docstring's notes come after the options (utils.help_sections)."""
     if "-h" not in argv and "--help" not in argv:
         return
+    load_loss_modules(argv, prog)
     from sed_megatron.utils import help_sections
 
     from .arguments import add_sed_arguments
@@ -90,6 +102,7 @@ def parse_flags(argv, runtime, extra_args_provider=None, prog="sed_megatron.trai
 
     from .arguments import ConfigError, add_sed_arguments, expand_config
 
+    load_loss_modules(argv, prog)
     parser = add_megatron_arguments(OneLineErrorParser(prog=prog, allow_abbrev=False))
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)
@@ -148,6 +161,7 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
         return add_sed_arguments(parser)
 
     print_help_if_asked(argv, prog, description, extra_args_provider)
+    load_loss_modules(argv, prog)
     parser = add_arguments(add_megatron_arguments(OneLineErrorParser(prog=prog, allow_abbrev=False)))
     _escape_bare_percent(parser)
     if "--help-megatron" in argv:
@@ -241,13 +255,13 @@ def packs_thd(args):
 
 
 def loss_config(args, prog="sed_megatron.train"):
-    from .arguments import LOSS_FLAGS, loss_config_from_args
+    from .arguments import loss_config_from_args, loss_flags
 
     try:
         return loss_config_from_args(args)
     except ValueError as err:
         message = str(err)
-        for field, flag in LOSS_FLAGS.items():
+        for field, flag in loss_flags().items():
             message = message.replace(f"LossConfig.{field}:", f"{flag} (loss.{field}):")
         fail(message, prog)
 
@@ -315,39 +329,7 @@ def model_config_from_args(args):
     from sed_megatron.models.model_file import read_model_file
 
     info = read_model_file(args.load)
-    return ModelConfig(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups if args.group_query_attention else args.num_attention_heads,
-        kv_channels=args.kv_channels,
-        vocab_size=args.vocab_size or args.padded_vocab_size,
-        padded_vocab_size=args.padded_vocab_size,
-        max_position_embeddings=args.max_position_embeddings,
-        normalization=args.normalization,
-        norm_epsilon=args.layernorm_epsilon,
-        swiglu=args.swiglu,
-        add_bias_linear=args.add_bias_linear,
-        qkv_bias=args.add_qkv_bias,
-        qk_layernorm=args.qk_layernorm,
-        position_embedding_type=args.position_embedding_type,
-        rotary_base=args.rotary_base,
-        rotary_percent=args.rotary_percent,
-        rope_scaling_factor=args.rope_scaling_factor if args.use_rope_scaling else None,
-        rotary_seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
-        tied_embeddings=not args.untie_embeddings_and_output_weights,
-        num_experts=args.num_experts,
-        moe_ffn_hidden_size=args.moe_ffn_hidden_size if args.num_experts else None,
-        moe_router_topk=args.moe_router_topk,
-        moe_router_pre_softmax=args.moe_router_pre_softmax,
-        # one coefficient (Megatron also takes one per load-balancing type: its own business)
-        moe_aux_loss_coeff=0.0 if not args.num_experts or isinstance(args.moe_aux_loss_coeff, list)
-        else float(args.moe_aux_loss_coeff),
-        moe_grouped_gemm=args.moe_grouped_gemm,
-        model_type=None if info is None else info["model_type"],
-        transformer_impl=args.transformer_impl,
-    )
+    return ModelConfig.from_megatron_args(args, model_type=None if info is None else info["model_type"])
 
 
 def model_provider(args, pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):

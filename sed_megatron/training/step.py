@@ -22,9 +22,9 @@ from functools import partial
 from typing import Callable
 
 import torch
-from megatron.core.utils import get_attr_wrapped_model
 
 from sed_megatron.loss import LossConfig, fused_linear_sft_loss, masked_sum_and_count, sft_token_loss
+from sed_megatron.parallel import model_groups
 
 from .batch import BatchSpec, get_batch
 from .metrics import token_metric_report
@@ -49,11 +49,6 @@ class StepConfig:
     """Tokens per chunk of the fused loss (None: its default element budget)."""
     fused_grad_in_forward: bool | None = None
     """The fused loss's gradient scheme (None: the device's default, fused_linear.default_grad_in_forward)."""
-
-
-def model_groups(model):
-    """The ProcessGroupCollection (tp, pp, dp, cp, ...) the model chunk was built with."""
-    return get_attr_wrapped_model(model, "pg_collection")
 
 
 def loss_scale(config, device):
@@ -117,7 +112,7 @@ def loss_sum_and_stats(cfg: StepConfig, tp_group, labels, loss_mask, output):
 def loss_func(cfg: StepConfig, tp_group, labels, loss_mask, output):
     """The last stage's output, labels [b, s] -> (loss sum, token count, report)."""
     loss_sum, stats = loss_sum_and_stats(cfg, tp_group, labels, loss_mask, output)
-    report = token_metric_report(loss_sum, stats, loss_mask)
+    report = token_metric_report(loss_sum, stats, loss_mask, cfg.loss.kind)
     if cfg.inject is not None:
         loss_sum = cfg.inject(loss_sum)
     if cfg.check_non_finite:

@@ -4,12 +4,28 @@ import torch
 
 from sed_megatron.data.packing import pack_greedy, packed_sample
 from sed_megatron.data.simple import sample_from_tokens
-from sed_megatron.loss import IGNORE_INDEX, LossConfig, masked_sum_and_count, sft_token_loss
+from sed_megatron.loss import (
+    IGNORE_INDEX,
+    LossConfig,
+    masked_sum_and_count,
+    sft_token_loss,
+)
 from sed_megatron.testing.models import tiny_gpt
 
 from ..distributed import run_distributed
 
 VOCAB, SEQ = 96, 24
+
+
+def _to_thd(batch):
+    """Rows [b, s] -> one packed sequence [1, b*s] and its PackedSeqParams, as get_batch makes them at CP=1."""
+    from sed_megatron.training.batch import (
+        flatten_batch_for_packed_sequences,
+        packed_seq_params,
+    )
+
+    batch = flatten_batch_for_packed_sequences(dict(batch))
+    return {**batch, "packed_seq_params": packed_seq_params(batch)}
 
 
 def make_samples():
@@ -97,8 +113,6 @@ def test_thd_rows_describe_the_same_attention_as_the_block_mask():
     forward_step hands it to Transformer Engine. Attention computed segment by segment from
     the merged cu_seqlens must equal dense attention under each row's mask. RoPE positions
     that restart at every segment must equal the rows' position ids on the sample tokens."""
-    from sed_megatron.training.batch import to_thd
-
     seq_length = 16
     masked = [packed_sample(r, seq_length) for r in THD_ROWS]
     thd = [packed_sample(r, seq_length, thd=True) for r in THD_ROWS]
@@ -107,7 +121,7 @@ def test_thd_rows_describe_the_same_attention_as_the_block_mask():
     for key in ("tokens", "labels", "loss_mask", "position_ids"):
         assert all(torch.equal(t[key], m[key]) for t, m in zip(thd, masked))
 
-    flat = to_thd(_thd_batch(seq_length))
+    flat = _to_thd(_thd_batch(seq_length))
     params = flat["packed_seq_params"]
     assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 4, 10, 16, 32]
     assert params.max_seqlen_q == 16 and flat["tokens"].shape == (1, 2 * seq_length)

@@ -19,14 +19,23 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None, reason="needs Transformer Engine")]
 
 
-def _losses_and_grads(model, packed, cfg):
-    from sed_megatron.training.batch import to_thd
+def _to_thd(batch):
+    """Rows [b, s] -> one packed sequence [1, b*s] and its PackedSeqParams, as get_batch makes them at CP=1."""
+    from sed_megatron.training.batch import (
+        flatten_batch_for_packed_sequences,
+        packed_seq_params,
+    )
 
+    batch = flatten_batch_for_packed_sequences(dict(batch))
+    return {**batch, "packed_seq_params": packed_seq_params(batch)}
+
+
+def _losses_and_grads(model, packed, cfg):
     model.zero_grad()
     sums = []
     if packed:
         row = packed_sample(make_samples(), SEQ, thd=True)
-        batch = to_thd({key: value.unsqueeze(0).cuda() for key, value in row.items()})
+        batch = _to_thd({key: value.unsqueeze(0).cuda() for key, value in row.items()})
         params = batch["packed_seq_params"]
         logits = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=params)
         loss, _ = sft_token_loss(logits.float(), batch["labels"], cfg)

@@ -162,3 +162,36 @@ def test_bf16_allocates_only_the_buffer_and_the_gradient(monkeypatch):
         (grad,) = torch.autograd.grad(loss.sum(), logits)
     large = sorted(size for size in probe.sizes if size > chunk_tokens * vocab * 4)
     assert large == [base.numel() * 2, base.numel() * 4]  # the bf16 gradient, the fp32 buffer
+
+
+def test_loss_config_fields_come_from_the_registry():
+    """LossConfig's fields are kind and top_k plus every kind's declared parameters, each checked
+    by its Param wherever a config is made; it is immutable, hashable, and pickles."""
+    import pickle
+
+    from sed_megatron.loss.kinds import declared_params
+
+    assert LossConfig.field_names() == ("kind", "top_k", *declared_params())
+    assert {"tau", "lam", "mask", "gem_beta", "gem_h"} <= set(declared_params())
+    cfg = LossConfig(kind="sed", tau=0.5)
+    assert cfg.replace(tau=0.25).tau == 0.25 and cfg.tau == 0.5 and cfg.gem_beta == 0.7  # another kind's default
+    assert cfg == LossConfig(kind="sed", tau=0.5) and hash(cfg) == hash(LossConfig(kind="sed", tau=0.5))
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    with pytest.raises(AttributeError, match="immutable"):
+        cfg.tau = 0.3
+    with pytest.raises(TypeError, match="unknown field 'beta'"):
+        LossConfig(kind="gem", beta=0.5)
+    with pytest.raises(ValueError, match=r"LossConfig.mask: 'entropy' is not one of topk_mass, none"):
+        LossConfig(kind="sed", tau=0.5, mask="entropy")
+
+
+def test_a_kind_declaring_a_parameter_another_declares_differently_is_refused():
+    from sed_megatron.loss import Param
+
+    class Clash(LossKind):
+        name = "clash"
+        params = (Param("tau", 0.3, "--clash-tau", "another tau"),)
+
+    with pytest.raises(ValueError, match="declares parameter 'tau', which another kind"):
+        register(Clash)
+    assert "clash" not in LOSS_KINDS

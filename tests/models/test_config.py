@@ -166,3 +166,23 @@ def test_training_reads_the_same_architecture_from_megatron_args():
     configs = [dataclasses.replace(c, model_type=None) for c in configs] + [MOE]
     got = run_distributed(_through_megatron_args, world_size=1, args=([(c.to_megatron_flags(), c) for c in configs],))
     assert got == configs
+
+
+def test_the_table_covers_every_field_and_names_megatrons_attributes():
+    """megatron_fields.FIELDS holds every ModelConfig field in order (a field without a row would
+    travel nowhere), and the args attributes it names are the ones Megatron's parser stores."""
+    import argparse
+
+    from megatron.training.arguments import add_megatron_arguments
+
+    from sed_megatron.models import megatron_fields
+
+    assert [field.name for field in megatron_fields.FIELDS] == [f.name for f in dataclasses.fields(ModelConfig)]
+    actions = {option[2:].replace("-", "_"): action
+               for action in add_megatron_arguments(argparse.ArgumentParser())._actions
+               for option in action.option_strings if option.startswith("--")}
+    for key in megatron_fields.FLAG_KEYS:
+        assert key in actions, key  # every model-file key is a flag of Megatron's
+        expected = megatron_fields.ARGS_ATTRIBUTES.get(key, key)
+        assert actions[key].dest == expected, (key, actions[key].dest)
+    assert isinstance(actions["disable_bias_linear"], argparse._StoreFalseAction)  # stored negated, as read

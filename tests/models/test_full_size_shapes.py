@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sed_megatron.models import family_for
-from sed_megatron.models.mapping import hf_to_megatron
+from sed_megatron.testing.models import hf_to_megatron
 
 from ..distributed import run_distributed
 

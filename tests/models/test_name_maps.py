@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from sed_megatron.models import family_for
-from sed_megatron.models.mapping import hf_to_megatron, megatron_to_hf
-from sed_megatron.testing.tiny_hf import TINY_VARIANTS, hub_state_dict, tiny_hf_config, tiny_hf_model
+from sed_megatron.models.mapping import megatron_to_hf
+from sed_megatron.testing.models import hf_to_megatron
+from sed_megatron.testing.tiny_hf import (
+    TINY_VARIANTS,
+    hub_state_dict,
+    tiny_hf_config,
+    tiny_hf_model,
+)
 
 from ..distributed import run_distributed
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sed_megatron.models import family_for
+from sed_megatron.testing.models import hf_to_megatron
 from sed_megatron.testing.tiny_hf import hub_state_dict, tiny_hf_config, tiny_hf_model
 
 from ..distributed import run_distributed
@@ -102,7 +103,6 @@ def check_aux_loss_gradient():
     from megatron.core import tensor_parallel
 
     from sed_megatron.models import build_gpt_model
-    from sed_megatron.models.mapping import hf_to_megatron
 
     hf_model = tiny_hf_model("qwen3_moe")
     family = family_for("qwen3_moe")

@@ -25,13 +25,54 @@ Shapes: t tokens (the caller's leading dims, flattened), V/tp the shard; `[r, ..
 r tokens. A kind sees only the LossConfig it is given, never a process group.
 """
 
+import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
 TEMPERED_SUMS = ("tempered_sum", "tempered_dot")
 """The extra sums of a softmax-form kind with T != 1: sum_j exp(x_j / T) and sum_j exp(x_j / T) x_j."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """A hyper-parameter a loss kind declares: a LossConfig field, a command-line flag and a YAML
+    `loss:` key (the field's name), validated wherever a LossConfig is made."""
+
+    name: str
+    """The LossConfig field and the YAML key."""
+    default: object
+    flag: str
+    """The command-line flag (--sed-tau)."""
+    help: str
+    type: type = float
+    choices: tuple | None = None
+    check: Callable[[object], str | None] | None = None
+    """value -> what is wrong with it, or None (choices are checked without it)."""
+
+    def problem(self, value):
+        """What is wrong with value for this parameter, or None."""
+        if self.choices is not None:
+            if value not in self.choices:
+                return f"{value!r} is not one of {', '.join(map(str, self.choices))}"
+            return None
+        return self.check(value) if self.check is not None else None
+
+
+def finite_number(low, high=None, low_open=False, allow_none=False):
+    """A Param check: a finite number in [low, high] ((low, high] with low_open); None if allowed."""
+    def check(value):
+        if value is None and allow_none:
+            return None
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and (value > low if low_open else value >= low) and (high is None or value <= high))
+        if ok:
+            return None
+        if high is not None:
+            return f"must lie in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}"
+        return f"must be a finite number {'>' if low_open else '>='} {low:g}, got {value!r}"
+    return check
 
 
 class TokenSums(NamedTuple):
@@ -81,11 +122,21 @@ class LossKind:
 
     name: str = ""
     """The LossConfig.kind that selects it."""
+    params: tuple[Param, ...] = ()
+    """Its hyper-parameters: LossConfig fields, flags and YAML keys (`loss/config.py`, the training
+    arguments and the metrics loop over the registry; nothing else names a kind)."""
     reports: tuple[str, ...] = ()
-    """Names of the extra per-token stats the kind adds to the standard ones (all detached)."""
+    """Names of the extra per-token stats the kind adds to the standard ones (all detached); each
+    is logged as "<kind> <stat>" (metrics.jsonl: "<kind>_<stat>")."""
 
     def validate(self, cfg):
-        """Checks of the LossConfig fields this kind reads; errors name the field."""
+        """Checks that span fields of the LossConfig (each field's own check is its Param's);
+        errors name the field."""
+
+    def uses_tau(self, cfg) -> bool:
+        """Whether the kind reads LossConfig.tau (the threshold on the top-k mass that tau
+        calibration sets before the first step)."""
+        return False
 
     def temperature(self, cfg) -> float | None:
         """T of a gradient coef * (softmax(z / T) - onehot(y)); None for a gradient of another form."""

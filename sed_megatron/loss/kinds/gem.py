@@ -20,7 +20,7 @@ beta <= 1).
 import torch
 
 from ..chunks import token_chunks
-from .base import KindLoss, LossKind, distribution_minus_onehot_
+from .base import KindLoss, LossKind, Param, distribution_minus_onehot_, finite_number
 from .registry import register
 
 SIGMOID_SCALE = 0.01
@@ -88,6 +88,12 @@ H_STRATEGIES = {"linear": _LinearH, "logsigmoid": _LogSigmoidH}
 @register
 class GEM(LossKind):
     name = "gem"
+    params = (
+        Param("gem_beta", 0.7, "--gem-beta", "GEM temperature beta of q = softmax(z / beta) (published: 0.7)",
+              check=finite_number(0.0, low_open=True)),
+        Param("gem_h", "linear", "--gem-h", "GEM's h: linear (SED-SFT's GEM baseline) or logsigmoid (GEM's own "
+              "repository)", type=str, choices=tuple(H_STRATEGIES)),
+    )
 
     def temperature(self, cfg):
         return H_STRATEGIES[cfg.gem_h].temperature(cfg)

@@ -6,18 +6,30 @@ d/dz = (1 - 2 lam M p_y (p_y - 0.5)) (softmax(z) - onehot(y)).
 
 import torch
 
-from .base import KindLoss, LossKind
+from .base import KindLoss, LossKind, Param, finite_number
 from .registry import register
+
+MASKS = ("topk_mass", "none")
 
 
 @register
 class SelectiveDiversity(LossKind):
     name = "sed"
+    params = (
+        Param("tau", None, "--sed-tau", "penalty where the top-k mass < tau (required with the topk_mass mask; "
+              "tau calibration sets it)", check=finite_number(0.0, 1.0, low_open=True, allow_none=True)),
+        Param("lam", 1.0, "--sed-lambda", "weight of the penalty (paper: 1)", check=finite_number(0.0)),
+        Param("mask", "topk_mass", "--sed-mask", "where the penalty applies: topk_mass (the top-k mass below tau) or "
+              "none (every token)", type=str, choices=MASKS),
+    )
     reports = ("penalty",)
     """penalty: lam * M * (p_y - 0.5)^2, the part of the loss above CE."""
 
+    def uses_tau(self, cfg):
+        return cfg.mask == "topk_mass"
+
     def validate(self, cfg):
-        if cfg.mask == "topk_mass" and cfg.tau is None:
+        if self.uses_tau(cfg) and cfg.tau is None:
             raise ValueError(
                 "LossConfig.tau: SED with mask='topk_mass' needs tau "
                 "(calibrate it with tools/calibrate_tau.py, or use mask='none')"

@@ -11,9 +11,9 @@ configuration needs them (models/gpt.py calls it); with Transformer Engine, Mega
 modules do both.
 """
 
-from .context_parallel import ContextParallelAttention, all_gather_sequence, cp_partition_indices, cp_token_layout
+from .context_parallel import ContextParallelAttention, cp_partition_indices, cp_token_layout
 from .norm import SequenceParallelNorm
 from .swap import local_parallel_layers
 
-__all__ = ["ContextParallelAttention", "SequenceParallelNorm", "all_gather_sequence", "cp_partition_indices",
+__all__ = ["ContextParallelAttention", "SequenceParallelNorm", "cp_partition_indices",
            "cp_token_layout", "local_parallel_layers"]

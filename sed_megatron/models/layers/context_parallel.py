@@ -20,7 +20,8 @@ on GPUs, this one is for CPUs and for GPUs without Transformer Engine.
 import math
 
 import torch
-import torch.distributed as dist
+
+from sed_megatron.parallel import all_gather_sequence, group_rank_and_size
 
 
 def cp_token_layout(cu_seqlens, total, cp_size, device=None):
@@ -59,34 +60,6 @@ def check_cp_segments(cu_seqlens, cp_size):
     if bad:
         raise ValueError(f"packed samples of {bad[0]} positions do not split into 2 x CP = {2 * cp_size} chunks: "
                          f"pack them with segments padded to a multiple of {2 * cp_size}")
-
-
-class _AllGatherSequence(torch.autograd.Function):
-    """[s, ...] on each rank -> [group_size * s, ...] in rank order; backward: reduce-scatter."""
-
-    @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        size = dist.get_world_size(group=group)
-        out = tensor.new_empty((size * tensor.shape[0], *tensor.shape[1:]))
-        dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        # Every rank's queries used this rank's keys: their gradients add up here.
-        size = dist.get_world_size(group=ctx.group)
-        out = grad.new_empty((grad.shape[0] // size, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
-        return out, None
-
-
-def all_gather_sequence(tensor, group):
-    """All-gather along dim 0 over `group` (autograd: reduce-scatter of the gradient); the
-    tensor itself for a group of one."""
-    if group is None or dist.get_world_size(group=group) == 1:
-        return tensor
-    return _AllGatherSequence.apply(tensor, group)
 
 
 def _cp_attention_module_base():
@@ -141,7 +114,7 @@ class ContextParallelAttention(_cp_attention_module_base()):
     def causal_mask(self, sq, packed_seq_params, device):
         """(query positions [sq], key positions [cp * sq] in all-gather order, bool [sq, cp * sq]
         mask, True = masked): a query sees the keys of its own segment at or before it."""
-        cp_size, cp_rank = dist.get_world_size(group=self.cp_group), dist.get_rank(group=self.cp_group)
+        cp_rank, cp_size = group_rank_and_size(self.cp_group)
         cu = None
         if packed_seq_params is not None:
             cu = packed_seq_params.cu_seqlens_q_padded
