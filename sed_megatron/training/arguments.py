@@ -19,6 +19,7 @@ come first, so any flag given on the command line wins.
 """
 
 import argparse
+import os
 
 import yaml
 
@@ -88,12 +89,10 @@ def import_loss_modules(argv):
     where = {name: LOSS_MODULE_FLAG for name in names}
     if path is not None:
         try:
-            with open(path) as f:
-                doc = yaml.safe_load(f)
-        except (OSError, yaml.YAMLError):
-            doc = None  # reported with its line by the YAML reader
-        listed = doc.get("loss", {}).get("module") if isinstance(doc, dict) and isinstance(doc.get("loss"), dict) \
-            else None
+            doc, _ = load_config(path)
+        except ConfigError:
+            doc = {}  # reported, with its file and line, by the YAML reader
+        listed = doc.get("loss", {}).get("module") if isinstance(doc.get("loss"), dict) else None
         for name in [listed] if isinstance(listed, str) else (listed or []):
             where.setdefault(name, f"{path}: loss.module")
             names.append(name)
@@ -221,8 +220,11 @@ def yaml_flags_to_argv(flags, parser, where, sources=None):
     return argv
 
 
-def yaml_to_argv(path, parser, sources=None):
-    """The command-line arguments equivalent to the YAML file at `path` (sources: as above)."""
+INCLUDE_KEY = "include"
+"""A top-level YAML key: the file(s), relative to this one, whose settings this one extends."""
+
+
+def _read_yaml(path):
     try:
         with open(path) as f:
             doc = yaml.safe_load(f)
@@ -234,25 +236,70 @@ def yaml_to_argv(path, parser, sources=None):
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{where}: not valid YAML ({problem})") from None
     if doc is None:
-        return []
+        return {}
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return doc
+
+
+def load_config(path, _chain=()):
+    """(settings, origin) of the YAML at `path` with the files it includes merged beneath it.
+
+    `include: base.yaml` (or a list, each relative to this file) takes a base's sections first,
+    then this file's: a key given here wins, section by section (a recipe is its model's base
+    plus what its loss changes). origin maps (section, key) -- or (section, None) for a
+    top-level value -- to the file that set it, so errors and sources name the right file."""
+    doc = _read_yaml(path)
+    includes = doc.pop(INCLUDE_KEY, None)
+    includes = [includes] if isinstance(includes, str) else includes or []
+    if not isinstance(includes, list) or not all(isinstance(name, str) for name in includes):
+        raise ConfigError(f"{path}: {INCLUDE_KEY}: expected a file name or a list of them, got {includes!r}")
+    merged, origin = {}, {}
+    for name in includes:
+        base_path = os.path.normpath(os.path.join(os.path.dirname(path), name))
+        if base_path in _chain + (os.path.normpath(path),):
+            raise ConfigError(f"{path}: {INCLUDE_KEY}: {name} includes {path} again (a cycle)")
+        if not os.path.isfile(base_path):
+            raise ConfigError(f"{path}: {INCLUDE_KEY}: {name}: no such file (relative to {path})")
+        _merge(merged, origin, *load_config(base_path, _chain + (os.path.normpath(path),)))
+    own = {(section, key): path for section, body in doc.items()
+           for key in (body if isinstance(body, dict) else [None])}
+    _merge(merged, origin, doc, own)
+    return merged, origin
+
+
+def _merge(merged, origin, doc, doc_origin):
+    for section, body in doc.items():
+        if isinstance(body, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **body}
+        else:
+            merged[section] = dict(body) if isinstance(body, dict) else body
+            for key in [k for k in origin if k[0] == section]:
+                del origin[key]
+        origin.update({key: file for key, file in doc_origin.items() if key[0] == section})
+
+
+def yaml_to_argv(path, parser, sources=None):
+    """The command-line arguments equivalent to the YAML file at `path` and its includes (sources: as above)."""
+    doc, origin = load_config(path)
     actions = _option_actions(parser)
     argv = []
     for section, body in doc.items():
+        section_file = origin.get((section, None)) or next((f for (s, _), f in origin.items() if s == section), path)
         if section in RUN_FLAGS:
             option, action = actions[RUN_FLAGS[section][2:].replace("-", "_")]
-            argv += _value_to_argv(option, action, body, f"{path}: {section}")
+            argv += _value_to_argv(option, action, body, f"{section_file}: {section}")
             if sources is not None:
-                sources[action.dest] = f"{path}: {section}"
+                sources[action.dest] = f"{section_file}: {section}"
             continue
         if section not in MEGATRON_SECTIONS + ("loss", "data"):
-            known = ", ".join(MEGATRON_SECTIONS + ("loss", "data") + tuple(RUN_FLAGS))
-            raise ConfigError(f"{path}: unknown section {section!r} (known: {known})")
+            known = ", ".join(MEGATRON_SECTIONS + ("loss", "data") + tuple(RUN_FLAGS) + (INCLUDE_KEY,))
+            raise ConfigError(f"{section_file}: unknown section {section!r} (known: {known})")
         if not isinstance(body, dict):
-            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+            raise ConfigError(f"{section_file}: section {section!r} must be a mapping")
         for key, value in body.items():
-            where = f"{path}: {section}.{key}"
+            file = origin.get((section, key), path)
+            where = f"{file}: {section}.{key}"
             if section in ("loss", "data"):
                 table = loss_flags() if section == "loss" else DATA_FLAGS
                 if key not in table:
@@ -262,7 +309,7 @@ def yaml_to_argv(path, parser, sources=None):
                 if sources is not None:
                     sources[action.dest] = where
                 continue
-            argv += yaml_flags_to_argv({key: value}, parser, f"{path}: {section}", sources)
+            argv += yaml_flags_to_argv({key: value}, parser, f"{file}: {section}", sources)
     return argv
 
 
@@ -338,10 +385,10 @@ def loss_config_from_args(args):
 
 
 def write_config_with_tau(source, target, tau):
-    """The YAML at source with loss.tau set, written to target (whole or not at all)."""
+    """The YAML at source (its includes merged in, so the copy stands alone wherever it is written)
+    with loss.tau set, written to target (whole or not at all)."""
     from sed_megatron.utils import atomic_write_text
 
-    with open(source) as f:
-        config = yaml.safe_load(f) or {}
+    config, _ = load_config(source)
     config.setdefault("loss", {})["tau"] = tau
     atomic_write_text(target, yaml.safe_dump(config, sort_keys=False))

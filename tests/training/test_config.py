@@ -103,3 +103,38 @@ def test_cli_help_lists_our_flags_and_megatrons():
     out = run_train("--help-megatron")  # Megatron-LM 0.19 has help texts with a bare '%', which argparse chokes on
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--sed-tau" in out.stdout and "--tensor-model-parallel-size" in out.stdout
+
+
+def test_paper_recipes_expand_to_what_they_were(parser):
+    """The paper recipes are a base per model plus small per-loss files (`include:`); expanded,
+    each sets exactly what the whole file did before (golden/paper_recipes.json)."""
+    import json
+
+    with open(os.path.join(os.path.dirname(__file__), "golden", "paper_recipes.json")) as f:
+        golden = json.load(f)
+    recipes = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, "examples", "paper", "*x8_*.yaml"))}
+    assert recipes == set(golden)
+    for name, argv in golden.items():
+        expanded = expand_config(["--config", os.path.join(REPO, "examples", "paper", name)], parser)
+        assert vars(parser.parse_args(expanded)) == {**vars(parser.parse_args(argv)), "config": os.path.join(
+            REPO, "examples", "paper", name)}, name
+
+
+def test_include_merges_sections_and_errors_name_the_including_file(parser, tmp_path):
+    from sed_megatron.training.arguments import ConfigError
+
+    (tmp_path / "base.yaml").write_text("training: {micro_batch_size: 2, seq_length: 64}\nloss: {kind: sed, tau: 0.5}\n")
+    (tmp_path / "run.yaml").write_text("include: base.yaml\ntraining: {micro_batch_size: 4}\nloss: {lam: 2.0}\n")
+    sources = {}
+    args = parser.parse_args(expand_config(["--config", str(tmp_path / "run.yaml")], parser, sources))
+    assert (args.micro_batch_size, args.seq_length, args.loss_type, args.sed_tau, args.sed_lambda) == (4, 64, "sed", 0.5,
+                                                                                                       2.0)
+    assert sources["seq_length"] == f"{tmp_path / 'base.yaml'}: training.seq_length"  # named where it is set
+    assert sources["micro_batch_size"] == f"{tmp_path / 'run.yaml'}: training.micro_batch_size"
+    (tmp_path / "bad.yaml").write_text("include: base.yaml\nloss: {tua: 1}\n")
+    (tmp_path / "loop.yaml").write_text("include: loop.yaml\n")
+    (tmp_path / "missing.yaml").write_text("include: nowhere.yaml\n")
+    for name, message in (("bad.yaml", r"bad\.yaml: loss\.tua: unknown key"), ("loop.yaml", "a cycle"),
+                          ("missing.yaml", r"include: nowhere\.yaml: no such file")):
+        with pytest.raises(ConfigError, match=message):
+            expand_config(["--config", str(tmp_path / name)], parser)

@@ -175,8 +175,10 @@ PAPER_ARCHITECTURES = {  # the converted checkpoints' model files carry these; t
 }
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "examples", "paper", "*.yaml"))),
-                         ids=os.path.basename)
+RECIPES = sorted(glob.glob(os.path.join(REPO, "examples", "paper", "*x8_*.yaml")))  # the bases are included by them
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
 def test_paper_recipes_pass_the_start_up_checks(parser, path):
     """Each recipe's layout (32k-token packed rows) at its node count, with its model's heads."""
     name = os.path.basename(path)
