@@ -21,7 +21,7 @@ import torch.distributed as dist
 from sed_megatron.runtime import DeviceError, MegatronVersionError, prepare
 from sed_megatron.training.arguments import calibrates_tau, calibration_top_k_from_args
 from sed_megatron.training.setup import build_datasets, model_provider, parse_run_args, print_help_if_asked, step_config
-from sed_megatron.utils import fail
+from sed_megatron.utils import atomic_write_text, fail
 
 PROG = "sed_megatron.train"
 TAU_FILE = "sed_tau.json"
@@ -57,9 +57,9 @@ def _tau(args, step_cfg, model):
                  f"k={top_k}, mask ratio {args.sed_calibrate_ratio})")
     if args.save and dist.get_rank() == 0:
         os.makedirs(args.save, exist_ok=True)
-        with open(os.path.join(args.save, TAU_FILE), "w") as f:
-            json.dump({"tau": tau, "mask_ratio": args.sed_calibrate_ratio, "top_k": top_k,
-                       "samples": n, "tokens": args.sed_calibrate_tokens}, f)
+        atomic_write_text(os.path.join(args.save, TAU_FILE), json.dumps({
+            "tau": tau, "mask_ratio": args.sed_calibrate_ratio, "top_k": top_k, "samples": n,
+            "tokens": args.sed_calibrate_tokens}))
     return tau
 
 

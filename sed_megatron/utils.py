@@ -41,10 +41,19 @@ def atomic_path(path):
             os.remove(tmp)
 
 
-def atomic_write_text(path, text):
+@contextlib.contextmanager
+def atomic_open(path, mode="w"):
+    """A file opened for writing beside `path`, synced and renamed over it when the block completes."""
     with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path, text):
+    with atomic_open(path) as f:
+        f.write(text)
 
 
 @contextlib.contextmanager

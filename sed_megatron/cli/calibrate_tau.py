@@ -19,7 +19,7 @@ calibration inside training agree.
 import os
 import sys
 
-from sed_megatron.calibration import TOKEN_SETS, calibration_top_k
+from sed_megatron.loss.tau import TOKEN_SETS, calibration_top_k
 from sed_megatron.runtime import DeviceError, MegatronVersionError, prepare, quiet_tool
 from sed_megatron.training.arguments import TAU_CALIBRATION_FLAGS
 from sed_megatron.utils import fail

@@ -1,4 +1,4 @@
-"""Hugging Face Llama / Qwen2 / Mistral directory -> Megatron distributed checkpoint.
+"""Hugging Face directory (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE) -> Megatron distributed checkpoint.
 
     python tools/convert_hf_to_mcore.py --hf-dir HF_DIR --save CKPT_DIR [--dtype bfloat16] [--overwrite]
     torchrun --nproc_per_node 2 -m sed_megatron.train --config run.yaml --load CKPT_DIR --finetune ...

@@ -4,8 +4,8 @@
 
 Dequantizes every tensor (Q4_1, Q8_0, K-quants, F16, ...) with transformers and writes
 --dtype safetensors (sharded, with an index, above --max-shard-size-mb), config.json, the
-tokenizer with the file's chat template, and generation_config.json. Architectures: llama
-(also Mistral) and qwen2, the ones convert_hf_to_mcore.py takes. Needs the gguf and
+tokenizer with the file's chat template, and generation_config.json. GGUF architectures: llama
+(also Mistral) and qwen2. Needs the gguf and
 accelerate packages (pip install 'sed_megatron[gguf]'). Bad input (a missing file, not a GGUF,
 an unsupported architecture, a non-empty --save without --overwrite) stops with one line and
 leaves nothing at --save.

@@ -89,35 +89,6 @@ TRACKER_FILE = "latest_checkpointed_iteration.txt"
 """Megatron-LM's pointer to the newest complete checkpoint of a --save directory."""
 
 
-class _AtomicFile:
-    """A file written beside its path and renamed over it when closed (never half-written)."""
-
-    def __init__(self, path, mode):
-        self.path = os.fspath(path)
-        self.tmp = f"{self.path}.tmp-{os.getpid()}"
-        self._file = open(self.tmp, mode)
-
-    def write(self, data):
-        return self._file.write(data)
-
-    def close(self):
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp, self.path)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is None:
-            self.close()
-        else:
-            self._file.close()
-            os.remove(self.tmp)
-        return False
-
-
 class _AtomicTrackerStorage:
     """Megatron's storage helper (`maybe_msc`), except that the tracker file is replaced atomically.
 
@@ -135,7 +106,9 @@ class _AtomicTrackerStorage:
 
         local = not MultiStorageClientFeature.is_enabled()
         if local and "w" in mode and os.path.basename(os.fspath(path)) == TRACKER_FILE:
-            return _AtomicFile(path, mode)
+            from sed_megatron.utils import atomic_open
+
+            return atomic_open(path, mode)
         return self._inner.open(path, mode, *args, **kwargs)
 
 

@@ -23,8 +23,8 @@ import os
 
 import yaml
 
-from sed_megatron.calibration import PUBLISHED_TOP_K, TOKEN_SETS, calibration_top_k
 from sed_megatron.loss.fused_linear import SCHEMES as FUSED_MODES
+from sed_megatron.loss.tau import PUBLISHED_TOP_K, TOKEN_SETS, calibration_top_k
 
 MEGATRON_SECTIONS = ("model", "parallel", "training", "optimizer", "checkpoint", "logging")
 
@@ -119,7 +119,7 @@ def add_sed_arguments(parser):
     group.add_argument("--sed-calibrate-tokens", default="response", choices=TOKEN_SETS,
                        help="tokens whose top-k mass sets tau: response (the loss tokens), all (every position "
                             "with a target), or published (the published calibration: every position of the input, "
-                            "k = 10 unless --sed-calibrate-top-k is given; see the README)")
+                            "k = 10 unless --sed-calibrate-top-k is given; docs/CALIBRATION.md)")
     group.add_argument("--sed-calibrate-top-k", type=int, default=None,
                        help="k of the top-k mass that calibrates tau (default: --sed-top-k, the k of training; "
                             f"{PUBLISHED_TOP_K} with --sed-calibrate-tokens published)")

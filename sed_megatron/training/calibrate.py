@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from sed_megatron.calibration import calibration_top_k, gather_values, select_tokens, tau_from_topk_mass
 from sed_megatron.loss import LossConfig
+from sed_megatron.loss.tau import calibration_top_k, gather_values, select_tokens, tau_from_topk_mass
 
 from ..parallel import model_groups, pipeline_stage
 from .batch import get_batch
@@ -118,7 +118,7 @@ def _report_unscored_past_end(rows, num_samples, seq_length, dp_group):
 
 def calibrate_tau(model_chunks, dataset, num_samples, step_cfg: StepConfig, mask_ratio, token_set, progress=False):
     """τ from the model as it is now, with k = step_cfg.loss.top_k (the calibration k: see
-    sed_megatron.calibration.calibration_top_k); the same float on every rank."""
+    sed_megatron.loss.tau.calibration_top_k); the same float on every rank."""
     groups = model_groups(model_chunks[0])
     values = local_topk_masses(model_chunks, dataset, num_samples, step_cfg, token_set, progress)
     # On the communication device (the current GPU; the CPU under the CPU runtime layer).

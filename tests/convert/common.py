@@ -2,8 +2,6 @@
 and batches of conversions and comparisons in one set of processes."""
 
 import os
-import subprocess
-import sys
 
 from sed_megatron.convert.hf_to_mcore import convert_hf_to_mcore
 from sed_megatron.launch import run_isolated
@@ -40,8 +38,9 @@ def to_hf(ckpt, save, **kwargs):
 
 def tool(name, *flags):
     """`python tools/<name>.py FLAGS` (the contract command line); the CompletedProcess."""
-    return subprocess.run([sys.executable, os.path.join(TOOLS, f"{name}.py"), *map(str, flags)], cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    from tests import warm
+
+    return warm.capture(os.path.join(TOOLS, f"{name}.py"), flags, env=_env(), cwd=REPO, timeout=300)
 
 
 def convert(hf_dir, save, *flags):
@@ -56,11 +55,11 @@ def export(ckpt, save, *flags):
 
 def compare(hf_dir, ckpt, tp=1, pp=1, ep=1):
     """max_abs_logit_diff of `torchrun tools/compare_hf_mcore.py` (the contract command), which must exit 0."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    from tests import warm
+
     layout = ["--tp", str(tp)] + (["--pp", str(pp)] if pp > 1 else []) + (["--ep", str(ep)] if ep > 1 else [])
-    out = subprocess.run([torchrun, "--nproc_per_node", str(tp * pp * ep), "--master_port", str(free_port()),
-                          os.path.join(TOOLS, "compare_hf_mcore.py"), "--hf-dir", str(hf_dir), "--load", str(ckpt),
-                          *layout], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    out = warm.capture(os.path.join(TOOLS, "compare_hf_mcore.py"), ["--hf-dir", hf_dir, "--load", ckpt, *layout],
+                       env=_env(), cwd=REPO, nproc=tp * pp * ep, timeout=300)  # as torchrun starts them
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("max_abs_logit_diff=")

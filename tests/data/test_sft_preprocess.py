@@ -3,8 +3,6 @@
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -16,6 +14,7 @@ from sed_megatron.data.sft_preprocess import (
     split_indices,
 )
 from sed_megatron.testing.tiny_hf import make_tokenizer
+from tests import warm
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORDS = "what is two plus three five hello hi you are a helper".split()
@@ -157,8 +156,8 @@ def test_skip_summary_counts_per_reason(tmp_path, tokenizer_dir):
 def test_cli_contract(tmp_path, tokenizer_dir):
     tool = os.path.join(REPO, "tools", "preprocess_sft_data.py")
     good = write_jsonl(tmp_path / "good.jsonl", [CHAT])
-    out = subprocess.run([sys.executable, tool, "--input", good, "--tokenizer", tokenizer_dir, "--output-prefix",
-                          str(tmp_path / "a" / "ds"), "--seq-length", "64", "--no-progress"], capture_output=True, text=True)
+    out = warm.capture(tool, ["--input", good, "--tokenizer", tokenizer_dir, "--output-prefix", tmp_path / "a" / "ds",
+                              "--seq-length", "64", "--no-progress"])
     assert out.returncode == 0, out.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "a")) == ["ds.bin", "ds.idx", "ds_loss_mask.bin", "ds_loss_mask.idx"]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
@@ -167,8 +166,8 @@ def test_cli_contract(tmp_path, tokenizer_dir):
         f"preprocess_sft_data.py: 1 samples, {n} tokens ({summary['loss_tokens']} with loss); sample length p50 {n}, "
         f"p90 {n}, max {n} tokens; dropped 0")
     bad = write_jsonl(tmp_path / "bad.jsonl", [CHAT, {"prompt": "x"}])
-    out = subprocess.run([sys.executable, tool, "--input", bad, "--tokenizer", tokenizer_dir, "--output-prefix",
-                          str(tmp_path / "b" / "ds"), "--no-progress"], capture_output=True, text=True)
+    out = warm.capture(tool, ["--input", bad, "--tokenizer", tokenizer_dir, "--output-prefix", tmp_path / "b" / "ds",
+                              "--no-progress"])
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1] == f"preprocess_sft_data.py: error: {bad}:2: missing field 'response'"
     assert not os.path.exists(tmp_path / "b") or os.listdir(tmp_path / "b") == []

@@ -53,14 +53,14 @@ def main():
 
         writer.finish = finish
     elif phase == "tracker":
-        real_close = mcore._AtomicFile.close
+        real_replace = os.replace
 
-        def close(self):
-            self._file.flush()
-            die()
-            return real_close(self)
+        def replace(src, dst, *args, **kwargs):  # the tracker written beside its place, not yet renamed
+            if os.path.basename(os.fspath(dst)) == mcore.TRACKER_FILE:
+                die()
+            return real_replace(src, dst, *args, **kwargs)
 
-        mcore._AtomicFile.close = close
+        os.replace = replace
     else:
         raise SystemExit(f"unknown phase {phase!r}")
 

@@ -41,16 +41,26 @@ def read_metrics(path):
 
 def train(run_dir, nproc=1, flags=(), config=TINY, timeout=300, torchrun=False):
     """Train to completion; returns the metrics records. Fails the test with the log on error.
-    torchrun=True: under torchrun also with one process."""
+
+    The ranks are forked from a process that has imported the training code (tests/warm.py),
+    with torchrun's variables; torchrun=True: under torchrun itself (the GPU checks)."""
     os.makedirs(run_dir, exist_ok=True)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     log_path = os.path.join(run_dir, "train.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.run(_command(nproc, ["--metrics-file", metrics, *flags], config, torchrun),
-                              cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-    if proc.returncode != 0:
+    open(log_path, "w").close()
+    if torchrun:
+        with open(log_path, "w") as log:
+            returncode = subprocess.run(_command(nproc, ["--metrics-file", metrics, *flags], config, torchrun),
+                                        cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                        timeout=timeout).returncode
+    else:
+        from tests import warm
+
+        returncode = warm.run("sed_megatron.train", ["--config", config, *TEST_FLAGS, "--metrics-file", metrics, *flags],
+                              env=_env(), cwd=REPO, log=log_path, nproc=nproc, timeout=timeout)
+    if returncode != 0:
         with open(log_path) as log:
-            pytest.fail(f"training exited with {proc.returncode}:\n{log.read()[-6000:]}")
+            pytest.fail(f"training exited with {returncode}:\n{log.read()[-6000:]}")
     return read_metrics(metrics)
 
 

@@ -131,7 +131,7 @@ def published_tau_by_hand(model, data, k, ratio):
 def _published_calibration_by_hand():
     from megatron.core.enums import ModelType
 
-    from sed_megatron.calibration import calibration_top_k
+    from sed_megatron.loss.tau import calibration_top_k
 
     model = tiny_gpt(vocab_size=VOCAB, max_sequence_length=2 * SEQ)
     model.model_type = ModelType.encoder_or_decoder

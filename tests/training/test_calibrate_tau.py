@@ -6,13 +6,9 @@ tool at TP=1 and PP=2 on the checkpoint that run saved.
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import yaml
-
-from sed_megatron.utils import free_port
 
 from .launch import REPO, TINY, _env, train
 
@@ -20,12 +16,11 @@ TOOL = os.path.join(REPO, "tools", "calibrate_tau.py")
 
 
 def calibrate(nproc, *flags):
-    """The tool under torchrun; one process: without it (the tool sets up its own world)."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    launcher = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port())] if nproc > 1 else \
-        [sys.executable]
-    out = subprocess.run([*launcher, TOOL, "--config", TINY, "--mask-ratio", "0.7", *flags],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    """The tool's ranks as torchrun starts them; one process: without them (the tool sets up its own world)."""
+    from tests import warm
+
+    out = warm.capture(TOOL, ["--config", TINY, "--mask-ratio", "0.7", *flags], env=_env(), cwd=REPO, nproc=nproc,
+                       timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("tau=")
@@ -39,9 +34,10 @@ def calibrated(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("calibrated")
     written = str(tmp_path / "with_tau.yaml")
     # Without torchrun the tool starts its own TP x PP x CP processes (one here) and prints one line.
-    out = subprocess.run([sys.executable, TOOL, "--config", TINY, "--mask-ratio", "0.7", "--tensor-model-parallel-size",
-                          "1", "--write-config", written], cwd=REPO, env=_env(), capture_output=True, text=True,
-                         timeout=300)
+    from tests import warm
+
+    out = warm.capture(TOOL, ["--config", TINY, "--mask-ratio", "0.7", "--tensor-model-parallel-size", "1",
+                              "--write-config", written], env=_env(), cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().startswith("tau=") and len(out.stdout.strip().splitlines()) == 1, out.stdout[-2000:]
     single = float(out.stdout.strip()[4:])

@@ -1,12 +1,12 @@
 """A NaN loss or gradient stops training in one line before the optimizer step; resume works."""
 
 import os
-import subprocess
 
 import pytest
 import torch
 
 from sed_megatron.training.nonfinite import Injection, _NaNGradient, describe
+from tests import warm
 
 from .launch import REPO, TINY, _command, _env, read_metrics, train
 
@@ -48,7 +48,7 @@ def test_non_finite_stops_before_the_step_and_resumes(tmp_path):
         resume = ["--load", str(save)] if run else []
         cmd = _command(1, ["--metrics-file", str(metrics), *FLAGS, "--save", str(save), *resume,
                            "--inject-non-finite", f"3:{what}"], TINY)
-        out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        out = warm.capture("sed_megatron.train", cmd[3:], env=_env(), cwd=REPO, timeout=600)  # cmd: python -m module ...
         assert out.returncode != 0
         errors = [line for line in out.stderr.splitlines() if "sed_megatron.train: error:" in line]
         assert len(errors) == 1 and errors[0].startswith(f"sed_megatron.train: error: iteration 3: {message}"), errors

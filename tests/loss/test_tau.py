@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from sed_megatron.calibration import gather_values, select_tokens, tau_from_topk_mass
 from sed_megatron.loss import IGNORE_INDEX
+from sed_megatron.loss.tau import gather_values, select_tokens, tau_from_topk_mass
 
-from .distributed import run_distributed
+from ..distributed import run_distributed
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.05, 0.3, 0.5, 0.7, 0.999, 1.0])
@@ -131,8 +131,8 @@ def test_calibration_k():
     """k = 10 for the published token set (the published code's calibration k), else training's k."""
     import argparse
 
-    from sed_megatron.calibration import PUBLISHED_TOP_K, calibration_top_k
     from sed_megatron.cli.calibrate_tau import calibration_settings
+    from sed_megatron.loss.tau import PUBLISHED_TOP_K, calibration_top_k
     from sed_megatron.training.arguments import calibration_top_k_from_args
 
     assert PUBLISHED_TOP_K == 10

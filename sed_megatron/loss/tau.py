@@ -67,7 +67,7 @@ def gather_values(values, group):
 def select_tokens(topk_mass, labels, loss_mask, token_set):
     """The top-k masses of the calibrated positions: response tokens, or every non-padding one
     (`all`; `published` too, on rows whose every id is an input: see the module docstring)."""
-    from sed_megatron.loss import IGNORE_INDEX
+    from .config import IGNORE_INDEX
 
     if token_set == "response":
         return topk_mass[loss_mask.bool()]
