@@ -20,7 +20,9 @@ import torch.distributed as dist
 
 from sed_megatron.runtime import DeviceError, MegatronVersionError, prepare
 from sed_megatron.training.arguments import calibrates_tau, calibration_top_k_from_args
-from sed_megatron.training.setup import build_datasets, model_provider, parse_run_args, print_help_if_asked, step_config
+from sed_megatron.training.datasets import build_datasets
+from sed_megatron.training.parse import parse_run_args, print_help_if_asked
+from sed_megatron.training.provider import model_provider, step_config
 from sed_megatron.utils import atomic_write_text, fail
 
 PROG = "sed_megatron.train"
@@ -94,7 +96,7 @@ def main(argv=None):
         fail(str(err), PROG)
     if "RANK" not in os.environ:  # not under torchrun: this machine's ranks, started here
         from sed_megatron.launch import local_world_size
-        from sed_megatron.training.setup import parse_flags
+        from sed_megatron.training.parse import parse_flags
         from sed_megatron.utils import UsageError
 
         flags = parse_flags(argv, runtime)
@@ -108,7 +110,7 @@ def main(argv=None):
             print(f"{PROG}: {notice}", flush=True)
         if nproc > 1:
             from sed_megatron.launch import spawn_workers
-            from sed_megatron.training.setup import check_before_spawn
+            from sed_megatron.training.parse import check_before_spawn
 
             check_before_spawn(argv, runtime, nproc, description=__doc__)
             return spawn_workers("sed_megatron.train", argv, nproc, env=runtime.launch_env())

@@ -79,7 +79,7 @@ def check_arguments(args):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    from sed_megatron.training.setup import print_help_if_asked
+    from sed_megatron.training.parse import print_help_if_asked
 
     print_help_if_asked(argv, PROG, __doc__, add_calibration_arguments)
     if "--verbose" not in argv:
@@ -88,7 +88,7 @@ def main(argv=None):
         runtime = prepare(training=True, verbose="--verbose" in argv)
     except (DeviceError, MegatronVersionError) as err:
         fail(err, PROG)
-    from sed_megatron.training.setup import parse_flags, parse_run_args
+    from sed_megatron.training.parse import parse_flags, parse_run_args
     from sed_megatron.utils import quiet_stdout
 
     if "RANK" not in os.environ:  # not under torchrun: start the ranks here (bad flags are reported first)
@@ -112,7 +112,7 @@ def main(argv=None):
                 print(f"{PROG}: {notice}", file=sys.stderr, flush=True)
         if nproc > 1:
             from sed_megatron.launch import spawn_workers
-            from sed_megatron.training.setup import check_before_spawn
+            from sed_megatron.training.parse import check_before_spawn
 
             check_before_spawn(argv, runtime, nproc, need_loss_config=False,
                                extra_args_provider=add_calibration_arguments, precheck=check_arguments, prog=PROG,

@@ -88,7 +88,8 @@ def compare_hf_mcore(hf_dir, load, tp=1, pp=1, ep=1, atol=None, batch_size=2, se
 
     from sed_megatron.parallel import model_groups, pipeline_stage
     from sed_megatron.runtime import prepare
-    from sed_megatron.training.setup import model_provider, parse_run_args
+    from sed_megatron.training.parse import parse_run_args
+    from sed_megatron.training.provider import model_provider
 
     runtime = prepare(training=True)  # the device check; on a machine without a GPU, Megatron's CPU layer
     args, _ = parse_run_args(

@@ -168,7 +168,7 @@ def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=Tr
     from tqdm import tqdm
 
     from sed_megatron.models import build_gpt_model
-    from sed_megatron.training.setup import parse_run_args
+    from sed_megatron.training.parse import parse_run_args
 
     from .streaming import StreamingSaveStrategy, chunk_sources
 

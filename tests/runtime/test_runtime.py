@@ -161,7 +161,7 @@ def test_hooks_match_the_installed_megatron():
 
 GPU_WITHOUT_KERNELS = """
 from sed_megatron.runtime import Runtime, missing_kernel_flags
-from sed_megatron.training.setup import parse_run_args
+from sed_megatron.training.parse import parse_run_args
 assert missing_kernel_flags("transformer_engine") == ["--no-rope-fusion", "--no-gradient-accumulation-fusion"]
 args, _ = parse_run_args(["--config", "examples/tiny_cpu.yaml", "--tensor-model-parallel-size", "1"], Runtime("cuda"))
 assert args.distributed_backend == "nccl" and not args.use_cpu_initialization and args.transformer_impl == "local"
@@ -187,7 +187,7 @@ TE_WITHOUT_APEX = """
 import copy, os, torch.distributed as dist
 import sed_megatron.runtime as runtime
 runtime._TE_IMPORT[:] = [None]    # the boundary: Transformer Engine's layers import; apex is absent here
-from sed_megatron.training.setup import parse_run_args
+from sed_megatron.training.parse import parse_run_args
 argv = ["--config", "examples/tiny_cpu.yaml", "--tensor-model-parallel-size", "1", "--transformer-impl", "transformer_engine"]
 args, _ = parse_run_args(argv, runtime.Runtime("cuda"))
 assert args.transformer_impl == "transformer_engine" and not args.gradient_accumulation_fusion

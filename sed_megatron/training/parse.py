@@ -1,10 +1,21 @@
-"""What the training entry point and the tools share: argument parsing, datasets, model provider."""
+"""Flags and YAML to Megatron-LM's validated args: the one place a run's Namespace is made.
+
+    args, loss_cfg = parse_run_args(argv, runtime)     # defaults, model file, YAML, command line, checks
+
+What a runtime implies (CPU flags, the layer implementation), a converted checkpoint's
+architecture, the YAML (with its includes) and the command line, in that order, the last
+winning; then sed_megatron's start-up checks (validate.py) and Megatron's own validation.
+Every bad input ends as one line and exit 2. Help (-h: the tool's and SED-SFT's options,
+--help-megatron: Megatron-LM's too) is printed here.
+"""
 
 import argparse
 import os
 import sys
 
 from sed_megatron.utils import fail as _fail
+
+from .datasets import packs_thd
 
 
 def run_defaults(runtime, transformer_impl=None):
@@ -247,13 +258,6 @@ def check_data_args(args, prog="sed_megatron.train"):
                  "(drop --no-create-attention-mask-in-dataloader)", prog)
 
 
-def packs_thd(args):
-    """Packed rows go through packed-sequence (THD) attention: Transformer Engine's, or under
-    context parallelism the local CP attention's (which reads the boundaries like TE). Packed
-    rows on the local layers at CP=1 carry a block-diagonal attention mask instead."""
-    return args.sft_pack and (args.transformer_impl == "transformer_engine" or args.context_parallel_size > 1)
-
-
 def loss_config(args, prog="sed_megatron.train"):
     from .arguments import loss_config_from_args, loss_flags
 
@@ -264,105 +268,3 @@ def loss_config(args, prog="sed_megatron.train"):
         for field, flag in loss_flags().items():
             message = message.replace(f"LossConfig.{field}:", f"{flag} (loss.{field}):")
         fail(message, prog)
-
-
-def build_datasets(args, train_val_test_num_samples):
-    """(train, valid, test) datasets of already tokenized samples."""
-    from sed_megatron.data.packing import PackedSFTDataset
-    from sed_megatron.data.sft_preprocess import IndexedSFTDataset, read_indexed_sft, split_indices
-    from sed_megatron.data.simple import JsonlSFTDataset, SyntheticSFTDataset
-
-    if args.sft_data_kind == "indexed":
-        splits = split_indices(len(read_indexed_sft(args.sft_data_path)[0]), args.sft_valid_fraction,
-                               args.sft_data_seed)
-    datasets = []
-    for split, num_samples in enumerate(train_val_test_num_samples):
-        length = max(int(num_samples or 0), 1)
-        if args.sft_data_kind == "indexed":
-            indices = splits[min(split, 1)] or splits[0]  # test = valid; no valid split: train samples
-            dataset = IndexedSFTDataset(args.sft_data_path, indices, length, args.seq_length,
-                                        args.sft_data_seed + split)
-            if args.sft_pack:  # carries its own mask (local, CP=1) or cu_seqlens (THD)
-                datasets.append(PackedSFTDataset(dataset, length, args.seq_length, thd=packs_thd(args),
-                                                 cp_size=args.context_parallel_size))
-                continue
-        elif args.sft_data_kind == "synthetic":
-            dataset = SyntheticSFTDataset(length, args.seq_length, args.vocab_size, args.sft_num_samples,
-                                          args.sft_prompt_length, args.sft_data_seed + split)
-        else:
-            dataset = JsonlSFTDataset(args.sft_data_path, length, args.seq_length, args.vocab_size)
-        datasets.append(_with_attention_mask(dataset, args.seq_length) if args.create_attention_mask_in_dataloader
-                        else dataset)
-    return tuple(datasets)
-
-
-class _with_attention_mask:
-    """Adds the bool [1, s, s] causal mask (True = masked) that the local attention expects."""
-
-    def __init__(self, dataset, seq_length):
-        import torch
-
-        self.dataset = dataset
-        self.mask = torch.triu(torch.ones(1, seq_length, seq_length, dtype=torch.bool), diagonal=1)
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        return {**self.dataset[index], "attention_mask": self.mask}
-
-    def with_full_input(self):
-        """The wrapped dataset's published-calibration view (every id an input), with the mask."""
-        import copy
-
-        view = copy.copy(self)
-        view.dataset = self.dataset.with_full_input()
-        return view
-
-
-def model_config_from_args(args):
-    """The typed ModelConfig of Megatron's validated args: the model code never reads the Namespace.
-
-    The Hugging Face model_type (which picks the family's layers) comes from the model file of a
-    converted checkpoint in --load; a model defined by flags alone has none."""
-    from sed_megatron.models import ModelConfig
-    from sed_megatron.models.model_file import read_model_file
-
-    info = read_model_file(args.load)
-    return ModelConfig.from_megatron_args(args, model_type=None if info is None else info["model_type"])
-
-
-def model_provider(args, pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
-    """Megatron's model_provider: the GPTModel of one pipeline stage, from the typed ModelConfig."""
-    from megatron.training.argument_utils import core_transformer_config_from_args
-
-    from sed_megatron.models import build_gpt_model
-
-    config = config or core_transformer_config_from_args(args)
-    return build_gpt_model(model_config_from_args(args), config, pre_process, post_process, vp_stage, pg_collection)
-
-
-def step_config(args, loss_cfg):
-    from .batch import BatchSpec
-    from .step import StepConfig
-
-    batch = BatchSpec(
-        micro_batch_size=args.micro_batch_size,
-        seq_length=args.seq_length,
-        create_attention_mask=args.create_attention_mask_in_dataloader and not packs_thd(args),
-        packed_thd=packs_thd(args),
-    )
-    inject = None
-    if args.inject_non_finite:
-        from .nonfinite import Injection
-
-        try:  # Megatron's loop counts finished iterations in args.curr_iteration
-            inject = Injection.parse(args.inject_non_finite, clock=lambda: args.curr_iteration + 1)
-        except ValueError as err:
-            fail(str(err))
-    from sed_megatron.loss.fused_linear import SCHEMES
-
-    return StepConfig(loss=loss_cfg, batch=batch, with_entropy=args.log_entropy, vocab_size=args.vocab_size,
-                      check_non_finite=args.check_for_nan_in_loss_and_grad, inject=inject,
-                      fused_linear=args.sft_fused_linear, fused_chunk_tokens=args.sft_fused_chunk_tokens,
-                      fused_grad_in_forward=None if args.sft_fused_mode is None else SCHEMES[args.sft_fused_mode])
