@@ -22,8 +22,9 @@ from sed_megatron.runtime import DeviceError, MegatronVersionError, prepare
 from sed_megatron.training.arguments import calibrates_tau, calibration_top_k_from_args
 from sed_megatron.training.datasets import build_datasets
 from sed_megatron.training.parse import parse_run_args, print_help_if_asked
-from sed_megatron.training.provider import model_provider, step_config
+from sed_megatron.training.provider import step_config
 from sed_megatron.utils import atomic_write_text, fail
+from sed_megatron.world import model_provider
 
 PROG = "sed_megatron.train"
 TAU_FILE = "sed_tau.json"
@@ -114,7 +115,7 @@ def main(argv=None):
 
             check_before_spawn(argv, runtime, nproc, description=__doc__)
             return spawn_workers("sed_megatron.train", argv, nproc, env=runtime.launch_env())
-        from sed_megatron.convert.checkpoint import single_process_env
+        from sed_megatron.world import single_process_env
 
         single_process_env()
     args, loss_cfg = parse_run_args(argv, runtime, description=__doc__)

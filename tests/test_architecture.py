@@ -9,7 +9,7 @@ LAYERS = {  # top-level module or package of sed_megatron -> layer
     "utils": 0, "parallel": 0,
     "loss": 1, "runtime": 1, "launch": 1,
     "models": 2, "data": 2, "testing": 2,
-    "training": 3, "eval": 3,
+    "training": 3, "eval": 3, "world": 3,
     "convert": 4,
     "pipeline": 5,
     "cli": 6, "train": 6,
@@ -63,11 +63,18 @@ def test_imports_go_down_and_packages_do_not_import_each_other():
     assert not {(a, b) for a, b in edges if (b, a) in edges}, "two packages import each other"
 
 
+def test_converters_stand_in_the_world_not_the_training_parser():
+    """convert/ builds Megatron's args and models through world.py, never through training/."""
+    for path, targets in imports().items():
+        if path.startswith("convert" + os.sep):
+            assert not any(top(t) == "training" for t in targets), f"{path} imports sed_megatron.training"
+
+
 def test_loss_math_has_no_collectives_and_library_code_no_global_groups():
     for path, targets in imports().items():
         if path.startswith(os.path.join("loss", "kinds")) or path in (os.path.join("loss", "math.py"),
                                                                      os.path.join("loss", "chunks.py")):
             assert not any(t.startswith("torch.distributed") for t in targets), path
-        allowed = (os.path.join("testing", "distributed.py"), os.path.join("convert", "checkpoint.py"))
+        allowed = (os.path.join("testing", "distributed.py"), "world.py")
         if path not in allowed:
             assert not any("parallel_state" in t for t in targets), f"{path} looks up parallel_state"

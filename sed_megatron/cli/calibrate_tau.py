@@ -118,7 +118,7 @@ def main(argv=None):
                                extra_args_provider=add_calibration_arguments, precheck=check_arguments, prog=PROG,
                                description=__doc__)
             return spawn_workers(__name__, argv, nproc, env=runtime.launch_env())
-        from sed_megatron.convert.checkpoint import single_process_env
+        from sed_megatron.world import single_process_env
 
         single_process_env()
     verbose = "--verbose" in argv

@@ -47,9 +47,9 @@ def main(argv=None):
 
     if not options.verbose:
         quiet_tool()
-    from sed_megatron.convert.checkpoint import single_process_env
     from sed_megatron.convert.compare import compare_hf_mcore
     from sed_megatron.utils import fail, quiet_stdout
+    from sed_megatron.world import single_process_env
 
     tp = options.tp
     if tp is None:

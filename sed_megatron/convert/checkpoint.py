@@ -150,16 +150,6 @@ class ShardWriter:
         return len(weight_map)
 
 
-def single_process_env():
-    """A torch.distributed world of one process for the converters, unless torchrun set one up."""
-    from sed_megatron.utils import free_port
-
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    elif os.environ.get("WORLD_SIZE", "1") != "1":
-        raise UsageError("run the converter as a single process (no torchrun with several processes)")
-
-
 def checkpoint_iteration_dir(load):
     """The directory of the iteration Megatron's tracker file in `load` points to (torch_dist)."""
     tracker = os.path.join(load, TRACKER_FILE)
@@ -173,29 +163,6 @@ def checkpoint_iteration_dir(load):
         return os.path.join(load, f"iter_{int(text):07d}")
     except ValueError:
         raise UsageError(f"{tracker}: {text!r} is neither an iteration nor 'release'") from None
-
-
-@contextlib.contextmanager
-def single_process_model_parallel():
-    """A gloo world of this one process with Megatron's model parallel state at TP=PP=1, torn
-    down on exit: enough to build a GPTModel and read its sharded state dict."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from sed_megatron.utils import free_port
-
-    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-        raise UsageError("run the converter as a single process (no torchrun with several processes)")
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        parallel_state.initialize_model_parallel(1, 1)
-        yield
-    finally:
-        parallel_state.destroy_model_parallel()
-        if created:
-            dist.destroy_process_group()
 
 
 def check_output_dir(path, overwrite):

@@ -88,16 +88,15 @@ def compare_hf_mcore(hf_dir, load, tp=1, pp=1, ep=1, atol=None, batch_size=2, se
 
     from sed_megatron.parallel import model_groups, pipeline_stage
     from sed_megatron.runtime import prepare
-    from sed_megatron.training.parse import parse_run_args
-    from sed_megatron.training.provider import model_provider
+    from sed_megatron.world import megatron_args, model_provider
 
     runtime = prepare(training=True)  # the device check; on a machine without a GPU, Megatron's CPU layer
-    args, _ = parse_run_args(
+    args = megatron_args(
         ["--load", load, "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
          "--expert-model-parallel-size", str(ep), "--micro-batch-size", str(batch_size),
          "--global-batch-size", str(batch_size * world_size // (tp * pp)), "--seq-length", str(seq_length),
          "--train-iters", "1", "--finetune", "--no-load-optim", "--no-load-rng", *precision],
-        runtime, need_loss_config=False, prog="compare_hf_mcore.py")
+        runtime, "compare_hf_mcore.py")
     from megatron.core.enums import ModelType
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.training.checkpointing import load_checkpoint

@@ -15,7 +15,6 @@ left at `save`. The process becomes a one-process torch.distributed world with M
 global state initialized: call it once per process (sed_megatron.launch.run_isolated).
 """
 
-import argparse
 import functools
 import os
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ from sed_megatron.models import ModelConfig, family_for
 from sed_megatron.models.model_file import write_model_file
 from sed_megatron.utils import UsageError
 
-from .checkpoint import HFTensors, check_output_dir, single_process_env, staged_output
+from ..world import flags_to_argv, megatron_args, megatron_parser, single_process_env
+from .checkpoint import HFTensors, check_output_dir, staged_output
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -131,12 +131,8 @@ class SharedReads:
 
 def megatron_argv(model_cfg, save_dir, dtype_name):
     """Megatron-LM flags of a one-process TP=1 model of the architecture, saving to save_dir."""
-    from megatron.training.arguments import add_megatron_arguments
-
-    from sed_megatron.training.arguments import yaml_flags_to_argv
-
-    parser = add_megatron_arguments(argparse.ArgumentParser())
-    return yaml_flags_to_argv(model_cfg.to_megatron_flags(), parser, "converted config") + [
+    return flags_to_argv(model_cfg.to_megatron_flags(), megatron_parser("convert_hf_to_mcore.py"),
+                         "converted config") + [
         "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1", "--micro-batch-size", "1",
         "--global-batch-size", "1", "--train-iters", "1",
         "--seq-length", str(min(model_cfg.max_position_embeddings, 4096)),
@@ -168,14 +164,12 @@ def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=Tr
     from tqdm import tqdm
 
     from sed_megatron.models import build_gpt_model
-    from sed_megatron.training.parse import parse_run_args
 
     from .streaming import StreamingSaveStrategy, chunk_sources
 
     torch_dtype = getattr(torch, dtype_name)
     with staged_output(save) as tmp_dir:  # nothing at `save` unless everything succeeds
-        args, _ = parse_run_args(megatron_argv(model_cfg, tmp_dir, dtype_name), runtime, need_loss_config=False,
-                                 prog="convert_hf_to_mcore.py")
+        args = megatron_args(megatron_argv(model_cfg, tmp_dir, dtype_name), runtime, "convert_hf_to_mcore.py")
         initialize_megatron(allow_no_cuda=runtime.on_cpu)
         args.padded_vocab_size = model_cfg.padded_vocab_size  # saved with the checkpoint's args
         model_cfg = model_cfg.replace(transformer_impl=args.transformer_impl)  # TE names where TE builds the layers

@@ -20,14 +20,9 @@ from sed_megatron.models import build_gpt_model, family_for
 from sed_megatron.models.mapping import megatron_to_hf
 from sed_megatron.models.model_file import MODEL_FILE, model_config_from_file
 from sed_megatron.utils import UsageError
+from sed_megatron.world import single_process_model_parallel
 
-from .checkpoint import (
-    ShardWriter,
-    check_output_dir,
-    checkpoint_iteration_dir,
-    single_process_model_parallel,
-    staged_output,
-)
+from .checkpoint import ShardWriter, check_output_dir, checkpoint_iteration_dir, staged_output
 from .hf_files import write_hf_files
 from .hf_to_mcore import DTYPES, Converted
 

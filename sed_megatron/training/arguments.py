@@ -18,13 +18,13 @@ unknown key is an error naming the file and key. The YAML becomes command-line a
 come first, so any flag given on the command line wins.
 """
 
-import argparse
 import os
 
 import yaml
 
 from sed_megatron.loss.fused_linear import SCHEMES as FUSED_MODES
 from sed_megatron.loss.tau import PUBLISHED_TOP_K, TOKEN_SETS, calibration_top_k
+from sed_megatron.world import ConfigError, flags_to_argv, option_actions, value_to_argv
 
 MEGATRON_SECTIONS = ("model", "parallel", "training", "optimizer", "checkpoint", "logging")
 
@@ -71,10 +71,6 @@ def _dest(flag):
 def _own_keys():
     return {_dest(flag) for table in (loss_flags(), DATA_FLAGS, RUN_FLAGS) for flag in table.values()} | {
         "config", "verbose", "help_megatron"}
-
-
-class ConfigError(ValueError):
-    """A bad configuration file or value; the message names the file and key."""
 
 
 def import_loss_modules(argv):
@@ -171,53 +167,10 @@ def add_loss_arguments(group):
                            help=param.help)
 
 
-def option_names(parser):
-    """{dest: its long option}, for messages that name a setting."""
-    return {action.dest: option for option, action in _option_actions(parser).values()}
-
-
-def _option_actions(parser):
-    """'flag_name' (dashes as underscores) -> argparse action, for every long option."""
-    actions = {}
-    for action in parser._actions:
-        for option in action.option_strings:
-            if option.startswith("--"):
-                actions[option[2:].replace("-", "_")] = (option, action)
-    return actions
-
-
-def _value_to_argv(option, action, value, where):
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {option} is a switch; expected true or false, got {value!r}")
-        return [option] if value else []
-    if value is None:
-        return []
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: {option} takes a value, not {value!r}")
-    if isinstance(value, list):
-        if action.nargs in (None, 0, "?"):
-            raise ConfigError(f"{where}: {option} takes one value, got a list")
-        return [option] + [str(v) for v in value]
-    if isinstance(value, dict):
-        raise ConfigError(f"{where}: {option} takes a value, got a mapping")
-    return [option, str(value)]
-
-
 def yaml_flags_to_argv(flags, parser, where, sources=None):
-    """Command-line arguments for a mapping of Megatron-LM flags (YAML keys).
-
-    sources, if given, records where each setting came from: {dest: "where.key"}."""
-    actions = _option_actions(parser)
-    own = _own_keys()
-    argv = []
-    for key, value in flags.items():
-        if key not in actions or key in own:
-            raise ConfigError(f"{where}.{key}: unknown Megatron-LM flag --{key.replace('_', '-')}")
-        argv += _value_to_argv(*actions[key], value, f"{where}.{key}")
-        if sources is not None:
-            sources[actions[key][1].dest] = f"{where}.{key}"
-    return argv
+    """Command-line arguments for a mapping of Megatron-LM flags (YAML keys); SED-SFT's own keys
+    belong to their sections and are refused here (sources: as in world.flags_to_argv)."""
+    return flags_to_argv(flags, parser, where, sources, reserved=_own_keys())
 
 
 INCLUDE_KEY = "include"
@@ -282,13 +235,13 @@ def _merge(merged, origin, doc, doc_origin):
 def yaml_to_argv(path, parser, sources=None):
     """The command-line arguments equivalent to the YAML file at `path` and its includes (sources: as above)."""
     doc, origin = load_config(path)
-    actions = _option_actions(parser)
+    actions = option_actions(parser)
     argv = []
     for section, body in doc.items():
         section_file = origin.get((section, None)) or next((f for (s, _), f in origin.items() if s == section), path)
         if section in RUN_FLAGS:
             option, action = actions[RUN_FLAGS[section][2:].replace("-", "_")]
-            argv += _value_to_argv(option, action, body, f"{section_file}: {section}")
+            argv += value_to_argv(option, action, body, f"{section_file}: {section}")
             if sources is not None:
                 sources[action.dest] = f"{section_file}: {section}"
             continue
@@ -305,7 +258,7 @@ def yaml_to_argv(path, parser, sources=None):
                 if key not in table:
                     raise ConfigError(f"{where}: unknown key (known: {', '.join(table)})")
                 option, action = actions[table[key][2:].replace("-", "_")]
-                argv += _value_to_argv(option, action, value, where)
+                argv += value_to_argv(option, action, value, where)
                 if sources is not None:
                     sources[action.dest] = where
                 continue
@@ -333,7 +286,7 @@ def expand_config(argv, parser, sources=None):
         return list(argv)
     yaml_argv = yaml_to_argv(path, parser, sources)
     if sources is not None:
-        actions = _option_actions(parser)
+        actions = option_actions(parser)
         for arg in argv:
             if arg.startswith("--") and arg[2:].split("=")[0].replace("-", "_") in actions:
                 sources.pop(actions[arg[2:].split("=")[0].replace("-", "_")][1].dest, None)

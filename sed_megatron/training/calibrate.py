@@ -142,8 +142,10 @@ def calibrate_from_args(args, runtime, mask_ratio, num_samples, token_set, split
     from megatron.training.initialize import initialize_megatron
     from megatron.training.training import get_model
 
+    from sed_megatron.world import model_provider
+
     from .datasets import build_datasets
-    from .provider import model_provider, step_config
+    from .provider import step_config
 
     initialize_megatron(allow_no_cuda=runtime.on_cpu)
     model = get_model(functools.partial(model_provider, args), ModelType.encoder_or_decoder, wrap_with_ddp=False)

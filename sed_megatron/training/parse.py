@@ -13,56 +13,9 @@ import argparse
 import os
 import sys
 
-from sed_megatron.utils import fail as _fail
+from sed_megatron.world import choose_layers, fail, megatron_args, megatron_parser, run_defaults
 
 from .datasets import packs_thd
-
-
-def run_defaults(runtime, transformer_impl=None):
-    """Flags that come before the YAML and the command line (so either can override them).
-
-    --rerun-mode disabled: a NaN or Inf loss or gradient stops the run at once, before the
-    optimizer step, with one line (nonfinite.py), instead of Megatron's re-run diagnosis, which
-    saves, exits with a code for a scheduler and wants the iteration re-run on another GPU.
-    transformer_impl: the layer implementation chosen for a run that asked for none."""
-    impl = [] if transformer_impl is None else ["--transformer-impl", transformer_impl]
-    return ["--calculate-per-token-loss", "--tokenizer-type", "NullTokenizer", "--rerun-mode", "disabled",
-            *runtime.megatron_flags(), *impl]
-
-
-def choose_layers(argv, runtime, prog="sed_megatron.train"):
-    """(the implementation to add before the settings or None, a notice or None) for a run whose
-    settings (YAML and command line, expanded) are argv; one line and exit 2 when it asked for
-    Transformer Engine and cannot have it (runtime.layer_implementation)."""
-    from sed_megatron.runtime import LayerImplementationError, layer_implementation, requested_transformer_impl
-
-    requested = requested_transformer_impl(argv)
-    try:
-        impl, notice = layer_implementation(requested, runtime)
-    except LayerImplementationError as err:
-        fail(str(err), prog)
-    return (None if requested else impl), notice
-
-
-def fail(message, prog="sed_megatron.train"):
-    _fail(message, prog)
-
-
-def _escape_bare_percent(parser):
-    """--help works: argparse %-formats help texts, and some of Megatron-LM's contain a bare '%'."""
-    for action in parser._actions:
-        if action.help and "%" in action.help:
-            try:
-                action.help % dict(vars(action), prog=parser.prog)
-            except (ValueError, TypeError, KeyError):
-                action.help = action.help.replace("%", "%%")
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse's errors as one line: no usage block (Megatron's parser has ~900 flags)."""
-
-    def error(self, message):
-        _fail(message, self.prog)
 
 
 def load_loss_modules(argv, prog="sed_megatron.train"):
@@ -109,15 +62,10 @@ def print_help_if_asked(argv, prog, description=None, extra_args_provider=None):
 def parse_flags(argv, runtime, extra_args_provider=None, prog="sed_megatron.train"):
     """The flags of a run (defaults, YAML, command line) as an argparse namespace, without
     Megatron's validation or global state: enough to know the layout before processes start."""
-    from megatron.training.arguments import add_megatron_arguments
-
     from .arguments import ConfigError, add_sed_arguments, expand_config
 
     load_loss_modules(argv, prog)
-    parser = add_megatron_arguments(OneLineErrorParser(prog=prog, allow_abbrev=False))
-    if extra_args_provider is not None:
-        parser = extra_args_provider(parser)
-    parser = add_sed_arguments(parser)
+    parser = megatron_parser(prog, lambda p: add_sed_arguments(extra_args_provider(p) if extra_args_provider else p))
     try:
         expanded = expand_config(argv, parser)
     except (ConfigError, ValueError) as err:
@@ -147,25 +95,14 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
                    prog="sed_megatron.train", description=None):
     """(Megatron's validated args, LossConfig or None) from defaults + YAML + command line.
 
-    precheck(namespace), if given, sees the parsed flags before Megatron validates them, so a
-    tool's own bad input is reported first. -h/--help prints the tool's and SED-SFT's options
-    (with `description` above them) and exits; --help-megatron prints Megatron-LM's too.
+    The YAML (with its includes) and SED-SFT's flags on top of world.megatron_args, with
+    sed_megatron's start-up checks (validate.py) before Megatron's. precheck(namespace), if
+    given, sees the parsed flags before they are validated, so a tool's own bad input is
+    reported first. -h/--help prints the tool's and SED-SFT's options (with `description` above
+    them) and exits; --help-megatron prints Megatron-LM's too.
     """
-    import os
-
-    from megatron.training.arguments import add_megatron_arguments, parse_and_validate_args
-
-    from sed_megatron.runtime import missing_kernel_flags
-
-    # Megatron requires it with tensor parallelism (kernel ordering on one CUDA stream queue).
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-
-    from sed_megatron.models.model_file import MODEL_FILE, read_model_file
-
-    from .arguments import ConfigError, add_sed_arguments, expand_config, option_names, yaml_flags_to_argv
+    from .arguments import ConfigError, add_sed_arguments, expand_config
     from .validate import Settings, StartupError, validate_run
-
-    rank_zero = os.environ.get("RANK", "0") == "0"
 
     def add_arguments(parser):  # a tool's own options first, then SED-SFT's
         parser = extra_args_provider(parser) if extra_args_provider else parser
@@ -173,77 +110,32 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
 
     print_help_if_asked(argv, prog, description, extra_args_provider)
     load_loss_modules(argv, prog)
-    parser = add_arguments(add_megatron_arguments(OneLineErrorParser(prog=prog, allow_abbrev=False)))
-    _escape_bare_percent(parser)
+    parser = megatron_parser(prog, add_arguments)
     if "--help-megatron" in argv:
         parser.print_help()
         sys.exit(0)
-    if "--verbose" not in argv:
-        import megatron.training.arguments as megatron_arguments
-
-        megatron_arguments._print_args = lambda *args, **kwargs: None  # the ~900-line argument dump
     sources = {}  # where each setting came from, for the error messages
     try:
         expanded = expand_config(argv, parser, sources)
-        # A converted checkpoint carries its architecture: its flags come before the YAML's.
-        load = parser.parse_known_args(run_defaults(runtime) + expanded)[0].load
-        model_info = read_model_file(load)
-        model_sources = {}
-        model_argv = ([] if model_info is None else
-                      yaml_flags_to_argv(model_info["model"], parser, f"{os.path.join(load, MODEL_FILE)}: model",
-                                         model_sources))
-        sources = {**model_sources, **sources}
     except (ConfigError, ValueError) as err:
         fail(str(err), prog)
-    impl, layers_notice = choose_layers(model_argv + expanded, runtime, prog)
-    full_argv = run_defaults(runtime, impl) + model_argv + expanded
-    # Our errors first, before Megatron's checks.
-    namespace = parser.parse_args(full_argv)
-    missing = [flag for flag in missing_kernel_flags(namespace.transformer_impl) if flag not in full_argv]
-    if missing:
-        full_argv += missing
-        namespace = parser.parse_args(full_argv)
-        if not runtime.on_cpu and rank_zero:
-            print(f"sed_megatron: kernels for these Megatron fusions are not installed (Transformer Engine / apex), "
-                  f"so they are off: {' '.join(missing)}", flush=True)
-    if layers_notice and rank_zero:
-        print(f"sed_megatron: {layers_notice}", flush=True)
-    loss_cfg = loss_config(namespace, prog) if need_loss_config else None
-    check_data_args(namespace, prog)
-    if precheck is not None:
-        precheck(namespace)
-    if model_info is not None and model_info["padded_vocab_size"] % namespace.tensor_model_parallel_size:
-        fail(f"{MODEL_FILE}: padded vocabulary {model_info['padded_vocab_size']} does not split over "
-             f"TP={namespace.tensor_model_parallel_size}", prog)
-    try:
-        # need_loss_config: a training run; the tools that take none run the model forward only
-        notices, extra = validate_run(Settings(namespace, option_names(parser), sources),
-                                      int(os.environ.get("WORLD_SIZE", "1")), training=need_loss_config)
-    except StartupError as err:
-        fail(str(err), prog)
-    full_argv += extra
-    for notice in notices if rank_zero else ():
-        print(f"sed_megatron: {notice}", flush=True)
-    sys.argv = [sys.argv[0]] + full_argv
-    try:
-        args = parse_and_validate_args(extra_args_provider=add_arguments)
-    except AssertionError as err:
-        fail(f"Megatron-LM rejects the settings: {_assertion_text(err)}", prog)
-    if model_info is not None:
-        args.padded_vocab_size = model_info["padded_vocab_size"]  # the checkpoint's, not the tokenizer's
-    return args, loss_cfg
+    loss = []
 
+    def checks(namespace, options, all_sources):  # ours first, before Megatron's
+        loss.append(loss_config(namespace, prog) if need_loss_config else None)
+        check_data_args(namespace, prog)
+        if precheck is not None:
+            precheck(namespace)
+        try:
+            # need_loss_config: a training run; the tools that take none run the model forward only
+            return validate_run(Settings(namespace, options, all_sources), int(os.environ.get("WORLD_SIZE", "1")),
+                                training=need_loss_config)
+        except StartupError as err:
+            fail(str(err), prog)
 
-def _assertion_text(err):
-    """An assertion's message, or its source line and place when it has none."""
-    import linecache
-    import traceback
-
-    if str(err):
-        return str(err).strip().splitlines()[0]
-    frame = traceback.extract_tb(err.__traceback__)[-1]
-    line = linecache.getline(frame.filename, frame.lineno).strip()
-    return f"{line} ({'/'.join(frame.filename.split('/')[-3:])}:{frame.lineno})"
+    args = megatron_args(expanded, runtime, prog, add_arguments, sources, checks, verbose="--verbose" in argv,
+                         parser=parser)
+    return args, loss[0]
 
 
 def check_data_args(args, prog="sed_megatron.train"):

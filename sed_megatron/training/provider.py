@@ -8,28 +8,6 @@ from .datasets import packs_thd
 from .parse import fail
 
 
-def model_config_from_args(args):
-    """The typed ModelConfig of Megatron's validated args: the model code never reads the Namespace.
-
-    The Hugging Face model_type (which picks the family's layers) comes from the model file of a
-    converted checkpoint in --load; a model defined by flags alone has none."""
-    from sed_megatron.models import ModelConfig
-    from sed_megatron.models.model_file import read_model_file
-
-    info = read_model_file(args.load)
-    return ModelConfig.from_megatron_args(args, model_type=None if info is None else info["model_type"])
-
-
-def model_provider(args, pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
-    """Megatron's model_provider: the GPTModel of one pipeline stage, from the typed ModelConfig."""
-    from megatron.training.argument_utils import core_transformer_config_from_args
-
-    from sed_megatron.models import build_gpt_model
-
-    config = config or core_transformer_config_from_args(args)
-    return build_gpt_model(model_config_from_args(args), config, pre_process, post_process, vp_stage, pg_collection)
-
-
 def step_config(args, loss_cfg):
     from .batch import BatchSpec
     from .step import StepConfig

@@ -142,7 +142,7 @@ def _through_megatron_args(flags_and_configs):
 
     from sed_megatron.models.gpt import check_agrees
     from sed_megatron.training.arguments import yaml_flags_to_argv
-    from sed_megatron.training.provider import model_config_from_args
+    from sed_megatron.world import model_config_from_args
 
     results = []
     for flags, cfg in flags_and_configs:

@@ -23,7 +23,8 @@ def parser():
 
 
 def settings(parser, argv):
-    from sed_megatron.training.arguments import expand_config, option_names
+    from sed_megatron.training.arguments import expand_config
+    from sed_megatron.world import option_names
 
     sources = {}
     expanded = expand_config(argv, parser, sources)
