@@ -19,10 +19,9 @@ import sys
 import torch.distributed as dist
 
 from sed_megatron.runtime import DeviceError, MegatronVersionError, prepare
-from sed_megatron.training.arguments import calibrates_tau, calibration_top_k_from_args
 from sed_megatron.training.datasets import build_datasets
 from sed_megatron.training.parse import parse_run_args, print_help_if_asked
-from sed_megatron.training.provider import step_config
+from sed_megatron.training.run_config import run_config
 from sed_megatron.utils import atomic_write_text, fail
 from sed_megatron.world import model_provider
 
@@ -30,62 +29,65 @@ PROG = "sed_megatron.train"
 TAU_FILE = "sed_tau.json"
 
 
-def _tau(args, step_cfg, model):
-    """--sed-calibrate-ratio: tau from the initial model, stored in <save>/sed_tau.json.
+def _tau(run, model, iteration):
+    """Tau from the initial model (run.tau_calibration), stored in <save>/sed_tau.json.
 
-    A resumed run reads tau back from <load>/sed_tau.json instead of calibrating a model that
-    has already trained, and copies the file into a new --save."""
+    A resumed run (iteration > 0: the checkpoint's) reads tau back from <load>/sed_tau.json
+    instead of calibrating a model that has already trained, and copies the file into a new --save."""
     from megatron.training.utils import print_rank_0
 
     from sed_megatron.training.calibrate import calibrate_tau
 
-    if args.iteration > 0:
-        stored = os.path.join(args.load or "", TAU_FILE)
+    calibration = run.tau_calibration
+    if iteration > 0:
+        stored = os.path.join(run.load or "", TAU_FILE)
         if not os.path.exists(stored):
-            raise SystemExit(f"{PROG}: error: resuming at iteration {args.iteration} with --sed-calibrate-ratio "
+            raise SystemExit(f"{PROG}: error: resuming at iteration {iteration} with --sed-calibrate-ratio "
                              f"needs the calibrated tau in {stored}")
         with open(stored) as f:
             tau = json.load(f)["tau"]
         print_rank_0(f"SED tau={tau!r} (calibrated earlier, read from {stored})")
-        if args.save and os.path.abspath(args.save) != os.path.abspath(args.load) and dist.get_rank() == 0:
-            os.makedirs(args.save, exist_ok=True)  # so a resume from the new directory finds it too
-            shutil.copy(stored, os.path.join(args.save, TAU_FILE))
+        if run.save and os.path.abspath(run.save) != os.path.abspath(run.load) and dist.get_rank() == 0:
+            os.makedirs(run.save, exist_ok=True)  # so a resume from the new directory finds it too
+            shutil.copy(stored, os.path.join(run.save, TAU_FILE))
         return tau
-    n = args.sed_calibrate_samples
-    dataset = build_datasets(args, [n, n, 0])[1]
-    top_k = calibration_top_k_from_args(args)  # training's k unless the published mode or the flag says otherwise
-    calibration_cfg = dataclasses.replace(step_cfg, loss=step_cfg.loss.replace(top_k=top_k))
-    tau = calibrate_tau(model, dataset, n, calibration_cfg, args.sed_calibrate_ratio, args.sed_calibrate_tokens)
-    print_rank_0(f"SED tau={tau!r} calibrated on {n} samples ({args.sed_calibrate_tokens} tokens, "
-                 f"k={top_k}, mask ratio {args.sed_calibrate_ratio})")
-    if args.save and dist.get_rank() == 0:
-        os.makedirs(args.save, exist_ok=True)
-        atomic_write_text(os.path.join(args.save, TAU_FILE), json.dumps({
-            "tau": tau, "mask_ratio": args.sed_calibrate_ratio, "top_k": top_k, "samples": n,
-            "tokens": args.sed_calibrate_tokens}))
+    n = calibration.samples
+    dataset = build_datasets(run.data, [n, n, 0])[1]
+    # training's k unless the published mode or --sed-calibrate-top-k says otherwise
+    calibration_cfg = dataclasses.replace(run.step, loss=run.step.loss.replace(top_k=calibration.top_k))
+    tau = calibrate_tau(model, dataset, n, calibration_cfg, calibration.ratio, calibration.tokens)
+    print_rank_0(f"SED tau={tau!r} calibrated on {n} samples ({calibration.tokens} tokens, "
+                 f"k={calibration.top_k}, mask ratio {calibration.ratio})")
+    if run.save and dist.get_rank() == 0:
+        os.makedirs(run.save, exist_ok=True)
+        atomic_write_text(os.path.join(run.save, TAU_FILE), json.dumps({
+            "tau": tau, "mask_ratio": calibration.ratio, "top_k": calibration.top_k, "samples": n,
+            "tokens": calibration.tokens}))
     return tau
 
 
-def _before_training(args, step_cfg, model):
-    """The forward step the loop trains with, once the model exists (tau calibrated if asked)."""
+def _before_training(run, iteration, model):
+    """The forward step the loop trains with, once the model exists (tau calibrated if asked);
+    iteration() is the one Megatron loaded (0 for a fresh run)."""
     from sed_megatron.training.step import forward_step
 
-    if calibrates_tau(args):
-        tau = _tau(args, step_cfg, model)
+    step_cfg = run.step
+    if run.tau_calibration is not None:
+        tau = _tau(run, model, iteration())
         step_cfg = dataclasses.replace(step_cfg, loss=step_cfg.loss.replace(tau=tau))
     return functools.partial(forward_step, step_cfg)
 
 
-def _keep_model_file(args):
+def _keep_model_file(run):
     """A run loaded from a converted checkpoint saves its architecture file beside its own checkpoints."""
     from sed_megatron.models.model_file import MODEL_FILE
 
-    source = os.path.join(args.load or "", MODEL_FILE)
-    if not (args.load and args.save and os.path.exists(source)):
+    source = os.path.join(run.load or "", MODEL_FILE)
+    if not (run.load and run.save and os.path.exists(source)):
         return
-    if os.path.abspath(args.load) != os.path.abspath(args.save) and (not dist.is_initialized() or dist.get_rank() == 0):
-        os.makedirs(args.save, exist_ok=True)
-        shutil.copy(source, os.path.join(args.save, MODEL_FILE))
+    if os.path.abspath(run.load) != os.path.abspath(run.save) and (not dist.is_initialized() or dist.get_rank() == 0):
+        os.makedirs(run.save, exist_ok=True)
+        shutil.copy(source, os.path.join(run.save, MODEL_FILE))
 
 
 def main(argv=None):
@@ -129,30 +131,29 @@ def main(argv=None):
     from sed_megatron.training.metrics import MetricsLog
     from sed_megatron.training.step import forward_step
 
-    step_cfg = step_config(args, loss_cfg)
-    metrics = MetricsLog(args.metrics_file or os.path.join(args.save or ".", "metrics.jsonl"),
-                         tokens_per_iteration=args.global_batch_size * args.seq_length)
+    run = run_config(args, loss_cfg)  # the Namespace read once; Megatron keeps it for its own loop
+    metrics = MetricsLog(run.metrics_file, tokens_per_iteration=run.tokens_per_iteration)
     try:
-        hooks.install(functools.partial(_before_training, args, step_cfg), metrics, args.log_interval,
+        hooks.install(functools.partial(_before_training, run, lambda: args.iteration), metrics, run.log_interval,
                       current_iteration=lambda: args.curr_iteration + 1)
     except MegatronVersionError as err:
         fail(str(err), PROG)
-    _keep_model_file(args)
+    _keep_model_file(run)
     cfg = pretrain_cfg_container_from_args(args, model_cfg=None)  # None: our model provider builds it
     try:
         pretrain(
             cfg,
-            functools.partial(build_datasets, args),
+            functools.partial(build_datasets, run.data),
             ModelType.encoder_or_decoder,
-            functools.partial(forward_step, step_cfg),  # replaced by _before_training's once the model exists
+            functools.partial(forward_step, run.step),  # replaced by _before_training's once the model exists
             model_provider=functools.partial(model_provider, args),
         )
     except (OSError, CheckpointingException) as err:
-        if not args.save:
+        if not run.save:
             raise
         # A save that fails leaves the tracker on the previous complete checkpoint (written last).
         print(f"{PROG}: error: iteration {args.curr_iteration + 1}: {type(err).__name__}: {err}".splitlines()[0]
-              + f" (the newest complete checkpoint in {args.save}: {_latest(args.save)})", file=sys.stderr, flush=True)
+              + f" (the newest complete checkpoint in {run.save}: {_latest(run.save)})", file=sys.stderr, flush=True)
         sys.exit(4)
 
 

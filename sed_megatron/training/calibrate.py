@@ -146,6 +146,7 @@ def calibrate_from_args(args, runtime, mask_ratio, num_samples, token_set, split
 
     from .datasets import build_datasets
     from .provider import step_config
+    from .run_config import data_config
 
     initialize_megatron(allow_no_cuda=runtime.on_cpu)
     model = get_model(functools.partial(model_provider, args), ModelType.encoder_or_decoder, wrap_with_ddp=False)
@@ -153,6 +154,6 @@ def calibrate_from_args(args, runtime, mask_ratio, num_samples, token_set, split
         # Weights only: no optimizer, scheduler or RNG state, whatever the checkpoint holds.
         args.finetune, args.no_load_optim, args.no_load_rng = True, True, True
         load_checkpoint(model, None, None)
-    dataset = build_datasets(args, [num_samples, num_samples, 0])[0 if split == "train" else 1]
+    dataset = build_datasets(data_config(args), [num_samples, num_samples, 0])[0 if split == "train" else 1]
     step_cfg = step_config(args, LossConfig(top_k=calibration_top_k(token_set, args.sed_top_k, top_k)))
     return calibrate_tau(model, dataset, num_samples, step_cfg, mask_ratio, token_set, progress)

@@ -1,6 +1,6 @@
-"""The datasets of a run: (train, valid, test) from its data settings (Megatron's datasets_provider).
+"""The datasets of a run: (train, valid, test) from its DataConfig (Megatron's datasets_provider).
 
-    train, valid, test = build_datasets(args, [n_train, n_valid, n_test])
+    train, valid, test = build_datasets(run.data, [n_train, n_valid, n_test])
 """
 
 def packs_thd(args):
@@ -10,33 +10,30 @@ def packs_thd(args):
     return args.sft_pack and (args.transformer_impl == "transformer_engine" or args.context_parallel_size > 1)
 
 
-def build_datasets(args, train_val_test_num_samples):
-    """(train, valid, test) datasets of already tokenized samples."""
+def build_datasets(data, train_val_test_num_samples):
+    """(train, valid, test) datasets of already tokenized samples; data: a run_config.DataConfig."""
     from sed_megatron.data.packing import PackedSFTDataset
     from sed_megatron.data.sft_preprocess import IndexedSFTDataset, read_indexed_sft, split_indices
     from sed_megatron.data.simple import JsonlSFTDataset, SyntheticSFTDataset
 
-    if args.sft_data_kind == "indexed":
-        splits = split_indices(len(read_indexed_sft(args.sft_data_path)[0]), args.sft_valid_fraction,
-                               args.sft_data_seed)
+    if data.kind == "indexed":
+        splits = split_indices(len(read_indexed_sft(data.path)[0]), data.valid_fraction, data.seed)
     datasets = []
     for split, num_samples in enumerate(train_val_test_num_samples):
         length = max(int(num_samples or 0), 1)
-        if args.sft_data_kind == "indexed":
+        if data.kind == "indexed":
             indices = splits[min(split, 1)] or splits[0]  # test = valid; no valid split: train samples
-            dataset = IndexedSFTDataset(args.sft_data_path, indices, length, args.seq_length,
-                                        args.sft_data_seed + split)
-            if args.sft_pack:  # carries its own mask (local, CP=1) or cu_seqlens (THD)
-                datasets.append(PackedSFTDataset(dataset, length, args.seq_length, thd=packs_thd(args),
-                                                 cp_size=args.context_parallel_size))
+            dataset = IndexedSFTDataset(data.path, indices, length, data.seq_length, data.seed + split)
+            if data.pack:  # carries its own mask (local, CP=1) or cu_seqlens (THD)
+                datasets.append(PackedSFTDataset(dataset, length, data.seq_length, thd=data.packs_thd,
+                                                 cp_size=data.cp_size))
                 continue
-        elif args.sft_data_kind == "synthetic":
-            dataset = SyntheticSFTDataset(length, args.seq_length, args.vocab_size, args.sft_num_samples,
-                                          args.sft_prompt_length, args.sft_data_seed + split)
+        elif data.kind == "synthetic":
+            dataset = SyntheticSFTDataset(length, data.seq_length, data.vocab_size, data.num_samples,
+                                          data.prompt_length, data.seed + split)
         else:
-            dataset = JsonlSFTDataset(args.sft_data_path, length, args.seq_length, args.vocab_size)
-        datasets.append(_with_attention_mask(dataset, args.seq_length) if args.create_attention_mask_in_dataloader
-                        else dataset)
+            dataset = JsonlSFTDataset(data.path, length, data.seq_length, data.vocab_size)
+        datasets.append(_with_attention_mask(dataset, data.seq_length) if data.attention_mask else dataset)
     return tuple(datasets)
 
 

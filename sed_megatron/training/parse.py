@@ -15,7 +15,7 @@ import sys
 
 from sed_megatron.world import choose_layers, fail, megatron_args, megatron_parser, run_defaults
 
-from .datasets import packs_thd
+from .datasets import packs_thd  # light: parse stays quick to import for --help
 
 
 def load_loss_modules(argv, prog="sed_megatron.train"):
