@@ -1,19 +1,18 @@
-"""run_distributed on gloo processes kept for the whole test session, one set per world size.
+"""run_distributed: a check on N ranks with Megatron's model parallelism set up, on processes kept
+for the whole test session (one set per world size, device and start-up environment).
 
     from tests.distributed import run_distributed
-    run_distributed(check_fn, world_size=4, tp=2, pp=2, args=(...,))   # as sed_megatron.testing.distributed
+    run_distributed(check_fn, world_size=4, tp=2, pp=2, args=(...,))   # cp=2: context parallel too
     value = run_distributed(fn, world_size=1)                          # what fn returned on rank 0
+    run_distributed(fn, world_size=2, tp=2, env={"TRITON_INTERPRET": "1"})   # read at import: a set of its own
 
-The same contract as sed_megatron.testing.distributed.run_distributed: check_fn(*args) runs on
-every rank with Megatron's model parallelism initialized at TP x PP x CP (DP = the rest) on the
-CPU layer, and an exception on any rank fails the call with that rank's traceback. The difference:
-starting a process (torch, Megatron) costs seconds on 2 cores, so the ranks of a world size are
-started once and run one check after the other. Between checks the model-parallel state is torn
+check_fn(*args) runs on every rank with Megatron's model parallelism initialized at TP x PP x CP
+(DP = the rest), on the CPU layer over gloo (device="cuda": NCCL, one GPU per rank), and an
+exception on any rank fails the call with that rank's traceback. Starting a process (torch,
+Megatron) costs seconds on 2 cores, so the ranks are started once and run one check after the
+other. Between checks the model-parallel state is torn
 down and the default random generator reseeded as a fresh process has it. A failed check (or a
 rank that dies, or a timeout) ends that set of processes: the next call starts a fresh one.
-
-Checks that need a fresh process (an environment variable read at import, device="cuda") keep
-using sed_megatron.testing.distributed.run_distributed.
 """
 
 import atexit
@@ -26,7 +25,7 @@ import traceback
 
 from sed_megatron.utils import free_port
 
-_POOLS = {}  # world size -> _Pool
+_POOLS = {}  # (world size, device, environment) -> _Pool
 
 
 def _destroy_subgroups(dist):
@@ -54,7 +53,7 @@ def _release_memory():
         pass
 
 
-def _serve(rank, world_size, port, tasks, results):
+def _serve(rank, world_size, port, tasks, results, device):
     import torch
     import torch.distributed as dist
 
@@ -62,10 +61,14 @@ def _serve(rank, world_size, port, tasks, results):
 
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     prepare_megatron()
-    torch.set_num_threads(1)  # N processes share the cores of a small machine
-    apply_cpu_runtime()
+    if device == "cpu":
+        torch.set_num_threads(1)  # N processes share the cores of a small machine
+        apply_cpu_runtime()
+    else:  # NCCL, one GPU per rank, torch untouched
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     fresh_seed = torch.initial_seed()  # what the default generator starts from in a new process
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo" if device == "cpu" else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size)
     from megatron.core import parallel_state
 
     while True:
@@ -93,16 +96,22 @@ def _serve(rank, world_size, port, tasks, results):
 
 
 class _Pool:
-    def __init__(self, world_size):
+    def __init__(self, world_size, device, env):
         context = multiprocessing.get_context("spawn")
         self.world_size = world_size
         self.tasks = [context.SimpleQueue() for _ in range(world_size)]
         self.results = context.Queue()
         port = free_port()
-        self.processes = [context.Process(target=_serve, args=(rank, world_size, port, self.tasks[rank], self.results),
-                                          daemon=True) for rank in range(world_size)]
-        for process in self.processes:
-            process.start()
+        self.processes = [context.Process(target=_serve, args=(rank, world_size, port, self.tasks[rank], self.results,
+                                                               device), daemon=True) for rank in range(world_size)]
+        saved = dict(os.environ)
+        os.environ.update(env)  # read at import in the ranks (TRITON_INTERPRET): they start with it
+        try:
+            for process in self.processes:
+                process.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
     def run(self, fn, tp, pp, cp, args, timeout):
         for tasks in self.tasks:
@@ -139,19 +148,21 @@ class _Pool:
                 process.join()
 
 
-def run_distributed(fn, world_size, tp=1, pp=1, args=(), cp=1, timeout=600):
+def run_distributed(fn, world_size, tp=1, pp=1, args=(), cp=1, timeout=600, device="cpu", env=None):
     """Run fn(*args) on the session's world_size ranks with TP=tp, PP=pp, CP=cp (DP = the rest);
-    returns what it returned on rank 0 (it must pickle)."""
+    returns what it returned on rank 0 (it must pickle). device="cuda": NCCL, one GPU per rank.
+    env: variables the ranks must have from their start (read at import): a set of its own."""
     if world_size % (tp * pp * cp):
         raise ValueError(f"world_size {world_size} is not a multiple of tp*pp*cp = {tp * pp * cp}")
-    pool = _POOLS.get(world_size)
+    key = (world_size, device, tuple(sorted((env or {}).items())))
+    pool = _POOLS.get(key)
     if pool is None:
-        pool = _POOLS[world_size] = _Pool(world_size)
+        pool = _POOLS[key] = _Pool(world_size, device, env or {})
     try:
         return pool.run(fn, tp, pp, cp, args, timeout)
     except BaseException:
         # Other ranks may wait in a collective forever: this set of processes is done.
-        _POOLS.pop(world_size, None)
+        _POOLS.pop(key, None)
         for process in pool.processes:
             process.kill()
         for process in pool.processes:

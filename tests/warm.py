@@ -45,7 +45,7 @@ def _child(target, argv, env, cwd, stdout, stderr):
             os.close(fd)
         sys.stdout = os.fdopen(1, "w", buffering=1)
         sys.stderr = os.fdopen(2, "w", buffering=1)
-        sys.argv = [target, *argv]
+        sys.argv = [target if isinstance(target, str) else "python", *argv]
         # multiprocessing as a fresh interpreter has it (the server was spawned: its start method and
         # process object would otherwise be the child's, and a DataLoader's workers would be spawned).
         import multiprocessing.process
@@ -58,7 +58,9 @@ def _child(target, argv, env, cwd, stdout, stderr):
         multiprocessing.process._parent_process = None
 
         try:
-            if target.endswith(".py"):
+            if isinstance(target, tuple):  # a function: its result (or exception) pickled per rank
+                _call(*target)
+            elif target.endswith(".py"):
                 sys.path.insert(0, os.path.dirname(os.path.abspath(target)))  # as `python target` has it
                 runpy.run_path(target, run_name="__main__")
             else:
@@ -74,10 +76,33 @@ def _child(target, argv, env, cwd, stdout, stderr):
         traceback.print_exc()
     finally:
         try:
+            # What an interpreter's exit runs: multiprocessing's finalizers among them, which stop
+            # the Manager process a checkpoint save starts (left running, each holds ~0.5 GB).
+            import atexit
+
+            atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _call(module, qualname, args_path, result_dir):
+    import importlib
+    import pickle
+    import traceback
+
+    fn = importlib.import_module(module)
+    for part in qualname.split("."):
+        fn = getattr(fn, part)
+    with open(args_path, "rb") as f:
+        args, kwargs = pickle.load(f)
+    try:
+        outcome = ("ok", fn(*args, **kwargs))
+    except Exception as err:  # noqa: BLE001 - it goes back to the caller, who re-raises it
+        outcome = ("raised", err, traceback.format_exc())
+    with open(os.path.join(result_dir, os.environ.get("RANK", "0")), "wb") as f:
+        pickle.dump(outcome, f)
 
 
 def _serve(connection, env):
@@ -160,21 +185,21 @@ def close():
             process.kill()
 
 
-def run(target, argv, env=None, cwd=None, log=os.devnull, nproc=1, timeout=600, stderr=None):
+def run(target, argv, env=None, cwd=None, log=os.devnull, nproc=1, timeout=600, stderr=None, world=False):
     """`python -m target argv` (`python target argv` for a .py path) as nproc ranks of one world
-    (torchrun's variables; none for nproc 1), output appended to log (stderr to `stderr` if given);
+    (torchrun's variables; for nproc 1 only with world=True), output appended to log (stderr to `stderr` if given);
     the first non-zero exit code, else 0 (subprocess.TimeoutExpired after timeout)."""
     from sed_megatron.utils import free_port
 
     env = dict(os.environ if env is None else env)
     cwd = os.getcwd() if cwd is None else cwd
     ranks = [env]
-    if nproc > 1:
+    if nproc > 1 or world:
         port = str(free_port())
         ranks = [{**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                   "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
                  for rank in range(nproc)]
-    if os.environ.get("SED_MEGATRON_TESTS_NO_FORK") == "1":
+    if os.environ.get("SED_MEGATRON_TESTS_NO_FORK") == "1" and not isinstance(target, tuple):
         return _subprocess(target, argv, ranks, cwd, log, stderr, timeout)
     connection = _connection({name: env[name] for name in IMPORT_TIME_ENV if name in env})
     connection.send({"target": target, "argv": [str(a) for a in argv], "ranks": ranks, "cwd": cwd, "stdout": log,
@@ -196,6 +221,30 @@ def capture(target, argv, env=None, cwd=None, nproc=1, timeout=600):
         code = run(target, argv, env, cwd, out, nproc, timeout, stderr=err)
         with open(out) as f, open(err) as g:
             return subprocess.CompletedProcess([target, *argv], code, f.read(), g.read())
+
+
+def call(fn, *args, nproc=1, env=None, cwd=None, log=os.devnull, timeout=600, **kwargs):
+    """fn(*args, **kwargs) in a forked process (nproc ranks of one world, torchrun's variables): what
+    it returned on rank 0, or the exception it raised there re-raised. fn: a module-level function;
+    arguments and result must pickle."""
+    import pickle
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args_path = os.path.join(tmp, "args")
+        with open(args_path, "wb") as f:
+            pickle.dump((args, kwargs), f)
+        code = run((fn.__module__, fn.__qualname__, args_path, tmp), [], env, cwd, log, nproc, timeout, world=True)
+        result = os.path.join(tmp, "0")
+        if not os.path.exists(result):
+            raise RuntimeError(f"{fn.__qualname__}: rank 0 exited with {code} without a result (log: {log})")
+        with open(result, "rb") as f:
+            outcome = pickle.load(f)
+    if outcome[0] == "raised":
+        raise outcome[1] from RuntimeError(f"in the forked process:\n{outcome[2]}")
+    if code != 0:
+        raise RuntimeError(f"{fn.__qualname__}: a rank exited with {code} (log: {log})")
+    return outcome[1]
 
 
 def _subprocess(target, argv, ranks, cwd, log, stderr, timeout):

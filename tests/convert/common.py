@@ -6,7 +6,6 @@ import os
 from sed_megatron.convert.hf_to_mcore import convert_hf_to_mcore
 from sed_megatron.launch import run_isolated
 from sed_megatron.testing.tiny_hf import tiny_hf_model
-from sed_megatron.utils import free_port
 
 from ..training.launch import REPO, _env
 
@@ -89,87 +88,31 @@ def _job_size(job):
     return kwargs["tp"] * kwargs["pp"] * kwargs["ep"] if kind == "compare" else 1
 
 
-def _reset_megatron():
-    """What one conversion or comparison leaves behind, cleared for the next in this process:
-    the torch.distributed world, the parallel state, Megatron's global args and rerun state."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.rerun_state_machine import destroy_rerun_state_machine
-    from megatron.training.global_vars import unset_global_variables
-
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    unset_global_variables()
-    destroy_rerun_state_machine()
-
-
-def _batch_worker(rank, nproc, jobs, barrier_port, result_path):
-    import datetime
-    import pickle
-    import time
-
-    import torch.distributed as dist
-
+def _run_job(kind, source, path, kwargs):
+    """One job, in a process of its own (forked: tests/warm.py): its result, or the ValueError of
+    a bad conversion (the tests of bad input assert on it)."""
     from sed_megatron.convert.compare import compare_hf_mcore
     from sed_megatron.convert.hf_to_mcore import convert_hf_to_mcore
     from sed_megatron.convert.mcore_to_hf import convert_mcore_to_hf
-    from sed_megatron.launch import _ENV
 
-    os.environ.update(_ENV)
-    # Outside the jobs' worlds (each job sets up and tears down its own): every rank waits here
-    # until the previous job is done on all of them, so a comparison reads a finished conversion.
-    store = dist.TCPStore("127.0.0.1", barrier_port, nproc, is_master=rank == 0,
-                          timeout=datetime.timedelta(minutes=10))
-    results = []
-    for index, job in enumerate(jobs):
-        if index:
-            store.add(f"done{index}", 1)
-            while store.add(f"done{index}", 0) < nproc:
-                time.sleep(0.02)
-        kind, source, path, kwargs = job
-        size = _job_size(job)
-        if rank >= size:  # a smaller world than this batch's: the other ranks wait for the next job
-            results.append(None)
-            continue
-        # The job's port, picked when it starts: one picked at the batch's start could be taken
-        # by then (the earlier jobs' gloo connections bind ephemeral ports).
-        if rank == 0:
-            store.set(f"port{index}", str(free_port()))
-        port = int(store.get(f"port{index}"))
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(size),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if kind == "convert":
         try:
-            if kind == "convert":
-                try:
-                    results.append(convert_hf_to_mcore(source, path, progress=False, **kwargs))
-                except ValueError as err:  # bad input: one process, no collective left waiting
-                    results.append(err)
-            elif kind == "export":
-                results.append(convert_mcore_to_hf(source, path, progress=False, **kwargs))
-            else:
-                results.append(compare_hf_mcore(source, path, **kwargs))
-        finally:
-            _reset_megatron()
-    if rank == 0:
-        with open(result_path, "wb") as f:
-            pickle.dump(results, f)
+            return convert_hf_to_mcore(source, path, progress=False, **kwargs)
+        except ValueError as err:  # bad input: one process, no collective left waiting
+            return err
+    if kind == "export":
+        return convert_mcore_to_hf(source, path, progress=False, **kwargs)
+    return compare_hf_mcore(source, path, **kwargs)
 
 
 def run_batch(jobs, tmp_dir):
-    """convert_job / export_job / compare_job results, in order, from ONE set of spawned processes (as many as
-    the largest job needs) that runs the jobs one after the other, clearing Megatron's global
-    state between them: each start-up (torch, Megatron, transformers) is paid once, not per job.
-    The ranks a job does not need wait for it to finish. A comparison that raises fails the batch."""
-    import pickle
+    """convert_job / export_job / compare_job results, in order: each job on as many ranks as it
+    needs, forked from a process that has imported the converters (tests/warm.py), so each
+    start-up costs no import. A comparison that raises fails the batch."""
+    from tests import warm
 
-    import torch.multiprocessing as mp
-
-    nproc = max(_job_size(job) for job in jobs)
-    result_path = os.path.join(str(tmp_dir), "batch_results.pkl")
-    mp.spawn(_batch_worker, args=(nproc, list(jobs), free_port(), result_path), nprocs=nproc, join=True)
-    with open(result_path, "rb") as f:
-        return pickle.load(f)
+    return [warm.call(_run_job, *job, nproc=_job_size(job), env=_env(), cwd=REPO,
+                      log=os.path.join(str(tmp_dir), f"job{index}.log")) for index, job in enumerate(jobs)]
 
 
 def tensors(directory):

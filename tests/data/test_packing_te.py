@@ -10,9 +10,9 @@ import torch
 from sed_megatron.data.packing import packed_sample
 from sed_megatron.data.simple import sample_from_tokens
 from sed_megatron.loss import LossConfig, masked_sum_and_count, sft_token_loss
-from sed_megatron.testing.distributed import run_distributed
 from sed_megatron.testing.models import tiny_gpt
 
+from ..distributed import run_distributed
 from .test_packing import SEQ, VOCAB, make_samples
 
 pytestmark = [pytest.mark.gpu,

@@ -33,7 +33,6 @@ import torch
 
 from sed_megatron.loss import IGNORE_INDEX, LossConfig, fused_linear_sft_loss, masked_sum_and_count, sft_token_loss
 from sed_megatron.loss import fused_linear as fused_module
-from sed_megatron.testing import distributed as fresh_processes
 
 from ..distributed import run_distributed
 from .test_loss_parity import VARIANTS, clear_of_tau, reference_and_config
@@ -546,13 +545,12 @@ def test_allocations_are_bounded_by_one_chunk(dtype, variant, grad_in_forward):
 
 
 @pytest.fixture
-def triton_interpreter(monkeypatch):
-    """TRITON_INTERPRET=1 for the ranks this test spawns: Triton reads it when a process first imports it."""
+def triton_interpreter():
+    """The ranks run the kernels under Triton's interpreter (TRITON_INTERPRET=1, set for them)."""
     from sed_megatron.loss import triton_kernels
 
     if not triton_kernels.HAVE_TRITON:
         pytest.fail("Triton is not installed: the kernels cannot be checked (pip install triton)")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _interpreted_kernels(block_columns):
@@ -656,8 +654,8 @@ def check_triton_backend(world_size):
 def test_triton_kernels_under_the_interpreter(triton_interpreter, tp):
     """Triton's interpreter runs the kernels on the CPU: one chunk against torch, then the fused
     loss with the Triton backend against the reference at TP = 1 and 2 (with SP)."""
-    # Fresh processes: Triton reads TRITON_INTERPRET when a process first imports it.
-    fresh_processes.run_distributed(check_triton_backend, world_size=tp, tp=tp, args=(tp,))
+    # Ranks of their own: Triton reads TRITON_INTERPRET when a process first imports it.
+    run_distributed(check_triton_backend, world_size=tp, tp=tp, args=(tp,), env={"TRITON_INTERPRET": "1"})
 
 
 def test_backend_choice():
