@@ -6,6 +6,8 @@ from setuptools import find_packages, setup
 RL_REQUIRES = ["trl>=1.15", "pyarrow"]
 # tools/gguf_to_hf.py: transformers reads GGUF files only with these two installed.
 GGUF_REQUIRES = ["gguf>=0.10", "accelerate"]
+# tests/lora: the exported adapter is loaded with PEFT, as users load it.
+LORA_REQUIRES = ["peft>=0.15"]
 
 setup(
     name="sed_megatron",
@@ -46,6 +48,7 @@ setup(
         "gguf": GGUF_REQUIRES,
         # tests/examples/test_rl.py runs 2 GRPO steps with TRL; tests/convert/test_gguf_to_hf.py writes GGUF files;
         # tools/gpu_check.sh gives each GPU test a timeout (pytest-timeout)
-        "test": ["pytest", "pytest-timeout", *RL_REQUIRES, *GGUF_REQUIRES],
+        "lora": LORA_REQUIRES,
+        "test": ["pytest", "pytest-timeout", *RL_REQUIRES, *GGUF_REQUIRES, *LORA_REQUIRES],
     },
 )

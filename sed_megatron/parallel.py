@@ -66,3 +66,23 @@ def all_gather_sequence(tensor, group):
     if group is None or dist.get_world_size(group=group) == 1:
         return tensor
     return _AllGatherSequence.apply(tensor, group)
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """reduce_scatter_sequence whose backward all-gathers the gradient (each rank's part of the sum)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        return reduce_scatter_sequence(tensor, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return gather_sequence(grad, ctx.group), None
+
+
+def sum_scatter_sequence(tensor, group):
+    """reduce_scatter_sequence under autograd (the gradient is all-gathered); the tensor itself for a group of one."""
+    if group is None or dist.get_world_size(group=group) == 1:
+        return tensor
+    return _ReduceScatterSequence.apply(tensor, group)

@@ -71,6 +71,8 @@ def _before_training(run, iteration, model):
     iteration() is the one Megatron loaded (0 for a fresh run)."""
     from sed_megatron.training.step import forward_step
 
+    if run.lora is not None:
+        _lora_started(run, model)
     step_cfg = run.step
     if run.tau_calibration is not None:
         tau = _tau(run, model, iteration())
@@ -78,16 +80,36 @@ def _before_training(run, iteration, model):
     return functools.partial(forward_step, step_cfg)
 
 
-def _keep_model_file(run):
-    """A run loaded from a converted checkpoint saves its architecture file beside its own checkpoints."""
+def _lora_started(run, model):
+    """Once the base is loaded: the adapters go into every checkpoint from now on; the start line."""
+    from megatron.training.utils import print_rank_0
+
+    from sed_megatron.lora import set_in_checkpoint
+
+    set_in_checkpoint(model, True)
+    lora, trainable = run.lora, run.lora_parameters
+    print_rank_0(f"LoRA: rank {lora.rank}, alpha {lora.alpha:g} (scaling {lora.scaling:g}), "
+                 f"{','.join(lora.target_modules)}: {trainable:,} trainable parameters, the base frozen "
+                 f"({'continued from' if run.lora_loaded else 'new, on'} {run.lora_base}); optimizer state "
+                 f"{trainable * 12 / 2**20:.1f} MiB (fp32 copy and Adam moments, split over DP with the "
+                 f"distributed optimizer)")
+
+
+def _keep_run_files(run):
+    """Beside the run's checkpoints: the architecture file of the converted checkpoint it loaded,
+    and for LoRA what the adapters are and their base."""
     from sed_megatron.models.model_file import MODEL_FILE
 
-    source = os.path.join(run.load or "", MODEL_FILE)
-    if not (run.load and run.save and os.path.exists(source)):
+    if not run.save or (dist.is_initialized() and dist.get_rank() != 0):
         return
-    if os.path.abspath(run.load) != os.path.abspath(run.save) and (not dist.is_initialized() or dist.get_rank() == 0):
+    source = os.path.join(run.load or "", MODEL_FILE)
+    if run.load and os.path.exists(source) and os.path.abspath(run.load) != os.path.abspath(run.save):
         os.makedirs(run.save, exist_ok=True)
         shutil.copy(source, os.path.join(run.save, MODEL_FILE))
+    if run.lora is not None:
+        from sed_megatron.lora import write_lora_file
+
+        write_lora_file(run.save, run.lora, run.lora_base)
 
 
 def main(argv=None):
@@ -138,7 +160,7 @@ def main(argv=None):
                       current_iteration=lambda: args.curr_iteration + 1)
     except MegatronVersionError as err:
         fail(str(err), PROG)
-    _keep_model_file(run)
+    _keep_run_files(run)
     cfg = pretrain_cfg_container_from_args(args, model_cfg=None)  # None: our model provider builds it
     try:
         pretrain(
@@ -146,7 +168,8 @@ def main(argv=None):
             functools.partial(build_datasets, run.data),
             ModelType.encoder_or_decoder,
             functools.partial(forward_step, run.step),  # replaced by _before_training's once the model exists
-            model_provider=functools.partial(model_provider, args),
+            model_provider=functools.partial(model_provider, args, lora=run.lora,
+                                             lora_in_checkpoint=run.lora_loaded),
         )
     except (OSError, CheckpointingException) as err:
         if not run.save:

@@ -250,11 +250,20 @@ def model_config_from_args(args):
     return ModelConfig.from_megatron_args(args, model_type=None if info is None else info["model_type"])
 
 
-def model_provider(args, pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
-    """Megatron's model_provider: the GPTModel of one pipeline stage, from the typed ModelConfig."""
+def model_provider(args, pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None,
+                   lora=None, lora_in_checkpoint=True):
+    """Megatron's model_provider: the GPTModel of one pipeline stage, from the typed ModelConfig.
+
+    lora: a LoRAConfig: adapters on it, the rest frozen (lora_in_checkpoint=False: the checkpoint
+    about to be loaded is a base, without adapters; sed_megatron.lora.set_in_checkpoint once loaded)."""
     from megatron.training.argument_utils import core_transformer_config_from_args
 
     from sed_megatron.models import build_gpt_model
 
     config = config or core_transformer_config_from_args(args)
-    return build_gpt_model(model_config_from_args(args), config, pre_process, post_process, vp_stage, pg_collection)
+    model = build_gpt_model(model_config_from_args(args), config, pre_process, post_process, vp_stage, pg_collection)
+    if lora is not None:
+        from sed_megatron.lora import apply_lora
+
+        apply_lora(model, lora, in_checkpoint=lora_in_checkpoint)
+    return model

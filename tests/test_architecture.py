@@ -8,7 +8,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = {  # top-level module or package of sed_megatron -> layer
     "utils": 0, "parallel": 0,
     "loss": 1, "runtime": 1, "launch": 1,
-    "models": 2, "data": 2, "testing": 2,
+    "models": 2, "data": 2, "testing": 2, "lora": 2.5,
     "training": 3, "eval": 3, "world": 3,
     "convert": 4,
     "pipeline": 5,

@@ -136,6 +136,27 @@ def _patch_megatron_moe():
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
+def _patch_megatron_mappings():
+    """Megatron's communication mappings allocate on "cuda" in their backward too, where the
+    device mode is not active (torch runs an autograd Function's backward without the
+    forward's modes): each backward runs under the mode (a frozen linear's sequence gather)."""
+    import functools
+
+    from megatron.core.tensor_parallel import mappings
+
+    def under_mode(backward):
+        @functools.wraps(backward)
+        def run(*args, **kwargs):
+            with _CudaToCpuMode():
+                return backward(*args, **kwargs)
+
+        return staticmethod(run)
+
+    for value in list(vars(mappings).values()):
+        if isinstance(value, type) and issubclass(value, torch.autograd.Function) and "backward" in vars(value):
+            value.backward = under_mode(vars(value)["backward"].__func__)
+
+
 def _patch_megatron_training():
     """megatron.training (Megatron-LM's loop) asserts or queries CUDA in a few more places."""
     import functools
@@ -167,6 +188,7 @@ def apply_cpu_runtime():
     _patch_torch_cuda()
     _patch_megatron_rng()
     _patch_megatron_moe()
+    _patch_megatron_mappings()
     # Entered for the life of the process: Megatron allocates on "cuda" at import, init and step.
     _CudaToCpuMode().__enter__()
     _applied = True

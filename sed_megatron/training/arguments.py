@@ -11,6 +11,7 @@ A run is configured by Megatron-LM's own flags plus the SED-SFT group below. A Y
     logging:     {log_interval: 1, ...}                      # Megatron-LM flags
     loss:        {kind: sed, top_k: 2, tau: 0.6, ...}        # LossConfig fields
     data:        {kind: synthetic, ...}                      # DataConfig fields
+    lora:        {rank: 16, alpha: 32, ...}                  # LoRAConfig fields (absent: full fine-tuning)
 
 A Megatron key is a flag's name with '_' for '-' (`no_gradient_accumulation_fusion: true` is
 `--no-gradient-accumulation-fusion`); it is checked against Megatron's own parser, so an
@@ -48,11 +49,20 @@ DATA_FLAGS = {  # DataConfig field -> flag
     "valid_fraction": "--sft-valid-fraction",
     "pack": "--sft-pack",
 }
+LORA_FLAGS = {  # LoRAConfig field (YAML lora: keys) -> flag
+    "rank": "--lora-rank",
+    "alpha": "--lora-alpha",
+    "dropout": "--lora-dropout",
+    "target_modules": "--lora-target-modules",
+    "use_rslora": "--lora-rslora",
+}
 RUN_FLAGS = {  # run-level keys at the top of the YAML -> flag
     "log_entropy": "--log-entropy",
     "metrics_file": "--metrics-file",
 }
 LOSS_MODULE_FLAG = "--loss-module"
+OWN_SECTIONS = {"loss": lambda: loss_flags(), "data": lambda: DATA_FLAGS, "lora": lambda: LORA_FLAGS}
+"""YAML sections of sed_megatron's own settings -> their key -> flag tables."""
 
 
 def loss_flags():
@@ -69,7 +79,7 @@ def _dest(flag):
 
 
 def _own_keys():
-    return {_dest(flag) for table in (loss_flags(), DATA_FLAGS, RUN_FLAGS) for flag in table.values()} | {
+    return {_dest(flag) for table in (loss_flags(), DATA_FLAGS, LORA_FLAGS, RUN_FLAGS) for flag in table.values()} | {
         "config", "verbose", "help_megatron"}
 
 
@@ -142,6 +152,7 @@ def add_sed_arguments(parser):
     group.add_argument("--sft-prompt-length", type=int, default=8, help="synthetic: prompt tokens without loss")
     group.add_argument("--sft-data-seed", type=int, default=1234,
                        help="synthetic: seed of the samples; indexed: seed of the split and the shuffling")
+    add_lora_arguments(group)
     group.add_argument("--log-entropy", action="store_true",
                        help="report the entropy of the predicted distribution (one more pass in the loss)")
     group.add_argument("--inject-non-finite", default=None, metavar="ITERATION:loss|grad",
@@ -150,6 +161,51 @@ def add_sed_arguments(parser):
     group.add_argument("--metrics-file", default=None,
                        help="JSON-lines metrics (default: metrics.jsonl in --save, else in the working directory)")
     return parser
+
+
+def add_lora_arguments(group):
+    """LoRA (sed_megatron/lora): rank 0 (the default) is full fine-tuning."""
+    from sed_megatron.lora import ALL_LINEAR
+
+    group.add_argument("--lora-rank", type=int, default=0,
+                       help="train low-rank adapters of this rank on a frozen base (with --load BASE --finetune); "
+                            "0: full fine-tuning")
+    group.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling alpha / rank (default: the rank)")
+    group.add_argument("--lora-dropout", type=float, default=None, help="dropout on the adapters' input (default 0)")
+    group.add_argument("--lora-target-modules", default=None,
+                       help=f"projections to adapt, by PEFT's names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+                            f"down_proj or {ALL_LINEAR} (the default)")
+    group.add_argument("--lora-rslora", action="store_true", default=None,
+                       help="rank-stabilized scaling alpha / sqrt(rank)")
+
+
+def lora_config_from_args(args):
+    """The LoRAConfig of the parsed arguments, or None (rank 0: full fine-tuning). ValueError naming
+    the flag: a LoRA setting without a rank, or a bad value."""
+    from sed_megatron.lora import ALL_LINEAR, LoRAConfig
+
+    rank = args.lora_rank
+    given = [flag for field, flag in LORA_FLAGS.items() if field != "rank" and getattr(args, _dest(flag)) is not None]
+    if not rank:
+        if given:
+            raise ValueError(f"{given[0]} (lora.{_field_of(given[0])}) is given but --lora-rank (lora.rank) is 0 "
+                             f"or absent: set a rank, or drop the LoRA settings for full fine-tuning")
+        return None
+    try:
+        return LoRAConfig(rank=rank, alpha=args.lora_alpha if args.lora_alpha is not None else float(rank),
+                          dropout=args.lora_dropout or 0.0, target_modules=args.lora_target_modules or ALL_LINEAR,
+                          use_rslora=bool(args.lora_rslora), init_seed=args.seed)
+    except ValueError as err:
+        message = str(err)
+        for field, flag in LORA_FLAGS.items():
+            message = message.replace(f"LoRAConfig.{field}:", f"{flag} (lora.{field}):")
+        if message.startswith("unknown target module"):
+            message = f"--lora-target-modules (lora.target_modules): {message}"
+        raise ValueError(message) from None
+
+
+def _field_of(flag):
+    return next(field for field, f in LORA_FLAGS.items() if f == flag)
 
 
 def add_loss_arguments(group):
@@ -245,19 +301,21 @@ def yaml_to_argv(path, parser, sources=None):
             if sources is not None:
                 sources[action.dest] = f"{section_file}: {section}"
             continue
-        if section not in MEGATRON_SECTIONS + ("loss", "data"):
-            known = ", ".join(MEGATRON_SECTIONS + ("loss", "data") + tuple(RUN_FLAGS) + (INCLUDE_KEY,))
+        if section not in MEGATRON_SECTIONS + tuple(OWN_SECTIONS):
+            known = ", ".join(MEGATRON_SECTIONS + tuple(OWN_SECTIONS) + tuple(RUN_FLAGS) + (INCLUDE_KEY,))
             raise ConfigError(f"{section_file}: unknown section {section!r} (known: {known})")
         if not isinstance(body, dict):
             raise ConfigError(f"{section_file}: section {section!r} must be a mapping")
         for key, value in body.items():
             file = origin.get((section, key), path)
             where = f"{file}: {section}.{key}"
-            if section in ("loss", "data"):
-                table = loss_flags() if section == "loss" else DATA_FLAGS
+            if section in OWN_SECTIONS:
+                table = OWN_SECTIONS[section]()
                 if key not in table:
                     raise ConfigError(f"{where}: unknown key (known: {', '.join(table)})")
                 option, action = actions[table[key][2:].replace("-", "_")]
+                if section == "lora" and key == "target_modules" and isinstance(value, list):
+                    value = ",".join(map(str, value))  # PEFT's list form
                 argv += value_to_argv(option, action, value, where)
                 if sources is not None:
                     sources[action.dest] = where

@@ -124,6 +124,7 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
     def checks(namespace, options, all_sources):  # ours first, before Megatron's
         loss.append(loss_config(namespace, prog) if need_loss_config else None)
         check_data_args(namespace, prog)
+        check_lora_args(namespace, prog)
         if precheck is not None:
             precheck(namespace)
         try:
@@ -148,6 +149,32 @@ def check_data_args(args, prog="sed_megatron.train"):
         if not packs_thd(args) and not args.create_attention_mask_in_dataloader:
             fail("--sft-pack with --transformer-impl local needs the data loader's attention mask "
                  "(drop --no-create-attention-mask-in-dataloader)", prog)
+
+
+def check_lora_args(args, prog="sed_megatron.train"):
+    """LoRA settings (one line naming the flag): a valid LoRAConfig, and a base to adapt."""
+    from .arguments import lora_config_from_args
+
+    try:
+        cfg = lora_config_from_args(args)
+    except ValueError as err:
+        fail(str(err), prog)
+    if cfg is None:
+        return
+    if not args.load:
+        fail("--lora-rank trains adapters on a base model: give its checkpoint with --load CKPT --finetune "
+             "(tools/convert_hf_to_mcore.py makes one)", prog)
+    from sed_megatron.lora import LORA_FILE, read_lora_file
+
+    try:
+        stored = read_lora_file(args.load)
+    except ValueError as err:
+        fail(str(err), prog)
+    if stored is not None:
+        for field, flag in (("rank", "--lora-rank"), ("target_modules", "--lora-target-modules")):
+            if getattr(stored[0], field) != getattr(cfg, field):
+                fail(f"{flag} {getattr(cfg, field)!r} differs from the adapters in {args.load} "
+                     f"({LORA_FILE}: {field} {getattr(stored[0], field)!r})", prog)
 
 
 def loss_config(args, prog="sed_megatron.train"):

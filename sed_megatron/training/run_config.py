@@ -69,6 +69,14 @@ class RunConfig:
     log_interval: int
     tokens_per_iteration: int
     """Global batch rows x sequence length (padding included): the throughput's unit."""
+    lora: object = None
+    """The LoRAConfig (sed_megatron.lora) of a LoRA run; None: full fine-tuning."""
+    lora_base: str | None = None
+    """The base checkpoint the adapters started from (--load, or what the LoRA checkpoint in --load records)."""
+    lora_loaded: bool = False
+    """--load holds adapters already (a LoRA checkpoint: resume or continue), not a base alone."""
+    lora_parameters: int = 0
+    """The adapters' parameters over the whole model (what trains)."""
 
 
 def data_config(args):
@@ -81,7 +89,7 @@ def data_config(args):
 
 def run_config(args, loss_cfg) -> RunConfig:
     """The typed settings of a run from Megatron's validated args and its LossConfig."""
-    from .arguments import calibrates_tau, calibration_top_k_from_args
+    from .arguments import calibrates_tau, calibration_top_k_from_args, lora_config_from_args
     from .provider import step_config
 
     calibration = None
@@ -91,4 +99,16 @@ def run_config(args, loss_cfg) -> RunConfig:
     return RunConfig(
         step=step_config(args, loss_cfg), data=data_config(args), tau_calibration=calibration, load=args.load,
         save=args.save, metrics_file=args.metrics_file or os.path.join(args.save or ".", "metrics.jsonl"),
-        log_interval=args.log_interval, tokens_per_iteration=args.global_batch_size * args.seq_length)
+        log_interval=args.log_interval, tokens_per_iteration=args.global_batch_size * args.seq_length,
+        **_lora_fields(args, lora_config_from_args(args)))
+
+
+def _lora_fields(args, lora):
+    from sed_megatron.lora import adapter_parameter_count, read_lora_file
+    from sed_megatron.world import model_config_from_args
+
+    if lora is None:
+        return {}
+    stored = read_lora_file(args.load) if args.load else None
+    return {"lora": lora, "lora_base": stored[1] if stored else args.load, "lora_loaded": stored is not None,
+            "lora_parameters": adapter_parameter_count(model_config_from_args(args), lora)}
