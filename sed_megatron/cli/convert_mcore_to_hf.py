@@ -1,6 +1,7 @@
 """Megatron checkpoint (converted or trained, any TP x PP) -> Hugging Face directory.
 
     python tools/convert_mcore_to_hf.py --load CKPT_DIR --save HF_DIR [--hf-template HF_DIR] [--overwrite]
+    python tools/convert_mcore_to_hf.py --load LORA_CKPT --save ADAPTER_DIR --adapter-only [--hf-template HF_DIR]
 
 Reads the checkpoint one decoder layer at a time (whatever TP x PP wrote it), maps the weights
 back (the per-group QKV split, gate/up split, padding rows dropped, tied embeddings left tied)
@@ -8,6 +9,11 @@ and writes safetensors shards as they fill, with an index and a config.json for 
 architecture: memory stays near one shard plus one layer. With --hf-template, the tokenizer and
 generation files are copied from it and its special-token ids are kept. The output loads with
 transformers.AutoModelForCausalLM.from_pretrained.
+
+A checkpoint trained with --lora-rank exports as the merged model (base + scaling B A), or with
+--adapter-only as a PEFT adapter directory (adapter_config.json, adapter_model.safetensors;
+base_model_name_or_path: --hf-template, else the base checkpoint the run started from), which
+peft.PeftModel.from_pretrained(base, ADAPTER_DIR) loads on the exported base.
 """
 
 import argparse
@@ -28,6 +34,8 @@ def build_parser():
     parser.add_argument("--hf-template", default=None, help="Hugging Face directory for tokenizer and generation files")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the dtype the checkpoint was converted with")
     parser.add_argument("--max-shard-size-mb", type=int, default=5000)
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="a LoRA checkpoint: write its adapters as a PEFT adapter directory, not the merged model")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save once exported")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
     parser.add_argument("--verbose", action="store_true", help="show Megatron's start-up output and warnings")
@@ -47,7 +55,7 @@ def main(argv=None):
         with quiet_stdout(not options.verbose):
             done = convert_mcore_to_hf(options.load, options.save, hf_template=options.hf_template,
                                        dtype=options.dtype, max_shard_size_mb=options.max_shard_size_mb,
-                                       overwrite=options.overwrite,
+                                       overwrite=options.overwrite, adapter_only=options.adapter_only,
                                        progress=not options.quiet and sys.stderr.isatty())
     except ValueError as err:
         fail(err, PROG)  # one line, exit 2

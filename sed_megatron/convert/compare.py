@@ -105,7 +105,11 @@ def compare_hf_mcore(hf_dir, load, tp=1, pp=1, ep=1, atol=None, batch_size=2, se
 
     initialize_megatron(allow_no_cuda=runtime.on_cpu)
     try:
-        model = get_model(functools.partial(model_provider, args), ModelType.encoder_or_decoder, wrap_with_ddp=False)
+        from sed_megatron.lora import read_lora_file
+
+        lora = read_lora_file(load)  # a LoRA checkpoint: the model with its adapters (against the merged export)
+        model = get_model(functools.partial(model_provider, args, lora=lora and lora[0]), ModelType.encoder_or_decoder,
+                          wrap_with_ddp=False)
         load_checkpoint(model, None, None)
         for chunk in model:
             chunk.eval()

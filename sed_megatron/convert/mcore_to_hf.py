@@ -10,12 +10,26 @@ writes safetensors shards as they fill, with an index and a config.json (whose
 layer. With hf_template, the tokenizer and generation files are copied from it and its
 special-token ids are kept. The output loads with transformers.AutoModelForCausalLM.
 
+A checkpoint trained with LoRA (a sed_megatron_lora.json beside it) exports merged (each
+delta scaling B A written into its base weight, in fp32, then cast), or with adapter_only=True
+as a PEFT adapter directory (adapter_config.json, adapter_model.safetensors: only the adapters
+are read) that peft.PeftModel.from_pretrained loads on the exported base.
+
 The architecture comes from the checkpoint's sed_megatron_model.yaml. Bad input is a
 ValueError with one line naming the file, and nothing is left at `save`.
 """
 
 import os
 
+from sed_megatron.lora import LORA_FILE, apply_lora, read_lora_file
+from sed_megatron.lora.peft import (
+    ADAPTER_WEIGHTS,
+    adapted_targets,
+    is_adapter_key,
+    merge_layer,
+    peft_tensors,
+    write_adapter_config,
+)
 from sed_megatron.models import build_gpt_model, family_for
 from sed_megatron.models.mapping import megatron_to_hf
 from sed_megatron.models.model_file import MODEL_FILE, model_config_from_file
@@ -28,11 +42,12 @@ from .hf_to_mcore import DTYPES, Converted
 
 
 def convert_mcore_to_hf(load, save, hf_template=None, dtype="auto", max_shard_size_mb=5000, overwrite=False,
-                        progress=True):
+                        progress=True, adapter_only=False):
     """Export the Megatron checkpoint at load as a Hugging Face directory at save; returns Converted.
 
     dtype: auto (the dtype it was converted with), bfloat16, float16 or float32.
-    max_shard_size_mb: the largest safetensors shard (a larger single tensor gets its own)."""
+    max_shard_size_mb: the largest safetensors shard (a larger single tensor gets its own).
+    adapter_only: a LoRA checkpoint's adapters as a PEFT adapter directory."""
     import torch
     from tqdm import tqdm
 
@@ -44,6 +59,10 @@ def convert_mcore_to_hf(load, save, hf_template=None, dtype="auto", max_shard_si
         raise UsageError(f"{load}: no {MODEL_FILE} (a checkpoint converted with tools/convert_hf_to_mcore.py, "
                          f"or trained from one)")
     model_cfg, stored_dtype = loaded
+    lora = read_lora_file(load)
+    if adapter_only and lora is None:
+        raise UsageError(f"{load}: no {LORA_FILE}: --adapter-only exports the adapters of a run trained with "
+                         f"--lora-rank")
     family = family_for(model_cfg.model_type)
     check_output_dir(save, overwrite)
     if hf_template and not os.path.exists(os.path.join(hf_template, "config.json")):
@@ -61,12 +80,20 @@ def convert_mcore_to_hf(load, save, hf_template=None, dtype="auto", max_shard_si
     with single_process_model_parallel(), staged_output(save) as tmp_dir:  # nothing at `save` unless all succeeds
         with torch.device("meta"):
             model = build_gpt_model(model_cfg, model_cfg.transformer_config(perform_initialization=False))
+            if lora is not None:
+                apply_lora(model, lora[0])
         os.makedirs(tmp_dir)
+        groups = layer_groups(model.sharded_state_dict())
+        if adapter_only:
+            count = _write_adapter(groups, checkpoint_dir, getattr(torch, dtype_name), tmp_dir, lora,
+                                   hf_template or lora[1])
+            return Converted(save, model_cfg, dtype_name, count, ())
         writer = ShardWriter(tmp_dir, max_shard_size_mb * 2**20)
         done = set()
-        for group in tqdm(layer_groups(model.sharded_state_dict()), desc="export", unit=" layers",
-                          disable=not progress):
+        for group in tqdm(groups, desc="export", unit=" layers", disable=not progress):
             tensors = load_group(group, checkpoint_dir, getattr(torch, dtype_name))  # one decoder layer
+            if lora is not None:
+                merge_layer(tensors, model_cfg, lora[0])
             for name, tensor in megatron_to_hf(tensors.__getitem__, model_cfg, rows, only=tensors):
                 writer.add(name, tensor)
             done.update(tensors)
@@ -76,3 +103,21 @@ def convert_mcore_to_hf(load, save, hf_template=None, dtype="auto", max_shard_si
         count = writer.close()
         notes = write_hf_files(tmp_dir, hf_config, hf_template)
     return Converted(save, model_cfg, dtype_name, count, tuple(notes))
+
+
+def _write_adapter(groups, checkpoint_dir, dtype, directory, lora, base_model_name_or_path):
+    """The adapters of every layer (only they are read) as PEFT's adapter files; the tensor count."""
+    from safetensors.torch import save_file
+
+    from .streaming import load_group
+
+    tensors = {}
+    for group in groups:
+        adapters = {name: sh for name, sh in group.items() if is_adapter_key(name)}
+        if adapters:
+            tensors.update(load_group(adapters, checkpoint_dir, dtype))
+    if not tensors:
+        raise UsageError(f"{checkpoint_dir}: no LoRA adapters in the checkpoint")
+    save_file(dict(peft_tensors(tensors)), os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    write_adapter_config(directory, lora[0], adapted_targets(tensors), base_model_name_or_path)
+    return len(tensors)
