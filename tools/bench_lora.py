@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import SIZES, build_model  # noqa: E402  (the same models as the step benchmark)
+from bench_step import SIZES, build_model, one_process_world  # noqa: E402  (the same models as the step benchmark)
 
 
 def make_run(size, lora_rank, device):
@@ -81,16 +81,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed steps per setting")
     args = parser.parse_args()
 
-    from sed_megatron.runtime import prepare
-    from sed_megatron.utils import free_port
-
-    runtime = prepare(training=False)
-    device = torch.device(runtime.device)
-    torch.distributed.init_process_group(runtime.backend, init_method=f"tcp://127.0.0.1:{free_port()}",
-                                         rank=0, world_size=1)
-    from megatron.core import parallel_state
-
-    parallel_state.initialize_model_parallel()
+    device = one_process_world()
     print("| model | setting | trainable parameters | share | Adam moments MiB | step ms | step / full |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for size in args.sizes:

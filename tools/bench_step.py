@@ -46,6 +46,20 @@ def build_model(layers, hidden, heads, ffn, vocab, seq, device):
     return model.to(device)
 
 
+def one_process_world():
+    """A world of this one process (gloo on the CPU, NCCL on a GPU) with Megatron's parallel state; its device."""
+    from megatron.core import parallel_state
+
+    from sed_megatron.runtime import prepare
+    from sed_megatron.utils import free_port
+
+    runtime = prepare(training=False)
+    torch.distributed.init_process_group(runtime.backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+                                         rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    return torch.device(runtime.device)
+
+
 def loss_fn(name):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -98,16 +112,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed steps per loss")
     args = parser.parse_args()
 
-    from sed_megatron.runtime import prepare
-    from sed_megatron.utils import free_port
-
-    runtime = prepare(training=False)
-    device = torch.device(runtime.device)
-    torch.distributed.init_process_group(runtime.backend, init_method=f"tcp://127.0.0.1:{free_port()}",
-                                         rank=0, world_size=1)
-    from megatron.core import parallel_state
-
-    parallel_state.initialize_model_parallel()
+    device = one_process_world()
     print("| model | step ms: Megatron CE | ce | sed | sed / Megatron CE | sed / ce |")
     print("|---|---:|---:|---:|---:|---:|")
     for size in args.sizes:
