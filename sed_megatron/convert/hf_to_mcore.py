@@ -19,6 +19,7 @@ import functools
 import os
 from dataclasses import dataclass
 
+from sed_megatron.lora import apply_lora, write_lora_file
 from sed_megatron.models import ModelConfig, family_for
 from sed_megatron.models.model_file import write_model_file
 from sed_megatron.utils import UsageError
@@ -140,11 +141,18 @@ def megatron_argv(model_cfg, save_dir, dtype_name):
     ] + {"bfloat16": ["--bf16"], "float16": ["--fp16"]}.get(dtype_name, [])
 
 
-def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=True):
+def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=True, adapter=None):
     """Convert the Hugging Face model in hf_dir into a Megatron checkpoint at save; returns Converted.
 
     dtype: auto (the Hugging Face config's), bfloat16, float16 or float32.
-    overwrite: replace a non-empty `save` (only once the conversion has succeeded)."""
+    overwrite: replace a non-empty `save` (only once the conversion has succeeded).
+    adapter: a PEFT LoRA adapter directory trained on hf_dir: a LoRA checkpoint (base and
+    adapters, sed_megatron_lora.json) that training continues with --load and --lora-rank."""
+    lora = None
+    if adapter is not None:
+        from sed_megatron.lora.peft import read_adapter
+
+        lora = read_adapter(adapter)  # (LoRAConfig, {Megatron name: tensor})
     hf_config, model_cfg = model_config_from_hf_dir(hf_dir)
     check_tokenizer_fits(hf_dir, hf_config.vocab_size)
     check_output_dir(save, overwrite)
@@ -175,8 +183,12 @@ def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=Tr
         model_cfg = model_cfg.replace(transformer_impl=args.transformer_impl)  # TE names where TE builds the layers
         with torch.device("meta"):  # no memory, no random init: the weights come from the checkpoint
             model = build_gpt_model(model_cfg, core_transformer_config_from_args(args)).to(torch_dtype)
+            if lora is not None:
+                apply_lora(model, lora[0])
         sharded = model.sharded_state_dict()
         expected = {name: sh for name, sh in sharded.items() if not name.endswith("_extra_state")}
+        if lora is not None:
+            expected = _check_adapter(adapter, lora[1], expected)  # the base's tensors left to map
         rows = {row.megatron: row for row in family_for(model_cfg.model_type).rows(model_cfg, stored=tensors)}
         for name, row in rows.items():  # every shape checked before anything is written
             if name not in expected:
@@ -196,6 +208,8 @@ def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=Tr
 
         @functools.lru_cache(maxsize=1)  # a parameter saved as several chunks is converted once
         def converted(name):
+            if lora is not None and name in lora[1]:
+                return lora[1][name].to(torch_dtype)
             row = rows[name]
             return row.to_megatron(model_cfg, read).to(torch_dtype)
 
@@ -208,4 +222,24 @@ def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=Tr
                         checkpointing_context={"save_strategy": StreamingSaveStrategy(materialize)})
         bar.close()
         write_model_file(tmp_dir, model_cfg, dtype_name)
+        if lora is not None:
+            write_lora_file(tmp_dir, lora[0], base=hf_dir)
     return Converted(save, model_cfg, dtype_name, len(sources))
+
+
+def _check_adapter(adapter, adapter_tensors, expected):
+    """Every adapter matrix the model has, from the adapter, of its shape (and none it lacks);
+    the expected tensors without them."""
+    from sed_megatron.lora.peft import ADAPTER_WEIGHTS, is_adapter_key, peft_key
+
+    where = os.path.join(adapter, ADAPTER_WEIGHTS)
+    wanted = {name for name in expected if is_adapter_key(name)}
+    for name in sorted(set(adapter_tensors) - wanted):
+        raise UsageError(f"{where}: {peft_key(name)} has no place in the model (another layer count or targets)")
+    for name in sorted(wanted):
+        if name not in adapter_tensors:
+            raise UsageError(f"{where}: no {peft_key(name)} (the adapter_config.json targets it)")
+        shape, want = tuple(adapter_tensors[name].shape), tuple(expected[name].data.shape)
+        if shape != want:
+            raise UsageError(f"{where}: {peft_key(name)} is {shape}, the model expects {want} (another base model?)")
+    return {name: sh for name, sh in expected.items() if name not in wanted}

@@ -3,6 +3,7 @@
     merge_layer(tensors, model_cfg, cfg)            # a layer's Megatron tensors (TP=1): W += scaling B A, adapters removed
     for name, tensor in peft_tensors(tensors, cfg): # the same adapters as PEFT names them
     write_adapter_config(directory, cfg, targets, base_model_name_or_path)
+    cfg, tensors = read_adapter(directory)          # a PEFT adapter directory: LoRAConfig, {Megatron name: tensor}
 
 Megatron keys (model.py): `decoder.layers.{i}.self_attention.linear_qkv_lora.q_proj.lora_A`;
 PEFT's, for a Llama-like *ForCausalLM: `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`.
@@ -111,3 +112,45 @@ def adapter_config(cfg, targets, base_model_name_or_path):
 def write_adapter_config(directory, cfg, targets, base_model_name_or_path):
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
         json.dump(adapter_config(cfg, targets, base_model_name_or_path), f, indent=2)
+
+
+_UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+                "rank_pattern": {}, "alpha_pattern": {}, "bias": "none", "fan_in_fan_out": False}
+"""PEFT settings an adapter must leave at these values to be read (anything else is not plain LoRA on these projections)."""
+
+
+def read_adapter(directory):
+    """(LoRAConfig, {Megatron name: tensor}) of a PEFT LoRA adapter directory; ValueError (one line
+    naming the file and field) for what it is not: another PEFT type, DoRA, per-module ranks, an
+    adapter on another module."""
+    from safetensors.torch import load_file
+
+    from .config import LoRAConfig
+
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    try:
+        with open(path) as f:
+            fields = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read the adapter config ({err})") from None
+    if fields.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type {fields.get('peft_type')!r}: only LORA adapters are read")
+    for field, plain in _UNSUPPORTED.items():
+        value = fields.get(field, plain)
+        if value != plain and not (plain in (None, {}, False) and not value):
+            raise ValueError(f"{path}: {field}={fields[field]!r} is not supported (plain LoRA only: {field}={plain!r})")
+    try:
+        cfg = LoRAConfig(rank=fields["r"], alpha=float(fields["lora_alpha"]), dropout=float(fields.get("lora_dropout", 0)),
+                         target_modules=fields["target_modules"], use_rslora=bool(fields.get("use_rslora", False)))
+    except KeyError as err:
+        raise ValueError(f"{path}: missing field {err.args[0]!r}") from None
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    weights = os.path.join(directory, ADAPTER_WEIGHTS)
+    if not os.path.exists(weights):
+        raise ValueError(f"{weights}: missing (only the safetensors format is read)")
+    try:
+        tensors = {megatron_key_of_peft(name): tensor for name, tensor in load_file(weights).items()}
+    except ValueError as err:
+        raise ValueError(f"{weights}: {err}") from None
+    return cfg, tensors

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from ..convert.common import compare, export, save_hf, tensors, to_hf, to_mcore, training_config
+from ..convert.common import compare, convert, export, save_hf, tensors, to_hf, to_mcore, training_config
 from ..training.launch import train
 from ..training.test_train import RTOL, TAU_RTOL, calibrated_tau
 
@@ -121,3 +121,26 @@ def test_adapter_only_needs_a_lora_checkpoint(runs, tmp_path):
     assert out.returncode == 2 and not os.path.exists(tmp_path / "adapter")
     assert out.stderr.strip().splitlines()[-1].endswith(
         "no sed_megatron_lora.json: --adapter-only exports the adapters of a run trained with --lora-rank")
+
+
+def test_an_exported_adapter_imports_and_exports_again_bit_identical(runs, tmp_path):
+    """adapter -> (with its base) a LoRA checkpoint -> adapter: the same tensors and settings."""
+    from safetensors.torch import load_file
+
+    first, again = tmp_path / "adapter", tmp_path / "again"
+    assert export(runs["ckpt"], str(first), "--adapter-only", "--hf-template", runs["hf"]).returncode == 0
+    imported = str(tmp_path / "imported")
+    done = convert(runs["hf"], imported, "--adapter", str(first))
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(os.path.join(imported, "sed_megatron_lora.json")) as f:
+        assert json.load(f)["rank"] == 4
+    assert export(imported, str(again), "--adapter-only", "--hf-template", runs["hf"]).returncode == 0
+    a, b = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (first, again))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    with open(first / "adapter_config.json") as f, open(again / "adapter_config.json") as g:
+        assert json.load(f) == json.load(g)
+    # Training continues from it (the trained adapters: below the first loss of the run that trained them).
+    continued = train(str(tmp_path / "continued"), 1, ["--load", imported, "--finetune", "--no-load-optim",
+                                                        "--no-load-rng", "--train-iters", "1", *LORA_FLAGS,
+                                                        "--sed-tau", "0.5"], config=runs["config"])
+    assert continued[0]["ce_loss"] < runs["tp1"][0]["ce_loss"]
