@@ -84,9 +84,9 @@ def _lora_started(run, model):
     """Once the base is loaded: the adapters go into every checkpoint from now on; the start line."""
     from megatron.training.utils import print_rank_0
 
-    from sed_megatron.lora import set_in_checkpoint
+    from sed_megatron.lora import set_checkpoint_parts
 
-    set_in_checkpoint(model, True)
+    set_checkpoint_parts(model, "adapters")  # every save: the adapters (the base stays in run.lora_base)
     lora, trainable = run.lora, run.lora_parameters
     print_rank_0(f"LoRA: rank {lora.rank}, alpha {lora.alpha:g} (scaling {lora.scaling:g}), "
                  f"{','.join(lora.target_modules)}: {trainable:,} trainable parameters, the base frozen "
@@ -169,7 +169,7 @@ def main(argv=None):
             ModelType.encoder_or_decoder,
             functools.partial(forward_step, run.step),  # replaced by _before_training's once the model exists
             model_provider=functools.partial(model_provider, args, lora=run.lora,
-                                             lora_in_checkpoint=run.lora_loaded),
+                                             lora_base=run.lora_base if run.lora_loaded else None),
         )
     except (OSError, CheckpointingException) as err:
         if not run.save:

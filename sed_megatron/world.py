@@ -251,11 +251,13 @@ def model_config_from_args(args):
 
 
 def model_provider(args, pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None,
-                   lora=None, lora_in_checkpoint=True):
+                   lora=None, lora_base=None):
     """Megatron's model_provider: the GPTModel of one pipeline stage, from the typed ModelConfig.
 
-    lora: a LoRAConfig: adapters on it, the rest frozen (lora_in_checkpoint=False: the checkpoint
-    about to be loaded is a base, without adapters; sed_megatron.lora.set_in_checkpoint once loaded)."""
+    lora: a LoRAConfig: adapters on it, the rest frozen. lora_base None: the checkpoint Megatron
+    loads next is the base (the model's checkpoint holds the base only until
+    sed_megatron.lora.set_checkpoint_parts); else the base checkpoint to read the base weights
+    from here, Megatron then loading the adapters (the model's checkpoint holds them only)."""
     from megatron.training.argument_utils import core_transformer_config_from_args
 
     from sed_megatron.models import build_gpt_model
@@ -265,5 +267,9 @@ def model_provider(args, pre_process=True, post_process=True, vp_stage=None, con
     if lora is not None:
         from sed_megatron.lora import apply_lora
 
-        apply_lora(model, lora, in_checkpoint=lora_in_checkpoint)
+        apply_lora(model, lora, checkpoint="base" if lora_base is None else "adapters")
+        if lora_base is not None:
+            from sed_megatron.lora.checkpoint import load_base
+
+            load_base(model, lora_base)
     return model

@@ -9,7 +9,6 @@ import os
 import shutil
 import struct
 
-from sed_megatron.runtime.mcore import TRACKER_FILE
 from sed_megatron.utils import UsageError
 
 _SAFETENSORS_DTYPES = {
@@ -148,21 +147,6 @@ class ShardWriter:
             with open(os.path.join(self.directory, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
         return len(weight_map)
-
-
-def checkpoint_iteration_dir(load):
-    """The directory of the iteration Megatron's tracker file in `load` points to (torch_dist)."""
-    tracker = os.path.join(load, TRACKER_FILE)
-    if not os.path.exists(tracker):
-        raise UsageError(f"{tracker}: missing (not a Megatron checkpoint directory)")
-    with open(tracker) as f:
-        text = f.read().strip()
-    if text == "release":
-        return os.path.join(load, "release")
-    try:
-        return os.path.join(load, f"iter_{int(text):07d}")
-    except ValueError:
-        raise UsageError(f"{tracker}: {text!r} is neither an iteration nor 'release'") from None
 
 
 def check_output_dir(path, overwrite):

@@ -107,9 +107,13 @@ def compare_hf_mcore(hf_dir, load, tp=1, pp=1, ep=1, atol=None, batch_size=2, se
     try:
         from sed_megatron.lora import read_lora_file
 
-        lora = read_lora_file(load)  # a LoRA checkpoint: the model with its adapters (against the merged export)
-        model = get_model(functools.partial(model_provider, args, lora=lora and lora[0]), ModelType.encoder_or_decoder,
-                          wrap_with_ddp=False)
+        lora = read_lora_file(load)  # a LoRA checkpoint: its base, then its adapters (against the merged export)
+        provider = model_provider
+        if lora is not None:
+            from sed_megatron.lora.checkpoint import base_checkpoint_dir
+
+            provider = functools.partial(model_provider, lora=lora[0], lora_base=base_checkpoint_dir(load, lora[1]))
+        model = get_model(functools.partial(provider, args), ModelType.encoder_or_decoder, wrap_with_ddp=False)
         load_checkpoint(model, None, None)
         for chunk in model:
             chunk.eval()

@@ -223,7 +223,7 @@ def convert_hf_to_mcore(hf_dir, save, dtype="auto", overwrite=False, progress=Tr
         bar.close()
         write_model_file(tmp_dir, model_cfg, dtype_name)
         if lora is not None:
-            write_lora_file(tmp_dir, lora[0], base=hf_dir)
+            write_lora_file(tmp_dir, lora[0], base=os.path.abspath(save))  # the base is in it too
     return Converted(save, model_cfg, dtype_name, len(sources))
 
 

@@ -10,8 +10,9 @@ writes safetensors shards as they fill, with an index and a config.json (whose
 layer. With hf_template, the tokenizer and generation files are copied from it and its
 special-token ids are kept. The output loads with transformers.AutoModelForCausalLM.
 
-A checkpoint trained with LoRA (a sed_megatron_lora.json beside it) exports merged (each
-delta scaling B A written into its base weight, in fp32, then cast), or with adapter_only=True
+A checkpoint trained with LoRA (a sed_megatron_lora.json beside it, naming the base checkpoint
+the weights are read from) exports merged (each delta scaling B A written into its base weight,
+in fp32, then cast), or with adapter_only=True
 as a PEFT adapter directory (adapter_config.json, adapter_model.safetensors: only the adapters
 are read) that peft.PeftModel.from_pretrained loads on the exported base.
 
@@ -22,6 +23,7 @@ ValueError with one line naming the file, and nothing is left at `save`.
 import os
 
 from sed_megatron.lora import LORA_FILE, apply_lora, read_lora_file
+from sed_megatron.lora.checkpoint import base_checkpoint_dir
 from sed_megatron.lora.peft import (
     ADAPTER_WEIGHTS,
     adapted_targets,
@@ -33,10 +35,11 @@ from sed_megatron.lora.peft import (
 from sed_megatron.models import build_gpt_model, family_for
 from sed_megatron.models.mapping import megatron_to_hf
 from sed_megatron.models.model_file import MODEL_FILE, model_config_from_file
+from sed_megatron.runtime.mcore import checkpoint_iteration_dir
 from sed_megatron.utils import UsageError
 from sed_megatron.world import single_process_model_parallel
 
-from .checkpoint import ShardWriter, check_output_dir, checkpoint_iteration_dir, staged_output
+from .checkpoint import ShardWriter, check_output_dir, staged_output
 from .hf_files import write_hf_files
 from .hf_to_mcore import DTYPES, Converted
 
@@ -90,9 +93,14 @@ def convert_mcore_to_hf(load, save, hf_template=None, dtype="auto", max_shard_si
             return Converted(save, model_cfg, dtype_name, count, ())
         writer = ShardWriter(tmp_dir, max_shard_size_mb * 2**20)
         done = set()
+        base_dir = checkpoint_dir if lora is None else checkpoint_iteration_dir(base_checkpoint_dir(load, lora[1]))
         for group in tqdm(groups, desc="export", unit=" layers", disable=not progress):
-            tensors = load_group(group, checkpoint_dir, getattr(torch, dtype_name))  # one decoder layer
+            # one decoder layer: the base's tensors (from the base checkpoint of a LoRA run) and the adapters
+            base = {name: sh for name, sh in group.items() if not is_adapter_key(name)}
+            tensors = load_group(base, base_dir, getattr(torch, dtype_name))
             if lora is not None:
+                adapters = {name: sh for name, sh in group.items() if is_adapter_key(name)}
+                tensors.update(load_group(adapters, checkpoint_dir, getattr(torch, dtype_name)) if adapters else {})
                 merge_layer(tensors, model_cfg, lora[0])
             for name, tensor in megatron_to_hf(tensors.__getitem__, model_cfg, rows, only=tensors):
                 writer.add(name, tensor)

@@ -9,7 +9,7 @@ adapters as PEFT stores them, and merged into the base weights.
 """
 
 from .config import ALL_LINEAR, LORA_FILE, PEFT_TARGETS, LoRAConfig, parse_targets, read_lora_file, write_lora_file
-from .model import adapter_parameter_count, apply_lora, set_in_checkpoint
+from .model import adapter_parameter_count, apply_lora, set_checkpoint_parts
 
 __all__ = ["ALL_LINEAR", "LORA_FILE", "PEFT_TARGETS", "LoRAConfig", "adapter_parameter_count", "apply_lora",
-           "parse_targets", "read_lora_file", "set_in_checkpoint", "write_lora_file"]
+           "parse_targets", "read_lora_file", "set_checkpoint_parts", "write_lora_file"]

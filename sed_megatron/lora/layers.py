@@ -64,7 +64,6 @@ class LinearAdapters(nn.Module):
         from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 
         self.parallel, self.layout = parallel, layout
-        self.in_checkpoint = True
         self.targets = tuple(parts)
         self.scaling, self.dropout = cfg.scaling, cfg.dropout
         self.tp_group = getattr(linear, "tp_group", None)
@@ -130,8 +129,6 @@ class LinearAdapters(nn.Module):
         """Each target's A and B, split along TP as the base layer's weight is (any TP loads it)."""
         from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
-        if not self.in_checkpoint:  # loading a base checkpoint, which holds no adapters
-            return {}
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         state = self.state_dict(prefix="", keep_vars=True)
         axis = {f"{t}.lora_B": 0 for t in self.targets} if self.parallel == "column" else {

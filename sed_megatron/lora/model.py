@@ -61,13 +61,17 @@ def _layout(linear, config, tp_size):
     return lambda deltas: next(iter(deltas.values()))
 
 
-def apply_lora(model, cfg, in_checkpoint=True):
+CHECKPOINT_PARTS = ("all", "base", "adapters")
+
+
+def apply_lora(model, cfg, checkpoint="all"):
     """Adapters on the targeted linear layers of `model` (a GPTModel, one pipeline stage), the
     rest frozen; returns the LinearAdapters added. ValueError for a target the model lacks
     (all-linear: those it has).
 
-    in_checkpoint=False: the adapters stay out of the model's sharded state dict until
-    set_in_checkpoint(model, True), so that a base checkpoint, which has none, loads."""
+    checkpoint: what the model's sharded state dict (what Megatron saves and loads) holds:
+    "all", "base" (loading a base checkpoint, which has no adapters) or "adapters" (a LoRA
+    run's checkpoints: the base stays where it was converted); set_checkpoint_parts changes it."""
     if "gate_proj" in cfg.target_modules and not model.config.gated_linear_unit:
         if cfg.target_modules != PEFT_TARGETS:
             raise ValueError("lora target gate_proj: the model's MLP has no gate (no SwiGLU); target up_proj")
@@ -92,22 +96,44 @@ def apply_lora(model, cfg, in_checkpoint=True):
                                           {t: parts[t] for t in targets}, in_features,
                                           _layout(linear_name, model.config, tp_size), cfg,
                                           f"layer{layer.layer_number}", linear)
-                adapters.in_checkpoint = in_checkpoint
                 owner.add_module(linear_name + ADAPTER_SUFFIX, adapters)
                 linear.register_forward_hook(adapters.hook, with_kwargs=True)
                 added.append(adapters)
     adapter_params = {id(p) for adapters in added for p in adapters.parameters()}
     for param in model.parameters():
         param.requires_grad_(id(param) in adapter_params)
+    _filter_checkpoint(model, checkpoint)
     return added
 
 
-def set_in_checkpoint(model, value):
-    """Put the adapters of `model` (any wrapping, or a list of chunks) into its sharded state dict, or take them out."""
+def is_adapter_name(name):
+    """Whether a state-dict or checkpoint key belongs to an adapter."""
+    return ADAPTER_SUFFIX + "." in name
+
+
+def _filter_checkpoint(model, parts):
+    whole = model.sharded_state_dict
+
+    def sharded_state_dict(*args, **kwargs):
+        state = whole(*args, **kwargs)
+        if model.lora_checkpoint_parts == "all":
+            return state
+        adapters = model.lora_checkpoint_parts == "adapters"
+        return {key: value for key, value in state.items() if is_adapter_name(key) == adapters}
+
+    model.sharded_state_dict = sharded_state_dict
+    set_checkpoint_parts(model, parts)
+
+
+def set_checkpoint_parts(model, parts):
+    """What the sharded state dict of `model` (a GPTModel with adapters, any wrapping, or a list of
+    chunks) holds from now on: "all", "base" or "adapters"."""
+    if parts not in CHECKPOINT_PARTS:
+        raise ValueError(f"checkpoint parts {parts!r}: expected one of {', '.join(CHECKPOINT_PARTS)}")
     for chunk in model if isinstance(model, (list, tuple)) else [model]:
-        for module in chunk.modules():
-            if isinstance(module, LinearAdapters):
-                module.in_checkpoint = value
+        while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):  # DDP, Float16Module
+            chunk = chunk.module
+        chunk.lora_checkpoint_parts = parts
 
 
 def adapter_parameter_count(model_cfg, cfg):

@@ -89,6 +89,23 @@ TRACKER_FILE = "latest_checkpointed_iteration.txt"
 """Megatron-LM's pointer to the newest complete checkpoint of a --save directory."""
 
 
+def checkpoint_iteration_dir(load):
+    """The directory of the iteration Megatron's tracker file in `load` points to (torch_dist)."""
+    from sed_megatron.utils import UsageError
+
+    tracker = os.path.join(load, TRACKER_FILE)
+    if not os.path.exists(tracker):
+        raise UsageError(f"{tracker}: missing (not a Megatron checkpoint directory)")
+    with open(tracker) as f:
+        text = f.read().strip()
+    if text == "release":
+        return os.path.join(load, "release")
+    try:
+        return os.path.join(load, f"iter_{int(text):07d}")
+    except ValueError:
+        raise UsageError(f"{tracker}: {text!r} is neither an iteration nor 'release'") from None
+
+
 class _AtomicTrackerStorage:
     """Megatron's storage helper (`maybe_msc`), except that the tracker file is replaced atomically.
 

@@ -170,11 +170,19 @@ def check_lora_args(args, prog="sed_megatron.train"):
         stored = read_lora_file(args.load)
     except ValueError as err:
         fail(str(err), prog)
-    if stored is not None:
-        for field, flag in (("rank", "--lora-rank"), ("target_modules", "--lora-target-modules")):
-            if getattr(stored[0], field) != getattr(cfg, field):
-                fail(f"{flag} {getattr(cfg, field)!r} differs from the adapters in {args.load} "
-                     f"({LORA_FILE}: {field} {getattr(stored[0], field)!r})", prog)
+    if stored is None:
+        return
+    for field, flag in (("rank", "--lora-rank"), ("target_modules", "--lora-target-modules")):
+        if getattr(stored[0], field) != getattr(cfg, field):
+            fail(f"{flag} {getattr(cfg, field)!r} differs from the adapters in {args.load} "
+                 f"({LORA_FILE}: {field} {getattr(stored[0], field)!r})", prog)
+    from sed_megatron.lora.checkpoint import base_checkpoint_dir
+    from sed_megatron.utils import UsageError
+
+    try:
+        base_checkpoint_dir(args.load, stored[1])
+    except UsageError as err:
+        fail(str(err), prog)
 
 
 def loss_config(args, prog="sed_megatron.train"):

@@ -109,6 +109,9 @@ def _lora_fields(args, lora):
 
     if lora is None:
         return {}
+    from sed_megatron.lora.checkpoint import base_checkpoint_dir
+
     stored = read_lora_file(args.load) if args.load else None
-    return {"lora": lora, "lora_base": stored[1] if stored else args.load, "lora_loaded": stored is not None,
+    base = base_checkpoint_dir(args.load, stored[1]) if stored else os.path.abspath(args.load)
+    return {"lora": lora, "lora_base": base, "lora_loaded": stored is not None,
             "lora_parameters": adapter_parameter_count(model_config_from_args(args), lora)}

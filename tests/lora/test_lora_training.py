@@ -82,14 +82,23 @@ def test_resume_at_another_layout_continues_the_curve(runs, tmp_path):
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in runs["tp1"][RESUME_FROM:]], rel=RTOL)
 
 
-def test_the_base_weights_are_bit_identical_after_training(runs, tmp_path):
-    # The checkpoint without its LoRA file reads as a plain one: its base weights only.
-    plain = shutil.copytree(runs["ckpt"], tmp_path / "plain")
-    os.remove(plain / "sed_megatron_lora.json")
-    to_hf(plain, tmp_path / "trained_base")
-    to_hf(runs["base"], tmp_path / "base")
-    trained, base = tensors(tmp_path / "trained_base"), tensors(tmp_path / "base")
-    assert trained.keys() == base.keys() and all(torch.equal(trained[n], base[n]) for n in base)
+def test_checkpoints_hold_the_adapters_and_name_their_base(runs, tmp_path):
+    """The LoRA checkpoint stores adapters (and their optimizer state) only; the base is read from
+    the checkpoint its sed_megatron_lora.json names, and a base that moved stops with one line."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = list(FileSystemReader(os.path.join(runs["ckpt"], f"iter_{ITERS:07d}")).read_metadata().state_dict_metadata)
+    weights = [k for k in keys if k.startswith(("decoder.", "embedding.", "output_layer."))]
+    assert weights and all("_lora." in k for k in weights), weights
+    assert any("_lora." in k and "exp_avg" in k for k in keys)  # the adapters' Adam moments
+    moved = shutil.copytree(runs["ckpt"], tmp_path / "lora")
+    with open(moved / "sed_megatron_lora.json") as f:
+        fields = json.load(f)
+    with open(moved / "sed_megatron_lora.json", "w") as f:
+        json.dump({**fields, "base": str(tmp_path / "gone")}, f)
+    out = export(str(moved), str(tmp_path / "out"))
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].endswith(
+        f"its base checkpoint '{tmp_path / 'gone'}' is not there (moved? set `base` in that file to where it is now)")
 
 
 def test_adapter_and_merged_exports_agree_with_peft_and_megatron(runs, tmp_path):
