@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from ..convert.common import compare, convert, export, save_hf, tensors, to_hf, to_mcore, training_config
+from ..convert.common import compare, convert, export, save_hf, to_mcore, training_config
 from ..training.launch import train
 from ..training.test_train import RTOL, TAU_RTOL, calibrated_tau
 
