@@ -10,7 +10,8 @@ Each check compares with a reference, never only "the values are finite":
   gradient GEMM against float64;
 - 3 bf16 training iterations on the device against the same run in fp32 on the CPU;
 - a converted bf16 model's logits, and those of its export after 3 bf16 steps, against
-  transformers on the device (tools/compare_hf_mcore.py).
+  transformers on the device (tools/compare_hf_mcore.py); the same with LoRA (both layer
+  implementations) against its merged export.
 SED_MEGATRON_GPU_TESTS_ON_CPU=1 runs them on the CPU layer instead (tools/gpu_check.sh's dry run).
 """
 
@@ -102,6 +103,33 @@ def test_convert_compare_train_export_on_the_device(tmp_path):
     assert [r["iteration"] for r in records] == [1, 2, 3] and records[-1]["loss"] != records[0]["loss"]
     out = tmp_path / "exported"
     _tool("convert_mcore_to_hf.py", "--load", trained, "--save", out, "--hf-template", hf_dir)
+    _compare(out, trained)
+
+
+@pytest.mark.parametrize("impl", ["local", "transformer_engine"])
+def test_lora_trains_and_exports_on_the_device(tmp_path, impl):
+    """LoRA on a bf16 Llama with each layer implementation (TE: its fused norm + linear hands the
+    adapters the normed input): 3 bf16 SED steps that move the loss, then the merged export, whose
+    logits on the device equal Megatron's with its adapters (tools/compare_hf_mcore.py)."""
+    if impl == "transformer_engine":
+        pytest.importorskip("transformer_engine.pytorch")
+    from sed_megatron.testing.tiny_hf import tiny_hf_model
+
+    hf_dir = tmp_path / "hf"
+    tiny_hf_model("llama_gqa_untied", vocab_size=256).to(torch.bfloat16).save_pretrained(hf_dir)
+    ckpt, trained = tmp_path / "mcore", tmp_path / "lora"
+    _tool("convert_hf_to_mcore.py", "--hf-dir", hf_dir, "--save", ckpt)
+    with open(TINY) as f:
+        config = {k: v for k, v in yaml.safe_load(f).items() if k != "model"}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    records = train(str(tmp_path / "run"), 1, [*THREE_STEPS, "--bf16", "--load", str(ckpt), "--finetune",
+                                               "--no-load-optim", "--no-load-rng", "--save", str(trained),
+                                               "--seq-length", "32", "--transformer-impl", impl, "--lora-rank", "8",
+                                               "--lora-alpha", "16", "--lr", "1e-2"],
+                    config=str(tmp_path / "run.yaml"), torchrun=True)
+    assert [r["iteration"] for r in records] == [1, 2, 3] and records[-1]["loss"] < records[0]["loss"]
+    out = tmp_path / "merged"  # in fp32: a bf16 merge rounds W + s B A once more (~2e-3 on these logits)
+    _tool("convert_mcore_to_hf.py", "--load", trained, "--save", out, "--hf-template", hf_dir, "--dtype", "float32")
     _compare(out, trained)
 
 
