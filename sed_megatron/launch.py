@@ -33,8 +33,18 @@ class StepFailed(RuntimeError):
     """A torchrun step exited non-zero; the message ends with the tail of its log."""
 
 
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                      "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+OUTSIDE_THE_WORLD = dict.fromkeys(TORCHRUN_VARIABLES)
+"""run_isolated's env for a one-process step started from a rank: the rank's world variables removed."""
+
+
 def _child(queue, module, qualname, args, kwargs, env, log):
-    os.environ.update(env)  # before anything heavy is imported
+    for name, value in env.items():  # before anything heavy is imported; None: removed
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     if log is not None:  # the child's output (and its children's) into the log
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)
@@ -55,7 +65,8 @@ def _child(queue, module, qualname, args, kwargs, env, log):
 
 
 def run_isolated(fn, *args, env=None, timeout=600, log=None, **kwargs):
-    """fn(*args, **kwargs) in a spawned process; its return value, or its exception re-raised."""
+    """fn(*args, **kwargs) in a spawned process; its return value, or its exception re-raised.
+    env: variables set in it (None: removed; OUTSIDE_THE_WORLD for a step started from a rank)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_child, args=(queue, fn.__module__, fn.__qualname__, args, kwargs,

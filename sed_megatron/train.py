@@ -119,6 +119,7 @@ def main(argv=None):
         runtime = prepare(training=True, verbose="--verbose" in argv)
     except (DeviceError, MegatronVersionError) as err:
         fail(str(err), PROG)
+    argv = _load_hf_model(argv, runtime)
     if "RANK" not in os.environ:  # not under torchrun: this machine's ranks, started here
         from sed_megatron.launch import local_world_size
         from sed_megatron.training.parse import parse_flags
@@ -178,6 +179,61 @@ def main(argv=None):
         print(f"{PROG}: error: iteration {args.curr_iteration + 1}: {type(err).__name__}: {err}".splitlines()[0]
               + f" (the newest complete checkpoint in {run.save}: {_latest(run.save)})", file=sys.stderr, flush=True)
         sys.exit(4)
+    if args.save_hf and int(os.environ.get("RANK", "0")) == 0:
+        _save_hf(args.save, args.save_hf, args.save_hf_template)
+
+
+def _load_hf_model(argv, runtime):
+    """--load HF_DIR (a Hugging Face model directory): argv loading its conversion instead, made
+    once into a cache (<save>/hf_converted, or --hf-cache-dir) and reused while the source is
+    unchanged, or the run's own newest checkpoint in --save when there is one (a resume). The
+    export at the end takes its tokenizer files from HF_DIR. Under torchrun global rank 0
+    converts and the other ranks wait for the cache."""
+    from sed_megatron.convert.hf_cache import cached_source, converted_checkpoint, is_hf_model_dir, source_of
+    from sed_megatron.runtime.mcore import TRACKER_FILE
+    from sed_megatron.training.parse import parse_flags
+
+    flags = parse_flags(argv, runtime)
+    hf_dir = flags.load
+    if not is_hf_model_dir(hf_dir):
+        return argv
+    extra = [] if flags.save_hf_template else ["--save-hf-template", hf_dir]
+    rank = int(os.environ.get("RANK", "0"))
+    if flags.save and os.path.exists(os.path.join(flags.save, TRACKER_FILE)):
+        if rank == 0:
+            print(f"{PROG}: resuming from the newest checkpoint in {flags.save} ({hf_dir} is not loaded again)",
+                  flush=True)
+        return [*argv, "--load", flags.save, *extra]
+    cache = flags.hf_cache_dir or (os.path.join(flags.save, "hf_converted") if flags.save else None)
+    if cache is None:
+        fail(f"--load {hf_dir} is a Hugging Face model directory: its conversion needs --save (it is cached "
+             f"there) or --hf-cache-dir", PROG)
+    if rank == 0:
+        try:
+            _, note = converted_checkpoint(hf_dir, cache, log=f"{cache.rstrip('/')}.log")
+        except ValueError as err:
+            fail(f"--load {hf_dir}: {err}", PROG)
+        print(f"{PROG}: {note}", flush=True)
+    else:
+        import time
+
+        source = source_of(hf_dir)
+        while cached_source(cache) != source:  # rank 0 converts (torchrun stops every rank if it fails)
+            time.sleep(1.0)
+    return [*argv, "--load", cache, "--finetune", "--no-load-optim", "--no-load-rng", *extra]
+
+
+def _save_hf(save, save_hf, hf_template):
+    """The Hugging Face export of the newest checkpoint in save, at save_hf (replaced whole)."""
+    from sed_megatron.convert.mcore_to_hf import convert_mcore_to_hf
+    from sed_megatron.launch import OUTSIDE_THE_WORLD, run_isolated
+
+    try:
+        run_isolated(convert_mcore_to_hf, save, save_hf, hf_template=hf_template, overwrite=True, progress=False,
+                     timeout=24 * 3600, env=OUTSIDE_THE_WORLD)
+    except ValueError as err:
+        fail(f"--save-hf {save_hf}: {err}", PROG)
+    print(f"{PROG}: saved the Hugging Face export of {save} ({_latest(save)}) to {save_hf}", flush=True)
 
 
 def _gpu_count(runtime):

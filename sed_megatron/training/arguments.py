@@ -158,6 +158,14 @@ def add_sed_arguments(parser):
     group.add_argument("--inject-non-finite", default=None, metavar="ITERATION:loss|grad",
                        help="testing: make the loss (or only its gradients) NaN at that iteration, to see the run "
                             "stop before the optimizer step")
+    group.add_argument("--save-hf", default=None, metavar="DIR",
+                       help="at the end, the Hugging Face export of the newest checkpoint in --save (YAML "
+                            "checkpoint.save_hf); --load may be a Hugging Face model directory itself: it is "
+                            "converted once into <save>/hf_converted (or --hf-cache-dir) and reused")
+    group.add_argument("--save-hf-template", default=None, metavar="HF_DIR",
+                       help="tokenizer, chat template and generation files for --save-hf (default: a Hugging "
+                            "Face --load)")
+    group.add_argument("--hf-cache-dir", default=None, help="where a Hugging Face --load is converted to")
     group.add_argument("--metrics-file", default=None,
                        help="JSON-lines metrics (default: metrics.jsonl in --save, else in the working directory)")
     return parser

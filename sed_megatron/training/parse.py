@@ -125,6 +125,8 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
         loss.append(loss_config(namespace, prog) if need_loss_config else None)
         check_data_args(namespace, prog)
         check_lora_args(namespace, prog)
+        if namespace.save_hf and not namespace.save:
+            fail("--save-hf exports the newest checkpoint in --save: give --save too", prog)
         if precheck is not None:
             precheck(namespace)
         try:

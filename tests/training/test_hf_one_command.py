@@ -1,0 +1,62 @@
+"""One command from a Hugging Face model to a Hugging Face model: `--load HF_DIR --save-hf OUT`.
+
+The export equals convert -> train -> export run by hand with the same settings, bit for bit;
+the conversion is cached and reused while the source is unchanged, and made again when it
+changes; a second run into the same --save resumes from its own checkpoint."""
+
+import os
+
+import pytest
+import torch
+
+from ..convert.common import save_hf, tensors, to_hf, to_mcore, training_config
+from .launch import train
+
+pytestmark = pytest.mark.e2e
+
+FLAGS = ["--train-iters", "2", "--loss-type", "sed", "--sed-tau", "0.5"]
+
+
+def _log(run_dir):
+    with open(os.path.join(run_dir, "train.log")) as f:
+        return f.read()
+
+
+def test_hf_model_in_hf_model_out(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = save_hf(tmp_path / "hf", "qwen3_tied")
+    config = training_config(tmp_path)
+    cache = str(tmp_path / "cache")
+    out = tmp_path / "out"
+    train(str(tmp_path / "one"), 1, ["--load", hf_dir, "--save", str(tmp_path / "save"), "--save-hf", str(out),
+                                     "--hf-cache-dir", cache, *FLAGS], config=config)
+    assert f"converted {hf_dir} into {cache}" in _log(tmp_path / "one")
+    assert f"saved the Hugging Face export of {tmp_path / 'save'} (iteration 2) to {out}" in _log(tmp_path / "one")
+    AutoModelForCausalLM.from_pretrained(out)  # loads as it is
+
+    # The same by hand: convert, train from it, export.
+    by_hand = str(tmp_path / "ckpt")
+    to_mcore(hf_dir, by_hand)
+    train(str(tmp_path / "hand"), 1, ["--load", by_hand, "--finetune", "--no-load-optim", "--no-load-rng", "--save",
+                                      str(tmp_path / "save_hand"), *FLAGS], config=config)
+    to_hf(tmp_path / "save_hand", tmp_path / "out_hand", hf_template=hf_dir)
+    ours, theirs = tensors(out), tensors(tmp_path / "out_hand")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
+    assert any(not torch.equal(ours[n], t) for n, t in tensors(hf_dir).items())  # it trained
+
+    # Another run on the same source reuses the cache; after the source changes, it converts again.
+    train(str(tmp_path / "two"), 1, ["--load", hf_dir, "--save", str(tmp_path / "save2"), "--hf-cache-dir", cache,
+                                     *FLAGS], config=config)
+    assert f"reusing the conversion of {hf_dir} in {cache}" in _log(tmp_path / "two")
+    shard = next(os.path.join(hf_dir, n) for n in sorted(os.listdir(hf_dir)) if n.endswith(".safetensors"))
+    os.utime(shard, ns=(os.stat(shard).st_atime_ns, os.stat(shard).st_mtime_ns + 10**9))
+    # ... into the same --save: it resumes from its own checkpoint instead (iteration 2 -> 3).
+    again = train(str(tmp_path / "three"), 1, ["--load", hf_dir, "--save", str(tmp_path / "save2"), "--hf-cache-dir",
+                                               cache, *FLAGS, "--train-iters", "3", "--override-opt_param-scheduler"],
+                  config=config)
+    assert [r["iteration"] for r in again] == [3]
+    assert f"resuming from the newest checkpoint in {tmp_path / 'save2'}" in _log(tmp_path / "three")
+    train(str(tmp_path / "four"), 1, ["--load", hf_dir, "--save", str(tmp_path / "save4"), "--hf-cache-dir", cache,
+                                      *FLAGS], config=config)
+    assert f"{hf_dir} changed since its conversion in {cache}: converted it again" in _log(tmp_path / "four")
