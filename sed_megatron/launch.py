@@ -20,8 +20,6 @@ import sys
 import time
 import traceback
 
-from .utils import free_port
-
 _ENV = {"TORCHDYNAMO_DISABLE": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -34,7 +32,8 @@ class StepFailed(RuntimeError):
 
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-                      "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+                      "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE",
+                      "TORCHELASTIC_RESTART_COUNT")
 OUTSIDE_THE_WORLD = dict.fromkeys(TORCHRUN_VARIABLES)
 """run_isolated's env for a one-process step started from a rank: the rank's world variables removed."""
 
@@ -96,8 +95,10 @@ def run_isolated(fn, *args, env=None, timeout=600, log=None, **kwargs):
 def torchrun(module, argv, nproc=1, log=None, timeout=None, env=None):
     """`torchrun --nproc_per_node nproc -m module argv` from the current directory; StepFailed
     (naming the log, with its tail) if it exits non-zero. Output goes to `log` (default: inherited)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), "-m", module, *map(str, argv)]
+    # --standalone: the agent's store takes a port the system picks (a port found free and bound
+    # later can be taken in between).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", module,
+           *map(str, argv)]
     full_env = {**os.environ, **_ENV, **(env or {})}
     if log is None:
         returncode = subprocess.run(cmd, env=full_env, timeout=timeout).returncode
@@ -133,18 +134,29 @@ def local_world_size(model_parallel, device, gpu_count=0):
                   f"data-parallel replicas), {gpu_count - used} GPU(s) idle")
 
 
+def world_store(nproc):
+    """(a store server, the variables of a world of nproc local ranks that use it): as torchrun's
+    agent does, the launcher holds the store on a port the system picked, and every rank (rank 0
+    too) connects to it. Keep the store alive while the ranks run."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False)
+    return store, {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+                   "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0"}
+
+
 def spawn_workers(module, argv, nproc, env=None):
     """Run `python -m module argv` as nproc ranks of one torch.distributed world (RANK, WORLD_SIZE,
     MASTER_ADDR, ... set as torchrun would), their output passed through; the first non-zero exit
     code (the rest are stopped), else 0. A tool started without torchrun launches itself this way.
     env: the ranks' extra environment (an entry point passes its Runtime's `launch_env()`);
     default: the CPU one (eager mode, one thread per rank)."""
-    port = str(free_port())
     extra = _ENV if env is None else env
+    store, world = world_store(nproc)
     procs = []
     for rank in range(nproc):
-        rank_env = {**os.environ, **extra, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-                    "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        rank_env = {**os.environ, **extra, **world, "RANK": str(rank), "LOCAL_RANK": str(rank)}
         procs.append(subprocess.Popen([sys.executable, "-m", module, *map(str, argv)], env=rank_env))
     code = 0
     try:

@@ -2,7 +2,6 @@
 
 import contextlib
 import os
-import socket
 import sys
 
 
@@ -69,8 +68,6 @@ def quiet_stdout(enabled=True):
         yield
 
 
-def free_port():
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+ONE_PROCESS_WORLD = "tcp://127.0.0.1:0"
+"""init_method of a torch.distributed world of one process: its store binds a port the system
+picks (a port found free and bound later can be taken in between; no other process connects)."""

@@ -18,7 +18,7 @@ import contextlib
 import os
 import sys
 
-from sed_megatron.utils import UsageError
+from sed_megatron.utils import ONE_PROCESS_WORLD, UsageError
 from sed_megatron.utils import fail as _fail
 
 
@@ -207,10 +207,8 @@ def _assertion_text(err):
 
 def single_process_env():
     """A torch.distributed world of one process for the converters, unless torchrun set one up."""
-    from sed_megatron.utils import free_port
-
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if "RANK" not in os.environ:  # port 0: its store binds a port the system picks (no one else connects)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     elif os.environ.get("WORLD_SIZE", "1") != "1":
         raise UsageError("run the converter as a single process (no torchrun with several processes)")
 
@@ -222,13 +220,11 @@ def single_process_model_parallel():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from sed_megatron.utils import free_port
-
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise UsageError("run the converter as a single process (no torchrun with several processes)")
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=ONE_PROCESS_WORLD, rank=0, world_size=1)
     try:
         parallel_state.initialize_model_parallel(1, 1)
         yield

@@ -23,8 +23,6 @@ import queue as queue_module
 import time
 import traceback
 
-from sed_megatron.utils import free_port
-
 _POOLS = {}  # (world size, device, environment) -> _Pool
 
 
@@ -67,8 +65,8 @@ def _serve(rank, world_size, port, tasks, results, device):
     else:  # NCCL, one GPU per rank, torch untouched
         torch.cuda.set_device(rank % torch.cuda.device_count())
     fresh_seed = torch.initial_seed()  # what the default generator starts from in a new process
-    dist.init_process_group("gloo" if device == "cpu" else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size)
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)  # the parent's: see _Pool
+    dist.init_process_group("gloo" if device == "cpu" else "nccl", store=store, rank=rank, world_size=world_size)
     from megatron.core import parallel_state
 
     while True:
@@ -101,9 +99,13 @@ class _Pool:
         self.world_size = world_size
         self.tasks = [context.SimpleQueue() for _ in range(world_size)]
         self.results = context.Queue()
-        port = free_port()
-        self.processes = [context.Process(target=_serve, args=(rank, world_size, port, self.tasks[rank], self.results,
-                                                               device), daemon=True) for rank in range(world_size)]
+        # The parent holds the world's store, on a port the system picked and kept: a port chosen
+        # free and bound later by a rank can be taken in between by another test's process.
+        import torch.distributed as dist
+
+        self.store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+        self.processes = [context.Process(target=_serve, daemon=True, args=(
+            rank, world_size, self.store.port, self.tasks[rank], self.results, device)) for rank in range(world_size)]
         saved = dict(os.environ)
         os.environ.update(env)  # read at import in the ranks (TRITON_INTERPRET): they start with it
         try:

@@ -189,16 +189,14 @@ def run(target, argv, env=None, cwd=None, log=os.devnull, nproc=1, timeout=600, 
     """`python -m target argv` (`python target argv` for a .py path) as nproc ranks of one world
     (torchrun's variables; for nproc 1 only with world=True), output appended to log (stderr to `stderr` if given);
     the first non-zero exit code, else 0 (subprocess.TimeoutExpired after timeout)."""
-    from sed_megatron.utils import free_port
+    from sed_megatron.launch import world_store
 
     env = dict(os.environ if env is None else env)
     cwd = os.getcwd() if cwd is None else cwd
-    ranks = [env]
+    ranks, store = [env], None
     if nproc > 1 or world:
-        port = str(free_port())
-        ranks = [{**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-                  "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-                 for rank in range(nproc)]
+        store, world_env = world_store(nproc)  # held here until the ranks are done
+        ranks = [{**env, **world_env, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(nproc)]
     if os.environ.get("SED_MEGATRON_TESTS_NO_FORK") == "1" and not isinstance(target, tuple):
         return _subprocess(target, argv, ranks, cwd, log, stderr, timeout)
     connection = _connection({name: env[name] for name in IMPORT_TIME_ENV if name in env})

@@ -180,10 +180,10 @@ def run_one(method, shape, dtype_name, repeats, warmup, chunk_size, device, kind
 def _child(args):
     device = torch.device(args.device)
     if args.method == "megatron_ce" or (args.method == "materialized" and device.type == "cuda"):
-        from sed_megatron.utils import free_port
+        from sed_megatron.utils import ONE_PROCESS_WORLD
 
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
-                                             init_method=f"tcp://127.0.0.1:{free_port()}")
+                                             init_method=ONE_PROCESS_WORLD)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     row = run_one(args.method, args.shape, args.dtype, args.repeats, args.warmup, args.chunk_size, device, args.kind)

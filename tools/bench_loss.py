@@ -35,7 +35,7 @@ import time
 import torch
 
 from sed_megatron.testing.memory import PeakMemory
-from sed_megatron.utils import free_port
+from sed_megatron.utils import ONE_PROCESS_WORLD
 
 METHODS = ("megatron_ce", "ce", "dft", "sed", "gem", "sed_copy", "sed_entropy", "published_sed")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -117,7 +117,7 @@ def _child(args):
     device = torch.device(args.device)
     if args.method == "megatron_ce":
         torch.distributed.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", init_method="tcp://127.0.0.1:%d" % args.port, rank=0, world_size=1
+            "nccl" if device.type == "cuda" else "gloo", init_method=ONE_PROCESS_WORLD, rank=0, world_size=1
         )
     print(json.dumps(run_one(args.method, args.shape, args.dtype, args.repeats, device)))
 
@@ -162,7 +162,6 @@ def main():
     parser.add_argument("--method", help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, help="time only: the methods in turns in one process, ROUNDS rounds")
     args = parser.parse_args()
     if args.method:
@@ -171,7 +170,7 @@ def main():
         device = torch.device(args.device)
         if "megatron_ce" in args.methods:
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
-                                                 init_method="tcp://127.0.0.1:%d" % free_port())
+                                                 init_method=ONE_PROCESS_WORLD)
         print("| logits shape | dtype | method | fwd+bwd ms (median) | time / Megatron CE (median of the rounds) |")
         print("|---|---|---|---:|---:|")
         for shape in args.shapes:
@@ -184,8 +183,7 @@ def main():
         for dtype in args.dtypes:
             for method in args.methods:
                 cmd = [sys.executable, os.path.abspath(__file__), "--method", method, "--shape", shape,
-                       "--dtype", dtype, "--repeats", str(args.repeats), "--device", args.device,
-                       "--port", str(free_port())]
+                       "--dtype", dtype, "--repeats", str(args.repeats), "--device", args.device]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
                     sys.exit(f"bench_loss: {method} {shape} {dtype} failed:\n{out.stderr[-3000:]}")

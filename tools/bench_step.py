@@ -51,10 +51,10 @@ def one_process_world():
     from megatron.core import parallel_state
 
     from sed_megatron.runtime import prepare
-    from sed_megatron.utils import free_port
+    from sed_megatron.utils import ONE_PROCESS_WORLD
 
     runtime = prepare(training=False)
-    torch.distributed.init_process_group(runtime.backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+    torch.distributed.init_process_group(runtime.backend, init_method=ONE_PROCESS_WORLD,
                                          rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
     return torch.device(runtime.device)

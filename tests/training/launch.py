@@ -12,8 +12,6 @@ import time
 
 import pytest
 
-from sed_megatron.utils import free_port
-
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "examples", "tiny_cpu.yaml")
 # The tiny example for tests: every iteration logged, no evaluation, constant LR.
@@ -24,9 +22,7 @@ TEST_FLAGS = ["--log-interval", "1", "--eval-iters", "0", "--save-interval", "10
 def _command(nproc, flags, config, torchrun=False):
     if nproc == 1 and not torchrun:  # the flags must say TP x PP x CP = 1, or the entry point starts more
         return [sys.executable, "-m", "sed_megatron.train", "--config", config, *TEST_FLAGS, *flags]
-    return [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", str(nproc), "--master_port",
-            str(free_port()),
-            "-m", "sed_megatron.train", "--config", config, *TEST_FLAGS, *flags]
+    return [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", str(nproc), "--standalone", "-m", "sed_megatron.train", "--config", config, *TEST_FLAGS, *flags]
 
 
 def _env():

@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-from sed_megatron.utils import free_port
-
 from .launch import REPO, TINY, _env, read_metrics, train
 
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_driver.py")
@@ -24,7 +22,7 @@ def kill_during_save(tmp_path, phase, save, load):
     """The driver: train to iteration 4 (from `load` if given), SIGKILLed during the save of 4."""
     metrics = tmp_path / f"metrics_{phase}.jsonl"
     env = {**_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "SED_MEGATRON_DEVICE": "cpu"}
+           "MASTER_PORT": "0", "SED_MEGATRON_DEVICE": "cpu"}
     out = subprocess.run([sys.executable, DRIVER, phase, "4", "--", *FLAGS, "--save", save, "--metrics-file",
                           str(metrics), *(["--load", load] if load else [])],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
@@ -57,8 +55,7 @@ def test_a_failing_save_stops_in_one_line(tmp_path):
     save = tmp_path / "ckpt"
     save.mkdir()
     (save / "iter_0000004").write_text("in the way")  # the save of iteration 4 cannot make its directory
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "1", "--master_port",
-           str(free_port()), "-m", "sed_megatron.train", *FLAGS, "--save", str(save)]
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "1", "--standalone", "-m", "sed_megatron.train", *FLAGS, "--save", str(save)]
     out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode != 0
     errors = [line for line in out.stderr.splitlines() if "sed_megatron.train: error:" in line]
