@@ -22,7 +22,13 @@ import subprocess
 import sys
 
 PRELOAD = ("sed_megatron.train", "sed_megatron.cli.calibrate_tau", "sed_megatron.cli.compare_hf_mcore",
-           "sed_megatron.cli.convert_hf_to_mcore", "sed_megatron.cli.convert_mcore_to_hf", "transformers")
+           "sed_megatron.cli.convert_hf_to_mcore", "sed_megatron.cli.convert_mcore_to_hf", "transformers",
+           # What they import inside functions, on first use (~1,800 modules, 1.5-2.5 s a child):
+           "sed_megatron.convert.hf_to_mcore", "sed_megatron.convert.mcore_to_hf", "sed_megatron.training.provider",
+           "megatron.training.training", "megatron.training.checkpointing", "megatron.training.initialize",
+           "megatron.core.models.gpt.gpt_layer_specs", "megatron.core.dist_checkpointing.serialization",
+           "megatron.core.tokenizers", "torch.distributed.checkpoint", "torch.distributed.tensor", "torch._dynamo",
+           "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto")
 IMPORT_TIME_ENV = ("TORCHDYNAMO_DISABLE", "OMP_NUM_THREADS", "CUDA_DEVICE_MAX_CONNECTIONS", "TRITON_INTERPRET",
                    "PYTHONPATH", "CUDA_VISIBLE_DEVICES")
 """Variables read when the preloaded modules are imported: a request that sets them otherwise than

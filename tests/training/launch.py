@@ -22,7 +22,8 @@ TEST_FLAGS = ["--log-interval", "1", "--eval-iters", "0", "--save-interval", "10
 def _command(nproc, flags, config, torchrun=False):
     if nproc == 1 and not torchrun:  # the flags must say TP x PP x CP = 1, or the entry point starts more
         return [sys.executable, "-m", "sed_megatron.train", "--config", config, *TEST_FLAGS, *flags]
-    return [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", str(nproc), "--standalone", "-m", "sed_megatron.train", "--config", config, *TEST_FLAGS, *flags]
+    return [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", str(nproc), "--standalone",
+            "-m", "sed_megatron.train", "--config", config, *TEST_FLAGS, *flags]
 
 
 def _env():

@@ -19,14 +19,16 @@ def tracker(save):
 
 
 def kill_during_save(tmp_path, phase, save, load):
-    """The driver: train to iteration 4 (from `load` if given), SIGKILLed during the save of 4."""
+    """The driver: train to iteration 4 (from `load` if given), SIGKILLed during the save of 4
+    (forked by tests/warm.py in a session of its own, whose group the driver kills)."""
+    from tests import warm
+
     metrics = tmp_path / f"metrics_{phase}.jsonl"
-    env = {**_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": "0", "SED_MEGATRON_DEVICE": "cpu"}
-    out = subprocess.run([sys.executable, DRIVER, phase, "4", "--", *FLAGS, "--save", save, "--metrics-file",
-                          str(metrics), *(["--load", load] if load else [])],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
-    assert out.returncode == -9, out.stderr[-3000:]
+    log = tmp_path / f"driver_{phase}.log"
+    code = warm.run(DRIVER, [phase, "4", "--", *FLAGS, "--save", save, "--metrics-file", str(metrics),
+                             *(["--load", load] if load else [])],
+                    env={**_env(), "SED_MEGATRON_DEVICE": "cpu"}, cwd=REPO, log=str(log), world=True)
+    assert code == -9, log.read_text()[-3000:]
     return [r["iteration"] for r in read_metrics(str(metrics))]
 
 
@@ -55,7 +57,8 @@ def test_a_failing_save_stops_in_one_line(tmp_path):
     save = tmp_path / "ckpt"
     save.mkdir()
     (save / "iter_0000004").write_text("in the way")  # the save of iteration 4 cannot make its directory
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "1", "--standalone", "-m", "sed_megatron.train", *FLAGS, "--save", str(save)]
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "1", "--standalone", "-m",
+           "sed_megatron.train", *FLAGS, "--save", str(save)]
     out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode != 0
     errors = [line for line in out.stderr.splitlines() if "sed_megatron.train: error:" in line]

@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from sed_megatron.convert.hf_cache import cached_source, converted_checkpoint, source_of
+
 from ..convert.common import save_hf, tensors, to_hf, to_mcore, training_config
 from .launch import train
 
@@ -45,18 +47,17 @@ def test_hf_model_in_hf_model_out(tmp_path):
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
     assert any(not torch.equal(ours[n], t) for n, t in tensors(hf_dir).items())  # it trained
 
-    # Another run on the same source reuses the cache; after the source changes, it converts again.
-    train(str(tmp_path / "two"), 1, ["--load", hf_dir, "--save", str(tmp_path / "save2"), "--hf-cache-dir", cache,
-                                     *FLAGS], config=config)
-    assert f"reusing the conversion of {hf_dir} in {cache}" in _log(tmp_path / "two")
-    shard = next(os.path.join(hf_dir, n) for n in sorted(os.listdir(hf_dir)) if n.endswith(".safetensors"))
-    os.utime(shard, ns=(os.stat(shard).st_atime_ns, os.stat(shard).st_mtime_ns + 10**9))
-    # ... into the same --save: it resumes from its own checkpoint instead (iteration 2 -> 3).
-    again = train(str(tmp_path / "three"), 1, ["--load", hf_dir, "--save", str(tmp_path / "save2"), "--hf-cache-dir",
+    # Into the same --save: it resumes from its own checkpoint instead (iteration 2 -> 3).
+    again = train(str(tmp_path / "again"), 1, ["--load", hf_dir, "--save", str(tmp_path / "save"), "--hf-cache-dir",
                                                cache, *FLAGS, "--train-iters", "3", "--override-opt_param-scheduler"],
                   config=config)
     assert [r["iteration"] for r in again] == [3]
-    assert f"resuming from the newest checkpoint in {tmp_path / 'save2'}" in _log(tmp_path / "three")
-    train(str(tmp_path / "four"), 1, ["--load", hf_dir, "--save", str(tmp_path / "save4"), "--hf-cache-dir", cache,
-                                      *FLAGS], config=config)
-    assert f"{hf_dir} changed since its conversion in {cache}: converted it again" in _log(tmp_path / "four")
+    assert f"resuming from the newest checkpoint in {tmp_path / 'save'}" in _log(tmp_path / "again")
+
+    # The cache: reused while the source is unchanged; after a weight file changes, converted again.
+    assert converted_checkpoint(hf_dir, cache) == (cache, f"reusing the conversion of {hf_dir} in {cache}")
+    shard = next(os.path.join(hf_dir, n) for n in sorted(os.listdir(hf_dir)) if n.endswith(".safetensors"))
+    os.utime(shard, ns=(os.stat(shard).st_atime_ns, os.stat(shard).st_mtime_ns + 10**9))
+    assert converted_checkpoint(hf_dir, cache) == (cache, f"{hf_dir} changed since its conversion in {cache}: "
+                                                          f"converted it again")
+    assert cached_source(cache) == source_of(hf_dir)
