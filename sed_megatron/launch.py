@@ -94,12 +94,18 @@ def run_isolated(fn, *args, env=None, timeout=600, log=None, **kwargs):
 
 def torchrun(module, argv, nproc=1, log=None, timeout=None, env=None):
     """`torchrun --nproc_per_node nproc -m module argv` from the current directory; StepFailed
-    (naming the log, with its tail) if it exits non-zero. Output goes to `log` (default: inherited)."""
-    # --standalone: the agent's store takes a port the system picks (a port found free and bound
-    # later can be taken in between).
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", module,
-           *map(str, argv)]
+    (naming the log, with its tail) if it exits non-zero. Output goes to `log` (default: inherited).
+    One rank starts without torchrun's agent (a process less to start), with the variables the
+    agent would give it."""
     full_env = {**os.environ, **_ENV, **(env or {})}
+    store = None
+    if nproc == 1:
+        store, world = world_store(1)  # held here while the rank runs
+        full_env.update(world, RANK="0", LOCAL_RANK="0")
+        cmd = [sys.executable, "-m", module, *map(str, argv)]
+    else:  # --standalone: the agent's store takes a port the system picks
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m",
+               module, *map(str, argv)]
     if log is None:
         returncode = subprocess.run(cmd, env=full_env, timeout=timeout).returncode
     else:

@@ -19,7 +19,7 @@ from sed_megatron.testing.tiny_hf import tiny_hf_model
 from ..training.launch import train
 from .common import compare_job, convert_job, run_batch, save_hf, training_config
 
-LAYOUTS = {"llama_gqa_untied": [(1, 1), (2, 1), (1, 2)], "llama_gqa_tied": [(2, 1)], "qwen2_bias": [(2, 1)],
+LAYOUTS = {"llama_gqa_untied": [(2, 1), (1, 2)], "llama_gqa_tied": [(2, 1)], "qwen2_bias": [(2, 1)],
            "llama_rope_scaling": [(2, 1)]}
 
 
@@ -73,19 +73,17 @@ def test_another_model_is_told_apart(batch):
     assert not result.ok and result.max_abs_logit_diff > 1e-2, result
 
 
-def test_training_loads_the_converted_checkpoint_at_any_layout(batch, tmp_path):
+def test_training_loads_the_converted_checkpoint_at_another_layout(batch, tmp_path):
+    """Converted at TP=PP=1, trained at PP=2 (TP / PP / DP parity of training: tests/training/test_train.py)."""
     _, ckpt = batch["where"]["llama_gqa_untied"]
-    flags = ["--load", ckpt, "--finetune", "--no-load-optim", "--no-load-rng", "--train-iters", "2", "--save", "",
-             "--sed-tau", "0.05", "--sft-num-samples", "16"]
-    first = {}
-    for name, nproc, layout in (("tp1", 1, ["--tensor-model-parallel-size", "1"]),
-                                ("pp2", 2, ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"])):
-        records = train(str(tmp_path / name), nproc, flags + layout, config=training_config(tmp_path))
-        first[name] = records[0]["ce_loss"]
-    # The same weights at both layouts: the same loss up to the reduction order.
-    assert first["pp2"] == pytest.approx(first["tp1"], rel=1e-5)
-    # The converted random model: CE near log(120) = 4.79 over the real vocabulary, not log(1024).
-    assert 4.5 < first["tp1"] < 5.1
+    records = train(str(tmp_path / "pp2"), 2, ["--load", ckpt, "--finetune", "--no-load-optim", "--no-load-rng",
+                                               "--train-iters", "2", "--save", "", "--sed-tau", "0.05",
+                                               "--sft-num-samples", "16", "--tensor-model-parallel-size", "1",
+                                               "--pipeline-model-parallel-size", "2"],
+                    config=training_config(tmp_path))
+    # The converted random model: CE near log(120) = 4.79 over the real vocabulary, not log(1024)
+    # (a wrong mapping or padded rows that take probability mass are far from it).
+    assert 4.5 < records[0]["ce_loss"] < 5.1
 
 
 def _copy(hf_dir, target):
