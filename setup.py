@@ -8,6 +8,7 @@ RL_REQUIRES = ["trl>=1.15", "pyarrow"]
 GGUF_REQUIRES = ["gguf>=0.10", "accelerate"]
 # tests/lora: the exported adapter is loaded with PEFT, as users load it.
 LORA_REQUIRES = ["peft>=0.15"]
+DATA_REQUIRES = ["datasets>=3", "pyarrow>=15"]  # saved datasets (save_to_disk) and parquet input
 
 setup(
     name="sed_megatron",
@@ -49,6 +50,7 @@ setup(
         # tests/examples/test_rl.py runs 2 GRPO steps with TRL; tests/convert/test_gguf_to_hf.py writes GGUF files;
         # tools/gpu_check.sh gives each GPU test a timeout (pytest-timeout)
         "lora": LORA_REQUIRES,
-        "test": ["pytest", "pytest-timeout", *RL_REQUIRES, *GGUF_REQUIRES, *LORA_REQUIRES],
+        "data": DATA_REQUIRES,
+        "test": ["pytest", "pytest-timeout", *RL_REQUIRES, *GGUF_REQUIRES, *LORA_REQUIRES, *DATA_REQUIRES],
     },
 )

@@ -78,6 +78,16 @@ def _tiny_model(**model):
     return _yaml_edit(model={**base, **model})
 
 
+def _parquet(rows):
+    """A parquet file's bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    return buffer.getvalue()
+
+
 def cases():
     train = "train"
     two = {"WORLD_SIZE": "2"}
@@ -214,6 +224,29 @@ def cases():
                                                                   "--output-prefix", "{tmp}/ds", "--vocab-size", "5"],
              r"--vocab-size 5 is smaller than the tokenizer's", output="{tmp}/ds.bin",
              files={"in.jsonl": CHAT + "\n"}),
+        Case("preprocess", "parquet row without a schema's fields", ["--input", "{tmp}/in.parquet", "--tokenizer",
+                                                                     "{tok}", "--output-prefix", "{tmp}/ds"],
+             r"in\.parquet: row 1: no schema's fields \(it has 'question', 'answer'", output="{tmp}/ds.bin",
+             files={"in.parquet": _parquet([{"question": "hi", "answer": "hello"}])}),
+        Case("preprocess", "ShareGPT turn from an unknown speaker", ["--input", "{tmp}/in.parquet", "--tokenizer",
+                                                                    "{tok}", "--output-prefix", "{tmp}/ds"],
+             r"in\.parquet: row 1: message 1: unknown role 'robot'", output="{tmp}/ds.bin",
+             files={"in.parquet": _parquet([{"conversations": [{"from": "human", "value": "hi"},
+                                                               {"from": "robot", "value": "hello"}]}])}),
+        Case("preprocess", "reasoning field beside an assistant turn", ["--input", "{tmp}/in.jsonl", "--tokenizer",
+                                                                        "{tok}", "--output-prefix", "{tmp}/ds"],
+             r"in\.jsonl:1: message 1: a 'reasoning_content' field, which would not be trained on",
+             output="{tmp}/ds.bin", files={"in.jsonl": json.dumps({"messages": [
+                 {"role": "user", "content": "hello"},
+                 {"role": "assistant", "content": "hi", "reasoning_content": "there"}]}) + "\n"}),
+        Case("preprocess", "directory without shards", ["--input", "{tmp}/shards", "--tokenizer", "{tok}",
+                                                        "--output-prefix", "{tmp}/ds"],
+             r"shards: a directory without \.jsonl or \.parquet files", output="{tmp}/ds.bin",
+             files={"shards/README.md": "no data here"}),
+        Case("preprocess", "hf:NAME not in the local cache", ["--input", "hf:sed-megatron-tests/absent", "--tokenizer",
+                                                              "{tok}", "--output-prefix", "{tmp}/ds"],
+             r"--input hf:sed-megatron-tests/absent: not in the local Hugging Face cache \(no network is used",
+             output="{tmp}/ds.bin"),
         Case("import", "no config.json", ["--hf-dir", "{tmp}", "--save", "{tmp}/out"], r"no config\.json",
              output="{tmp}/out"),
         Case("import", "unsupported model_type", ["--hf-dir", "{tmp}/gpt2", "--save", "{tmp}/out"],

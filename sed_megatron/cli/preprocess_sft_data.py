@@ -3,10 +3,15 @@
     python tools/preprocess_sft_data.py --input chats.jsonl --tokenizer HF_DIR --output-prefix data/sft --truncation skip
     python tools/preprocess_sft_data.py --input gsm8k.jsonl --prompt-key question --response-key answer \\
         --tokenizer HF_DIR --output-prefix data/gsm8k --seq-length 1024 --workers 8
+    python tools/preprocess_sft_data.py --input data/train-00000-of-00004.parquet ...   # or the shards' directory
 
-Input: JSON lines with a `messages` list ({"role": system|user|assistant|tool, "content": ...};
-every assistant turn carries loss) or prompt/response fields (names configurable), tokenized
-with the tokenizer's chat template. Writes PREFIX.bin/.idx (tokens) and
+Input (--input): a JSON-lines file, a parquet file, a directory of .jsonl / .parquet shards, a
+dataset saved with `datasets` (DIR or DIR:SPLIT), or one in the local Hugging Face cache
+(hf:NAME[:SPLIT], no network). Schemas (--schema, detected per row by default and stated):
+messages ({"role": system|user|assistant|tool, "content": ...}; every assistant turn carries
+loss), sharegpt (`conversations` with from/value: human, gpt, system, ...), prompt_response
+(--prompt-key / --response-key), alpaca (instruction / input / output); tokenized with the
+tokenizer's chat template. Writes PREFIX.bin/.idx (tokens) and
 PREFIX_loss_mask.bin/.idx. Bad input stops with one line naming file and line (or, with
 --skip-bad, is counted and reported); a failure leaves no file at PREFIX. By default samples of
 up to 32,000 tokens are kept, as the paper's data were. At the end one line on stderr gives the
@@ -18,12 +23,13 @@ import argparse
 import json
 import sys
 
+from sed_megatron.data.schemas import SCHEMAS
 from sed_megatron.data.sft_preprocess import (
-    FORMATS,
     PAPER_MAX_SAMPLE_TOKENS,
     TRUNCATION,
     PreprocessConfig,
     preprocess,
+    schema_line,
     skip_report,
     summary_line,
 )
@@ -36,7 +42,9 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog=PROG, **help_sections(__doc__),
                                      usage="%(prog)s --input FILE --tokenizer DIR --output-prefix PREFIX [options]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="JSONL file")
+    parser.add_argument("--input", required=True,
+                        help="a .jsonl or .parquet file, a directory of shards, a saved dataset (DIR[:SPLIT]) or "
+                             "hf:NAME[:SPLIT] (the local Hugging Face cache)")
     parser.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory (with its chat template)")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx and PREFIX_loss_mask.bin/.idx")
     parser.add_argument("--seq-length", type=int, default=PAPER_MAX_SAMPLE_TOKENS - 1,
@@ -44,8 +52,10 @@ def parse_args(argv):
                              f"{PAPER_MAX_SAMPLE_TOKENS} tokens, the paper's; 0: no limit)")
     parser.add_argument("--truncation", choices=TRUNCATION, default="error",
                         help="longer samples: error (default), skip (counted), truncate (cut the end)")
-    parser.add_argument("--format", choices=FORMATS, default="auto", help="auto: chat when the messages field is present")
+    parser.add_argument("--schema", choices=SCHEMAS, default="auto",
+                        help="auto (default): each row by the first schema whose field it has, in the order listed")
     parser.add_argument("--messages-key", default="messages")
+    parser.add_argument("--conversations-key", default="conversations", help="ShareGPT's list of turns")
     parser.add_argument("--prompt-key", default="prompt")
     parser.add_argument("--response-key", default="response")
     parser.add_argument("--system-key", default=None)
@@ -65,13 +75,15 @@ def main(argv=None):
         cfg = PreprocessConfig(
             input=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
             seq_length=args.seq_length or None,
-            format=args.format, messages_key=args.messages_key, prompt_key=args.prompt_key,
+            schema=args.schema, messages_key=args.messages_key, conversations_key=args.conversations_key,
+            prompt_key=args.prompt_key,
             response_key=args.response_key, system_key=args.system_key, use_chat_template=not args.no_chat_template,
             truncation=args.truncation, skip_bad=args.skip_bad, vocab_size=args.vocab_size, workers=args.workers,
         )
         summary = preprocess(cfg, progress=not args.quiet and sys.stderr.isatty())
     except ValueError as err:
         fail(err, PROG)
+    print(f"{PROG}: {schema_line(summary, args.schema)}", file=sys.stderr)
     print(f"{PROG}: {summary_line(summary)}", file=sys.stderr)
     for line in skip_report(summary):
         print(f"{PROG}:   {line}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Chat or prompt/response JSONL -> Megatron indexed dataset of tokens and assistant-only loss masks.
+"""SFT data (data/sources.py: JSON lines, parquet, shards, saved datasets; data/schemas.py: messages,
+ShareGPT, prompt/response, alpaca) -> Megatron indexed dataset of tokens and assistant-only loss masks.
 
 Each sample becomes one document in two parallel indexed datasets:
     PREFIX.bin / PREFIX.idx                      token ids
@@ -16,24 +17,13 @@ import math
 import os
 from dataclasses import dataclass
 
-ROLES = ("system", "user", "assistant", "tool")
+from .schemas import SCHEMAS, Fields, SampleError, to_messages
+from .sources import open_source, where
+
 TRUNCATION = ("error", "skip", "truncate")
 PAPER_MAX_SAMPLE_TOKENS = 32000
 """The published SED-SFT data kept samples of up to 32,000 tokens (MAX_SEQ_LENGTH) and trained
 them whole; the default --seq-length keeps the same samples."""
-FORMATS = ("auto", "chat", "prompt_response")
-
-
-class SampleError(ValueError):
-    """A bad sample; the message says what is wrong (the caller adds file and line).
-
-    reason: the kind of problem, the same for every sample it hits (the skipped-sample report
-    counts per reason); length: the sample's token count where it matters."""
-
-    def __init__(self, message, reason=None, length=None):
-        super().__init__(message)
-        self.reason = reason or message
-        self.length = length
 
 
 @dataclass(frozen=True)
@@ -44,9 +34,10 @@ class PreprocessConfig:
     seq_length: int | None = PAPER_MAX_SAMPLE_TOKENS - 1
     """Samples longer than seq_length + 1 tokens follow `truncation` (default: samples of up to
     32,000 tokens, the paper's); None: no limit."""
-    format: str = "auto"
-    """chat (a `messages` list), prompt_response (two text fields), or auto (chat if present)."""
+    schema: str = "auto"
+    """One of schemas.SCHEMAS; auto: each row by the first schema whose field it has."""
     messages_key: str = "messages"
+    conversations_key: str = "conversations"
     prompt_key: str = "prompt"
     response_key: str = "response"
     system_key: str | None = None
@@ -60,9 +51,14 @@ class PreprocessConfig:
     """The model's vocabulary size; ids at or above it are errors (default: the tokenizer's)."""
     workers: int = 1
 
+    @property
+    def fields(self):
+        return Fields(messages=self.messages_key, conversations=self.conversations_key, prompt=self.prompt_key,
+                      response=self.response_key, system=self.system_key)
+
     def __post_init__(self):
-        if self.format not in FORMATS:
-            raise ValueError(f"--format: unknown format {self.format!r}; expected one of {FORMATS}")
+        if self.schema not in SCHEMAS:
+            raise ValueError(f"--schema: unknown schema {self.schema!r}; expected one of {', '.join(SCHEMAS)}")
         if self.truncation not in TRUNCATION:
             raise ValueError(f"--truncation: unknown policy {self.truncation!r}; expected one of {TRUNCATION}")
         if self.seq_length is not None and self.seq_length < 1:
@@ -78,48 +74,6 @@ def load_tokenizer(path):
         return AutoTokenizer.from_pretrained(path)
     except Exception as err:  # transformers raises many kinds; one line names the directory
         raise ValueError(f"{path}: cannot load a Hugging Face tokenizer ({type(err).__name__}: {err})") from None
-
-
-def _text(record, key, what):
-    if key not in record:
-        raise SampleError(f"missing field {key!r}")
-    value = record[key]
-    if not isinstance(value, str):
-        raise SampleError(f"field {key!r} ({what}) must be a string, got {type(value).__name__}")
-    return value
-
-
-def record_to_messages(record, cfg: PreprocessConfig):
-    """The chat of one JSON record, validated."""
-    if not isinstance(record, dict):
-        raise SampleError(f"a sample must be a JSON object, got {type(record).__name__}")
-    chat = cfg.format == "chat" or (cfg.format == "auto" and cfg.messages_key in record)
-    if chat:
-        messages = record.get(cfg.messages_key)
-        if not isinstance(messages, list) or not messages:
-            raise SampleError(f"field {cfg.messages_key!r} must be a non-empty list of messages")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise SampleError(f"message {i} must be an object with 'role' and 'content'",
-                                  "a message without 'role' and 'content'")
-            if message["role"] not in ROLES:
-                raise SampleError(f"message {i}: unknown role {message['role']!r} (known: {', '.join(ROLES)})",
-                                  "unknown role")
-            if not isinstance(message["content"], str):
-                raise SampleError(f"message {i}: content must be a string", "content that is not a string")
-            if message["role"] == "assistant" and not message["content"].strip():
-                raise SampleError(f"message {i}: empty assistant response", "empty assistant response")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise SampleError("no assistant message: nothing to learn")
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
-    prompt = _text(record, cfg.prompt_key, "prompt")
-    response = _text(record, cfg.response_key, "response")
-    if not response.strip():
-        raise SampleError(f"empty response in field {cfg.response_key!r}")
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    if cfg.system_key and record.get(cfg.system_key):
-        messages.insert(0, {"role": "system", "content": _text(record, cfg.system_key, "system")})
-    return messages
 
 
 def _render(tokenizer, messages, add_generation_prompt):
@@ -172,21 +126,30 @@ def tokenize_plain(tokenizer, messages):
     return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
 
 
-def process_line(tokenizer, cfg: PreprocessConfig, raw):
-    """One JSONL line (bytes) -> (ids, mask), None for a blank line; raises SampleError."""
+def _record(payload):
+    """The row itself, or a JSON line parsed (None for a blank line)."""
+    if not isinstance(payload, (bytes, bytearray)):
+        return payload
     try:
-        text = raw.decode("utf-8")
+        text = payload.decode("utf-8")
     except UnicodeDecodeError as err:
         raise SampleError(f"not valid UTF-8 (byte {err.start})", "not valid UTF-8") from None
     if not text.strip():
         return None
     try:
-        record = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise SampleError(f"malformed JSON: {err.msg} (column {err.colno})", "malformed JSON") from None
-    messages = record_to_messages(record, cfg)
-    is_chat = cfg.format == "chat" or (cfg.format == "auto" and cfg.messages_key in record)
-    if is_chat or cfg.use_chat_template:
+
+
+def process_record(tokenizer, cfg: PreprocessConfig, payload):
+    """One row (a dict, or a JSON line's bytes) -> (ids, mask, schema), None for a blank line;
+    raises SampleError."""
+    record = _record(payload)
+    if record is None:
+        return None
+    messages, schema = to_messages(record, cfg.schema, cfg.fields)
+    if schema != "prompt_response" or cfg.use_chat_template:
         ids, mask = tokenize_chat(tokenizer, messages)
     else:
         ids, mask = tokenize_plain(tokenizer, messages)
@@ -203,7 +166,7 @@ def process_line(tokenizer, cfg: PreprocessConfig, raw):
                               f"longer than --seq-length + 1 = {limit} tokens", length=len(ids))
     if not any(mask):
         raise SampleError("no token carries loss")
-    return ids, mask
+    return ids, mask, schema
 
 
 _worker_state = {}
@@ -215,17 +178,10 @@ def _init_worker(cfg):
 
 
 def _process(item):
-    line_no, raw = item
     try:
-        return line_no, process_line(_worker_state["tokenizer"], _worker_state["cfg"], raw), None
+        return item, process_record(_worker_state["tokenizer"], _worker_state["cfg"], item.payload), None
     except SampleError as err:
-        return line_no, None, (str(err), err.reason, err.length)
-
-
-def _lines(path):
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            yield line_no, raw.rstrip(b"\r\n")
+        return item, None, (str(err), err.reason, err.length)
 
 
 def output_paths(prefix):
@@ -245,8 +201,7 @@ def preprocess(cfg: PreprocessConfig, progress=True):
     import torch
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    if not os.path.isfile(cfg.input):
-        raise ValueError(f"{cfg.input}: no such input file")
+    source = open_source(cfg.input)
     tokenizer = load_tokenizer(cfg.tokenizer)  # fail early, in this process
     vocab_size = cfg.vocab_size or len(tokenizer)
     if cfg.vocab_size is not None and cfg.vocab_size < len(tokenizer):
@@ -254,38 +209,40 @@ def preprocess(cfg: PreprocessConfig, progress=True):
     os.makedirs(os.path.dirname(os.path.abspath(cfg.output_prefix)), exist_ok=True)
     tmp_prefix = f"{cfg.output_prefix}.tmp-{os.getpid()}"
     tmp_paths, final_paths = output_paths(tmp_prefix), output_paths(cfg.output_prefix)
-    with open(cfg.input, "rb") as f:
-        total_lines = sum(1 for _ in f)
-    summary = {"samples": 0, "tokens": 0, "loss_tokens": 0, "skipped": 0, "skipped_lines": [], "reasons": {}}
+    summary = {"samples": 0, "tokens": 0, "loss_tokens": 0, "skipped": 0, "skipped_lines": [], "reasons": {},
+               "schemas": {}, "input": source.kind}
+    one_file = len(source.parts) == 1
     lengths = []
     try:
         tokens_out = IndexedDatasetBuilder(tmp_paths[0], dtype=DType.optimal_dtype(vocab_size))
         mask_out = IndexedDatasetBuilder(tmp_paths[2], dtype=numpy.uint8)
         if cfg.workers > 1:
             pool = multiprocessing.get_context("spawn").Pool(cfg.workers, _init_worker, (cfg,))
-            results = pool.imap(_process, _lines(cfg.input), chunksize=64)  # ordered: deterministic output
+            results = pool.imap(_process, source.items(), chunksize=64)  # ordered: deterministic output
         else:
             pool = None
             _worker_state.update(cfg=cfg, tokenizer=tokenizer)
-            results = map(_process, _lines(cfg.input))
+            results = map(_process, source.items())
         if progress:
             from tqdm import tqdm
 
-            results = tqdm(results, total=total_lines, unit=" lines", desc=os.path.basename(cfg.input))
+            results = tqdm(results, total=source.total, unit=" samples", desc=os.path.basename(cfg.input.rstrip("/")))
         try:
-            for line_no, sample, error in results:
+            for item, sample, error in results:
                 if error is not None:
                     message, reason, length = error
                     skippable = cfg.skip_bad or (cfg.truncation == "skip" and length is not None)
                     if not skippable:
-                        raise ValueError(f"{cfg.input}:{line_no}: {message}")
+                        raise ValueError(f"{where(item)}: {message}")
+                    at = item.number if one_file else where(item)
                     summary["skipped"] += 1
-                    summary["skipped_lines"].append(line_no)
-                    _count_skip(summary["reasons"], reason, line_no, length)
+                    summary["skipped_lines"].append(at)
+                    _count_skip(summary["reasons"], reason, at, length)
                     continue
                 if sample is None:
                     continue
-                ids, mask = sample
+                ids, mask, schema = sample
+                summary["schemas"][schema] = summary["schemas"].get(schema, 0) + 1
                 tokens_out.add_item(torch.tensor(ids, dtype=torch.int64))
                 tokens_out.end_document()
                 mask_out.add_item(torch.tensor(mask, dtype=torch.uint8))
@@ -344,14 +301,23 @@ def summary_line(summary):
     return f"{kept}; dropped {summary['skipped']}"
 
 
+def schema_line(summary, chosen):
+    """One line: what was read and in which schema(s), detected (auto) or chosen."""
+    counts = ", ".join(f"{name} ({count} samples)" if len(summary["schemas"]) > 1 else name
+                       for name, count in summary["schemas"].items())
+    how = "detected per row; --schema to choose" if chosen == "auto" else "--schema"
+    return f"read {summary['input']}, schema {counts} ({how})"
+
+
 def skip_report(summary):
     """One line per skip reason: the count, the length range (where it applies), the first lines."""
     lines = []
     for reason, entry in summary["reasons"].items():
         lengths = (f", {entry['min_length']}-{entry['max_length']} tokens" if entry["min_length"] is not None else "")
         more = ", ..." if entry["count"] > len(entry["first_lines"]) else ""
+        label = "lines" if all(isinstance(at, int) for at in entry["first_lines"]) else "at"
         lines.append(f"skipped {entry['count']} sample(s): {reason}{lengths} "
-                     f"(lines {', '.join(map(str, entry['first_lines']))}{more})")
+                     f"({label} {', '.join(map(str, entry['first_lines']))}{more})")
     return lines
 
 
