@@ -120,6 +120,7 @@ def main(argv=None):
     except (DeviceError, MegatronVersionError) as err:
         fail(str(err), PROG)
     argv = _load_hf_model(argv, runtime)
+    argv = _tokenize_chat_data(argv, runtime)
     if "RANK" not in os.environ:  # not under torchrun: this machine's ranks, started here
         from sed_megatron.launch import local_world_size
         from sed_megatron.training.parse import parse_flags
@@ -221,6 +222,48 @@ def _load_hf_model(argv, runtime):
         while cached_source(cache) != source:  # rank 0 converts (torchrun stops every rank if it fails)
             time.sleep(1.0)
     return [*argv, "--load", cache, "--finetune", "--no-load-optim", "--no-load-rng", *extra]
+
+
+def _tokenize_chat_data(argv, runtime):
+    """--sft-data-kind chat: the data (any preprocess_sft_data.py --input) tokenized with
+    --sft-tokenizer (default: the Hugging Face --load) into <save>/data_cache (or
+    --sft-data-cache-dir) unless it is there already, and argv reading that indexed dataset.
+    Global rank 0 tokenizes; the other ranks wait for it."""
+    from sed_megatron.data.cache import cache_key, done, tokenized_dataset
+    from sed_megatron.data.sft_preprocess import PreprocessConfig
+    from sed_megatron.training.parse import parse_flags
+
+    flags = parse_flags(argv, runtime)
+    if flags.sft_data_kind != "chat":
+        return argv
+    if not flags.sft_data_path:
+        fail("--sft-data-kind chat needs --sft-data-path (YAML data.path): the data to tokenize", PROG)
+    tokenizer = flags.sft_tokenizer or flags.save_hf_template
+    if not tokenizer:
+        fail("--sft-data-kind chat tokenizes --sft-data-path with a Hugging Face tokenizer: give --sft-tokenizer "
+             "HF_DIR (YAML data.tokenizer; default: a Hugging Face --load directory)", PROG)
+    cache = flags.sft_data_cache_dir or (os.path.join(flags.save, "data_cache") if flags.save else None)
+    if cache is None:
+        fail("--sft-data-kind chat keeps the tokenized data in <save>/data_cache: give --save or "
+             "--sft-data-cache-dir", PROG)
+    try:
+        cfg = PreprocessConfig(input=flags.sft_data_path, tokenizer=tokenizer, output_prefix="",
+                               schema=flags.sft_data_schema, seq_length=flags.seq_length,
+                               prompt_key=flags.sft_prompt_key, response_key=flags.sft_response_key,
+                               truncation=flags.sft_data_truncation)
+        if int(os.environ.get("RANK", "0")) == 0:
+            prefix, note = tokenized_dataset(cfg, cache)
+            print(f"{PROG}: {note}", flush=True)
+        else:
+            import time
+
+            directory = os.path.join(cache, cache_key(cfg))
+            while done(directory) is None:  # rank 0 tokenizes (torchrun stops every rank if it fails)
+                time.sleep(1.0)
+            prefix = os.path.join(directory, "data")
+    except ValueError as err:
+        fail(f"--sft-data-path: {err}", PROG)
+    return [*argv, "--sft-data-kind", "indexed", "--sft-data-path", prefix]
 
 
 def _save_hf(save, save_hf, hf_template):

@@ -23,6 +23,8 @@ import os
 
 import yaml
 
+from sed_megatron.data.schemas import SCHEMAS
+from sed_megatron.data.sft_preprocess import TRUNCATION
 from sed_megatron.loss.fused_linear import SCHEMES as FUSED_MODES
 from sed_megatron.loss.tau import PUBLISHED_TOP_K, TOKEN_SETS, calibration_top_k
 from sed_megatron.world import ConfigError, flags_to_argv, option_actions, value_to_argv
@@ -40,9 +42,15 @@ FUSED_FLAGS = {  # the fused output-layer loss (YAML loss: keys) -> flag
     "fused_mode": "--sft-fused-mode",
     "fused_chunk_tokens": "--sft-fused-chunk-tokens",
 }
-DATA_FLAGS = {  # DataConfig field -> flag
+DATA_FLAGS = {  # YAML data: key -> flag
     "kind": "--sft-data-kind",
     "path": "--sft-data-path",
+    "tokenizer": "--sft-tokenizer",
+    "schema": "--sft-data-schema",
+    "truncation": "--sft-data-truncation",
+    "cache_dir": "--sft-data-cache-dir",
+    "prompt_key": "--sft-prompt-key",
+    "response_key": "--sft-response-key",
     "num_samples": "--sft-num-samples",
     "prompt_length": "--sft-prompt-length",
     "seed": "--sft-data-seed",
@@ -138,10 +146,23 @@ def add_sed_arguments(parser):
     group.add_argument("--sft-fused-chunk-tokens", type=int, default=None,
                        help="tokens per chunk of --sft-fused-linear (default: about 2^27 logits per chunk on a "
                             "GPU with grad-in-forward, 2^26 with recompute, 2^24 on CPU)")
-    group.add_argument("--sft-data-kind", default="synthetic", choices=["synthetic", "indexed", "jsonl"],
+    group.add_argument("--sft-data-kind", default="synthetic", choices=["synthetic", "indexed", "chat", "jsonl"],
                        help="synthetic: a seeded memorization set; indexed: the prefix written by "
-                            "tools/preprocess_sft_data.py; jsonl: pre-tokenized {tokens, loss_mask} lines")
-    group.add_argument("--sft-data-path", default=None, help="the indexed dataset prefix, or the JSONL file")
+                            "tools/preprocess_sft_data.py; chat: SFT data as preprocess_sft_data.py reads it "
+                            "(JSONL, parquet, shards, saved datasets, hf:NAME), tokenized once into a cache; jsonl: "
+                            "pre-tokenized {tokens, loss_mask} lines")
+    group.add_argument("--sft-data-path", default=None,
+                       help="the indexed dataset prefix, the chat data (preprocess_sft_data.py's --input), or the "
+                            "JSONL file")
+    group.add_argument("--sft-tokenizer", default=None, metavar="HF_DIR",
+                       help="chat: the tokenizer (default: a Hugging Face --load, or --save-hf-template)")
+    group.add_argument("--sft-data-schema", default="auto", choices=SCHEMAS, help="chat: the rows' schema")
+    group.add_argument("--sft-prompt-key", default="prompt", help="chat: the prompt field of prompt/response rows")
+    group.add_argument("--sft-response-key", default="response", help="chat: the response field of prompt/response rows")
+    group.add_argument("--sft-data-truncation", default="error", choices=TRUNCATION,
+                       help="chat: samples longer than --seq-length + 1 tokens stop the run, are skipped or cut")
+    group.add_argument("--sft-data-cache-dir", default=None,
+                       help="chat: where the tokenized data is kept (default: <save>/data_cache)")
     group.add_argument("--sft-pack", action="store_true",
                        help="indexed: pack several samples per row, none attending to another: packed-sequence "
                             "(THD) attention with Transformer Engine or context parallelism (each sample padded "

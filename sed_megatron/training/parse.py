@@ -145,6 +145,9 @@ def check_data_args(args, prog="sed_megatron.train"):
     """Data settings that cannot work together, reported before anything starts."""
     if args.sft_data_kind in ("indexed", "jsonl") and not args.sft_data_path:
         fail(f"--sft-data-kind {args.sft_data_kind} needs --sft-data-path (YAML data.path)", prog)
+    if args.sft_data_kind == "chat":  # sed_megatron.train turns it into an indexed dataset first
+        fail(f"--sft-data-kind chat is tokenized by sed_megatron.train; for {prog}, tokenize it first "
+             "(tools/preprocess_sft_data.py) and give --sft-data-kind indexed", prog)
     if args.sft_pack:
         if args.sft_data_kind != "indexed":
             fail("--sft-pack needs --sft-data-kind indexed", prog)

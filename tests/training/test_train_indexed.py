@@ -1,6 +1,7 @@
 """Training reads a preprocessed chat dataset (tokens + assistant-only loss masks), packed or not."""
 
 import json
+import os
 
 import pytest
 
@@ -35,17 +36,33 @@ def data_flags(prefix):
     return ["--sft-data-kind", "indexed", "--sft-data-path", prefix, "--sft-valid-fraction", "0.1"]
 
 
-def test_train_on_indexed_chat_data(sums_dataset, tmp_path):
-    """Packed rows at CP=1 (the data loader's block-diagonal mask), one process. Unpacked rows of
-    the same data train in test_packed_and_unpacked_rows_train_alike_under_cp (the same curve as
-    packed THD rows at CP=2), so they are not trained again here."""
-    flags = data_flags(sums_dataset) + ["--tensor-model-parallel-size", "1", "--train-iters", "30", "--save", "",
-                                        "--sed-calibrate-samples", "10", "--lr", "3e-3", "--sft-pack"]
+def test_train_on_chat_data_tokenized_on_the_fly(sums_dataset, tmp_path):
+    """--sft-data-kind chat: the raw chats, tokenized by the entry point into its cache (the
+    fixture's preprocess_sft_data output, byte for byte), then reused. Packed rows at CP=1 (the
+    data loader's block-diagonal mask), one process. Unpacked rows of the same data train in
+    test_packed_and_unpacked_rows_train_alike_under_cp (the same curve as packed THD rows at
+    CP=2), so they are not trained again here."""
+    from sed_megatron.data.cache import tokenized_dataset
+
+    root = os.path.dirname(os.path.dirname(sums_dataset))
+    chats, tokenizer, cache = os.path.join(root, "chats.jsonl"), os.path.join(root, "tok"), str(tmp_path / "cache")
+    flags = ["--sft-data-kind", "chat", "--sft-data-path", chats, "--sft-tokenizer", tokenizer,
+             "--sft-data-cache-dir", cache, "--sft-valid-fraction", "0.1", "--tensor-model-parallel-size", "1",
+             "--train-iters", "30", "--save", "", "--sed-calibrate-samples", "10", "--lr", "3e-3", "--sft-pack"]
     records = train(str(tmp_path / "packed"), 1, flags)
     assert len(records) == 30
     # Only the answer digits and the end-of-turn token carry loss; the model learns them.
     first, last = records[0], records[-1]
     assert last["ce_loss"] < first["ce_loss"] - 1.0, (first["ce_loss"], last["ce_loss"])
+    with open(tmp_path / "packed" / "train.log") as f:
+        noted = [line for line in f if line.startswith("sed_megatron.train: tokenized ")]
+    assert len(noted) == 1 and f"{chats} into {cache}/" in noted[0] and ": 100 samples, 1000 tokens" in noted[0]
+    prefix = noted[0].split(" into ")[1].split(":")[0] + "/data"
+    for suffix in (".bin", ".idx", "_loss_mask.bin", "_loss_mask.idx"):
+        with open(prefix + suffix, "rb") as f, open(sums_dataset + suffix, "rb") as g:
+            assert f.read() == g.read(), suffix
+    cfg = PreprocessConfig(input=chats, tokenizer=tokenizer, output_prefix="", seq_length=64)
+    assert tokenized_dataset(cfg, cache) == (prefix, f"reusing {chats} tokenized in {os.path.dirname(prefix)}")
 
 
 def test_packed_and_unpacked_rows_train_alike_under_cp(sums_dataset, tmp_path):
