@@ -3,7 +3,6 @@
     python tools/preprocess_sft_data.py --input chats.jsonl --tokenizer HF_DIR --output-prefix data/sft --truncation skip
     python tools/preprocess_sft_data.py --input gsm8k.jsonl --prompt-key question --response-key answer \\
         --tokenizer HF_DIR --output-prefix data/gsm8k --seq-length 1024 --workers 8
-    python tools/preprocess_sft_data.py --input data/train-00000-of-00004.parquet ...   # or the shards' directory
 
 Input (--input): a JSON-lines file, a parquet file, a directory of .jsonl / .parquet shards, a
 dataset saved with `datasets` (DIR or DIR:SPLIT), or one in the local Hugging Face cache
@@ -43,9 +42,9 @@ def parse_args(argv):
                                      usage="%(prog)s --input FILE --tokenizer DIR --output-prefix PREFIX [options]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True,
-                        help="a .jsonl or .parquet file, a directory of shards, a saved dataset (DIR[:SPLIT]) or "
-                             "hf:NAME[:SPLIT] (the local Hugging Face cache)")
-    parser.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory (with its chat template)")
+                        help="a .jsonl / .parquet file, a shard directory, a saved dataset (DIR[:SPLIT]) or "
+                             "hf:NAME[:SPLIT]")
+    parser.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx and PREFIX_loss_mask.bin/.idx")
     parser.add_argument("--seq-length", type=int, default=PAPER_MAX_SAMPLE_TOKENS - 1,
                         help="longest sample kept: seq_length + 1 tokens (default %(default)s: samples of up to "
@@ -53,9 +52,9 @@ def parse_args(argv):
     parser.add_argument("--truncation", choices=TRUNCATION, default="error",
                         help="longer samples: error (default), skip (counted), truncate (cut the end)")
     parser.add_argument("--schema", choices=SCHEMAS, default="auto",
-                        help="auto (default): each row by the first schema whose field it has, in the order listed")
+                        help="auto (default): per row, the first whose field it has")
     parser.add_argument("--messages-key", default="messages")
-    parser.add_argument("--conversations-key", default="conversations", help="ShareGPT's list of turns")
+    parser.add_argument("--conversations-key", default="conversations")
     parser.add_argument("--prompt-key", default="prompt")
     parser.add_argument("--response-key", default="response")
     parser.add_argument("--system-key", default=None)
