@@ -7,9 +7,13 @@ from transformers' own bf16-vs-fp32 difference; a wrong checkpoint fails with on
 
 import re
 
+import pytest
 import torch
 
 from .common import to_mcore, tool
+
+# Whole processes (training, tools): the second phase of launch/run_tests.sh, beside the first.
+pytestmark = pytest.mark.e2e
 
 
 def deep_bf16_llama(directory, seed):

@@ -5,7 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .launch import REPO, TINY, _env, read_metrics, train
+
+# Whole processes (training, tools): the second phase of launch/run_tests.sh, beside the first.
+pytestmark = pytest.mark.e2e
 
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_driver.py")
 FLAGS = ["--config", TINY, "--tensor-model-parallel-size", "1", "--train-iters", "4", "--save-interval", "2",

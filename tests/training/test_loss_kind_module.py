@@ -5,7 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .launch import REPO, TEST_FLAGS, TINY, read_metrics
+
+# Whole processes (training, tools): the second phase of launch/run_tests.sh, beside the first.
+pytestmark = pytest.mark.e2e
 
 KIND_MODULE = '''
 """CE times a weight: the smallest kind of one's own (its gradient is the CE form times one number)."""
