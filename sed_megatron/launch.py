@@ -66,30 +66,56 @@ def _child(queue, module, qualname, args, kwargs, env, log):
 def run_isolated(fn, *args, env=None, timeout=600, log=None, **kwargs):
     """fn(*args, **kwargs) in a spawned process; its return value, or its exception re-raised.
     env: variables set in it (None: removed; OUTSIDE_THE_WORLD for a step started from a rank)."""
+    return start_isolated(fn, *args, env=env, log=log, **kwargs).result(timeout)
+
+
+class Isolated:
+    """A function running in a spawned process (start_isolated): done() polls, result() waits."""
+
+    def __init__(self, fn, process, queue):
+        self.name, self._process, self._queue, self._outcome = fn.__qualname__, process, queue, None
+
+    def done(self):
+        if self._outcome is None:
+            try:
+                self._outcome = self._queue.get_nowait()
+            except queue_module.Empty:
+                if not self._process.is_alive() and self._queue.empty():  # died without a word (a crash, os._exit)
+                    self._outcome = ("died", self._process.exitcode)
+        return self._outcome is not None
+
+    def result(self, timeout=600):
+        """Its return value, or its exception re-raised (IsolatedError: it died, or gave nothing in time)."""
+        deadline = time.monotonic() + timeout
+        while self._outcome is None:
+            try:
+                self._outcome = self._queue.get(timeout=1.0)
+            except queue_module.Empty:
+                if self.done():
+                    break
+                if time.monotonic() > deadline:
+                    self._process.kill()
+                    self._process.join()
+                    raise IsolatedError(f"{self.name} gave no result within {timeout} s") from None
+        self._process.join()
+        if self._outcome[0] == "ok":
+            return self._outcome[1]
+        if self._outcome[0] == "died":
+            raise IsolatedError(f"{self.name}: the isolated process exited with {self._outcome[1]}")
+        _, err, text = self._outcome
+        if isinstance(err, Exception):
+            raise err from IsolatedError(f"in the isolated process:\n{text}")
+        raise IsolatedError(f"{self.name} failed in the isolated process:\n{text}")
+
+
+def start_isolated(fn, *args, env=None, log=None, **kwargs):
+    """fn(*args, **kwargs) started in a spawned process, without waiting: an Isolated."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_child, args=(queue, fn.__module__, fn.__qualname__, args, kwargs,
                                                    {**_ENV, **(env or {})}, log))
     process.start()
-    deadline = time.monotonic() + timeout
-    outcome = None
-    while outcome is None:
-        try:
-            outcome = queue.get(timeout=1.0)
-        except queue_module.Empty:
-            if not process.is_alive() and queue.empty():  # died without a word (a crash, os._exit)
-                raise IsolatedError(f"{fn.__qualname__}: the isolated process exited with {process.exitcode}") from None
-            if time.monotonic() > deadline:
-                process.kill()
-                process.join()
-                raise IsolatedError(f"{fn.__qualname__} gave no result within {timeout} s") from None
-    process.join()
-    if outcome[0] == "ok":
-        return outcome[1]
-    _, err, text = outcome
-    if isinstance(err, Exception):
-        raise err from IsolatedError(f"in the isolated process:\n{text}")
-    raise IsolatedError(f"{fn.__qualname__} failed in the isolated process:\n{text}")
+    return Isolated(fn, process, queue)
 
 
 def torchrun(module, argv, nproc=1, log=None, timeout=None, env=None):

@@ -163,6 +163,10 @@ def main(argv=None):
     except MegatronVersionError as err:
         fail(str(err), PROG)
     _keep_run_files(run)
+    exports = None
+    if args.save_hf and args.save_hf_every_save:
+        exports = _ExportsAfterSaves(args.save, args.save_hf, args.save_hf_template)
+        hooks.after_saves(exports.after_save)
     cfg = pretrain_cfg_container_from_args(args, model_cfg=None)  # None: our model provider builds it
     try:
         pretrain(
@@ -181,7 +185,8 @@ def main(argv=None):
               + f" (the newest complete checkpoint in {run.save}: {_latest(run.save)})", file=sys.stderr, flush=True)
         sys.exit(4)
     if args.save_hf and int(os.environ.get("RANK", "0")) == 0:
-        _save_hf(args.save, args.save_hf, args.save_hf_template)
+        if exports is None or not exports.finish():
+            _save_hf(args.save, args.save_hf, args.save_hf_template)
 
 
 def _load_hf_model(argv, runtime):
@@ -277,6 +282,52 @@ def _save_hf(save, save_hf, hf_template):
     except ValueError as err:
         fail(f"--save-hf {save_hf}: {err}", PROG)
     print(f"{PROG}: saved the Hugging Face export of {save} ({_latest(save)}) to {save_hf}", flush=True)
+
+
+class _ExportsAfterSaves:
+    """--save-hf-every-save: on global rank 0, the export of each checkpoint once it is saved,
+    in a process of its own while training goes on (one at a time: a save that comes while the
+    previous export runs waits for it). The export replaces --save-hf whole; one that fails is
+    reported in one line and training goes on."""
+
+    def __init__(self, save, save_hf, hf_template):
+        self.save, self.save_hf, self.hf_template = save, save_hf, hf_template
+        self.running = None  # (iteration, Isolated)
+        self.exported = None  # the iteration --save-hf holds
+
+    def after_save(self, iteration):
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        from sed_megatron.convert.mcore_to_hf import convert_mcore_to_hf
+        from sed_megatron.launch import OUTSIDE_THE_WORLD, start_isolated
+
+        self._wait()
+        log = os.path.join(self.save, "save_hf.log")
+        self.running = (iteration, start_isolated(convert_mcore_to_hf, self.save, self.save_hf,
+                                                  hf_template=self.hf_template, overwrite=True, progress=False,
+                                                  iteration=iteration, env=OUTSIDE_THE_WORLD, log=log))
+        print(f"{PROG}: exporting iteration {iteration} to {self.save_hf} (log: {log})", flush=True)
+
+    def _wait(self):
+        if self.running is None:
+            return
+        iteration, export = self.running
+        self.running = None
+        try:
+            export.result(timeout=24 * 3600)
+        except Exception as err:  # noqa: BLE001 — one line, and training goes on
+            print(f"{PROG}: error: --save-hf-every-save: the export of iteration {iteration} to {self.save_hf} "
+                  f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr,
+                  flush=True)
+            return
+        self.exported = iteration
+        print(f"{PROG}: saved the Hugging Face export of {self.save} (iteration {iteration}) to {self.save_hf}",
+              flush=True)
+
+    def finish(self):
+        """At the end: True when --save-hf holds the newest checkpoint (no export left to do)."""
+        self._wait()
+        return self.exported is not None and _latest(self.save) == f"iteration {self.exported}"
 
 
 def _gpu_count(runtime):

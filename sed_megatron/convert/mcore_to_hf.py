@@ -45,12 +45,13 @@ from .hf_to_mcore import DTYPES, Converted
 
 
 def convert_mcore_to_hf(load, save, hf_template=None, dtype="auto", max_shard_size_mb=5000, overwrite=False,
-                        progress=True, adapter_only=False):
+                        progress=True, adapter_only=False, iteration=None):
     """Export the Megatron checkpoint at load as a Hugging Face directory at save; returns Converted.
 
     dtype: auto (the dtype it was converted with), bfloat16, float16 or float32.
     max_shard_size_mb: the largest safetensors shard (a larger single tensor gets its own).
-    adapter_only: a LoRA checkpoint's adapters as a PEFT adapter directory."""
+    adapter_only: a LoRA checkpoint's adapters as a PEFT adapter directory.
+    iteration: that iteration's checkpoint in load (default: the newest, which its tracker names)."""
     import torch
     from tqdm import tqdm
 
@@ -75,7 +76,7 @@ def convert_mcore_to_hf(load, save, hf_template=None, dtype="auto", max_shard_si
     if max_shard_size_mb < 1:
         raise UsageError(f"max_shard_size_mb: expected at least 1, got {max_shard_size_mb}")
     dtype_name = stored_dtype if dtype == "auto" else dtype
-    checkpoint_dir = checkpoint_iteration_dir(load)
+    checkpoint_dir = checkpoint_iteration_dir(load, iteration)
     hf_config = family.hf_config(model_cfg, dtype=dtype_name)
     hf_config.architectures = [family.architecture]  # vLLM and SGLang pick their model class by it
     rows = family.rows(model_cfg)

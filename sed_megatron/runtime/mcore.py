@@ -89,10 +89,16 @@ TRACKER_FILE = "latest_checkpointed_iteration.txt"
 """Megatron-LM's pointer to the newest complete checkpoint of a --save directory."""
 
 
-def checkpoint_iteration_dir(load):
-    """The directory of the iteration Megatron's tracker file in `load` points to (torch_dist)."""
+def checkpoint_iteration_dir(load, iteration=None):
+    """The directory of the iteration Megatron's tracker file in `load` points to (torch_dist), or
+    of `iteration` when given."""
     from sed_megatron.utils import UsageError
 
+    if iteration is not None:
+        directory = os.path.join(load, f"iter_{int(iteration):07d}")
+        if not os.path.isdir(directory):
+            raise UsageError(f"{directory}: missing (no checkpoint of iteration {iteration} in {load})")
+        return directory
     tracker = os.path.join(load, TRACKER_FILE)
     if not os.path.exists(tracker):
         raise UsageError(f"{tracker}: missing (not a Megatron checkpoint directory)")

@@ -183,6 +183,9 @@ def add_sed_arguments(parser):
                        help="at the end, the Hugging Face export of the newest checkpoint in --save (YAML "
                             "checkpoint.save_hf); --load may be a Hugging Face model directory itself: it is "
                             "converted once into <save>/hf_converted (or --hf-cache-dir) and reused")
+    group.add_argument("--save-hf-every-save", action="store_true",
+                       help="--save-hf after every checkpoint too (YAML checkpoint.save_hf_every_save), exported in a "
+                            "process of its own while training goes on")
     group.add_argument("--save-hf-template", default=None, metavar="HF_DIR",
                        help="tokenizer, chat template and generation files for --save-hf (default: a Hugging "
                             "Face --load)")

@@ -130,3 +130,23 @@ def install(before_training, metrics_log, log_interval, current_iteration, prog=
 
     training_loop.train = train_with_hooks
     training_loop.training_log = training_log_with_metrics
+
+
+def after_saves(after):
+    """Wrap Megatron's save_checkpoint_and_time: after(iteration) runs on every rank once a save
+    returned (saves are synchronous: the checkpoint is complete and the tracker names it); not
+    after non-persistent (local) checkpoints."""
+    import megatron.training.training as training_loop
+
+    save = training_loop.save_checkpoint_and_time
+    check_signature(save, ("iteration", "model"), "sed_megatron's hook after each save (sed_megatron/training/hooks.py)",
+                    keywords=("non_persistent_ckpt",))
+
+    @functools.wraps(save)
+    def save_then(iteration, *args, **kwargs):
+        result = save(iteration, *args, **kwargs)
+        if not kwargs.get("non_persistent_ckpt", False):
+            after(iteration)
+        return result
+
+    training_loop.save_checkpoint_and_time = save_then

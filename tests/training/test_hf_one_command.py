@@ -2,7 +2,8 @@
 
 The export equals convert -> train -> export run by hand with the same settings, bit for bit;
 the conversion is cached and reused while the source is unchanged, and made again when it
-changes; a second run into the same --save resumes from its own checkpoint."""
+changes; a second run into the same --save resumes from its own checkpoint; --save-hf-every-save
+exports each checkpoint as it is saved."""
 
 import os
 
@@ -32,9 +33,14 @@ def test_hf_model_in_hf_model_out(tmp_path):
     cache = str(tmp_path / "cache")
     out = tmp_path / "out"
     train(str(tmp_path / "one"), 1, ["--load", hf_dir, "--save", str(tmp_path / "save"), "--save-hf", str(out),
-                                     "--hf-cache-dir", cache, *FLAGS], config=config)
-    assert f"converted {hf_dir} into {cache}" in _log(tmp_path / "one")
-    assert f"saved the Hugging Face export of {tmp_path / 'save'} (iteration 2) to {out}" in _log(tmp_path / "one")
+                                     "--hf-cache-dir", cache, "--save-hf-every-save", "--save-interval", "1", *FLAGS],
+          config=config)
+    log = _log(tmp_path / "one")
+    assert f"converted {hf_dir} into {cache}" in log
+    # --save-hf-every-save: each checkpoint exported once saved; the last export is the end's (not made twice)
+    for iteration in (1, 2):
+        assert f"saved the Hugging Face export of {tmp_path / 'save'} (iteration {iteration}) to {out}" in log
+    assert log.count("saved the Hugging Face export") == 2
     AutoModelForCausalLM.from_pretrained(out)  # loads as it is
 
     # The same by hand: convert, train from it, export.
