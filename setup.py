@@ -30,6 +30,7 @@ setup(
     ],
     entry_points={
         "console_scripts": [
+            "sed-sft = sed_megatron.train:main",  # the one command: HF model + data -> trained HF model
             "sed-train = sed_megatron.train:main",
             "sed-preprocess-sft-data = sed_megatron.cli.preprocess_sft_data:main",
             "sed-calibrate-tau = sed_megatron.cli.calibrate_tau:main",
