@@ -335,6 +335,9 @@ FAULTS = [
      "tests/runtime/test_runtime.py::test_broken_driver_is_an_error"),
     ("train", "an unsupported megatron-core", "`error: megatron-core X is installed; sed_megatron supports "
      "megatron-core>=0.19.2,<0.20 ...`", "nothing", "tests/runtime/test_runtime.py::test_megatron_version_range"),
+    ("train", "a Hugging Face --load that changed since its cached conversion", "`... changed since its conversion "
+     "in CACHE: converted it again` (the log)", "the cache replaced by the new source's conversion",
+     "tests/training/test_hf_one_command.py::test_hf_model_in_hf_model_out"),
     ("preprocess", "kill -9 while writing", "the process dies", "nothing at the prefix (only `.tmp-PID` files beside "
      "it)", "tests/data/test_interrupted.py::test_preprocess_killed_mid_write_leaves_nothing"),
 ]
