@@ -68,6 +68,10 @@ RUN_FLAGS = {  # run-level keys at the top of the YAML -> flag
     "log_entropy": "--log-entropy",
     "metrics_file": "--metrics-file",
 }
+CHECKPOINT_FLAGS = {  # YAML checkpoint: keys of sed_megatron's own (the section's others are Megatron's) -> flag
+    "keep_last": "--save-keep-last",
+    "load_fallback": "--load-fallback",
+}
 LOSS_MODULE_FLAG = "--loss-module"
 OWN_SECTIONS = {"loss": lambda: loss_flags(), "data": lambda: DATA_FLAGS, "lora": lambda: LORA_FLAGS}
 """YAML sections of sed_megatron's own settings -> their key -> flag tables."""
@@ -87,7 +91,8 @@ def _dest(flag):
 
 
 def _own_keys():
-    return {_dest(flag) for table in (loss_flags(), DATA_FLAGS, LORA_FLAGS, RUN_FLAGS) for flag in table.values()} | {
+    return {_dest(flag) for table in (loss_flags(), DATA_FLAGS, LORA_FLAGS, RUN_FLAGS, CHECKPOINT_FLAGS)
+            for flag in table.values()} | {
         "config", "verbose", "help_megatron"}
 
 
@@ -179,6 +184,16 @@ def add_sed_arguments(parser):
     group.add_argument("--inject-non-finite", default=None, metavar="ITERATION:loss|grad",
                        help="testing: make the loss (or only its gradients) NaN at that iteration, to see the run "
                             "stop before the optimizer step")
+    group.add_argument("--inject-save-error", default=None, metavar="ITERATION:ENOSPC",
+                       help="testing: the save of that iteration fails in its write with that OSError (ENOSPC: a "
+                            "full disk; EIO, EDQUOT), after the first item of a file")
+    group.add_argument("--load-fallback", action="store_true",
+                       help="when the checkpoint --load names is not whole (a shard or its metadata missing or cut "
+                            "short), load the newest older complete one of that directory instead, said in the log "
+                            "(YAML checkpoint.load_fallback; without it the run stops in one line naming the file)")
+    group.add_argument("--save-keep-last", type=int, default=None, metavar="N",
+                       help="once a save is complete, delete the checkpoints in --save beyond the N newest complete "
+                            "ones (never the one the tracker names, nor one being written; YAML checkpoint.keep_last)")
     group.add_argument("--save-hf", default=None, metavar="DIR",
                        help="at the end, the Hugging Face export of the newest checkpoint in --save (YAML "
                             "checkpoint.save_hf); --load may be a Hugging Face model directory itself: it is "
@@ -348,6 +363,12 @@ def yaml_to_argv(path, parser, sources=None):
                 option, action = actions[table[key][2:].replace("-", "_")]
                 if section == "lora" and key == "target_modules" and isinstance(value, list):
                     value = ",".join(map(str, value))  # PEFT's list form
+                argv += value_to_argv(option, action, value, where)
+                if sources is not None:
+                    sources[action.dest] = where
+                continue
+            if section == "checkpoint" and key in CHECKPOINT_FLAGS:
+                option, action = actions[_dest(CHECKPOINT_FLAGS[key])]
                 argv += value_to_argv(option, action, value, where)
                 if sources is not None:
                     sources[action.dest] = where

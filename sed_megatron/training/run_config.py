@@ -77,6 +77,10 @@ class RunConfig:
     """--load holds adapters already (a LoRA checkpoint: resume or continue), not a base alone."""
     lora_parameters: int = 0
     """The adapters' parameters over the whole model (what trains)."""
+    keep_last: int | None = None
+    """--save-keep-last: checkpoints kept in --save after each save (None: all)."""
+    save_error: tuple | None = None
+    """--inject-save-error: (iteration, errno) of the save whose write fails (testing)."""
 
 
 def data_config(args):
@@ -90,6 +94,7 @@ def data_config(args):
 def run_config(args, loss_cfg) -> RunConfig:
     """The typed settings of a run from Megatron's validated args and its LossConfig."""
     from .arguments import calibrates_tau, calibration_top_k_from_args, lora_config_from_args
+    from .checkpoints import parse_save_error
     from .provider import step_config
 
     calibration = None
@@ -100,6 +105,8 @@ def run_config(args, loss_cfg) -> RunConfig:
         step=step_config(args, loss_cfg), data=data_config(args), tau_calibration=calibration, load=args.load,
         save=args.save, metrics_file=args.metrics_file or os.path.join(args.save or ".", "metrics.jsonl"),
         log_interval=args.log_interval, tokens_per_iteration=args.global_batch_size * args.seq_length,
+        keep_last=getattr(args, "save_keep_last", None),
+        save_error=parse_save_error(args.inject_save_error) if getattr(args, "inject_save_error", None) else None,
         **_lora_fields(args, lora_config_from_args(args)))
 
 

@@ -168,20 +168,80 @@ def check_checkpoints(s: Settings):
                                f"{os.path.basename(get_checkpoint_tracker_filename(s.load))}), and {why}: "
                                f"check the path (a random model would train otherwise)")
         notices.append(f"no checkpoint in {s.load} yet: training starts from the initial weights and saves there")
+    elif s.load and s.ckpt_format == "torch_dist":
+        found = check_checkpoint_files(s)
+        notices += found[0]
+        extra += found[1]
     if s.save and s.save_interval is None and s.train_iters is not None:
         extra += ["--save-interval", str(s.train_iters)]
         notices.append(f"--save {s.save} without --save-interval: saving at the end (iteration {s.train_iters})")
     return notices, extra
 
 
+def check_checkpoint_files(s: Settings):
+    """The checkpoint --load resolves to (its tracker, or --ckpt-step), and a LoRA checkpoint's base,
+    whole before Megatron reads them (training/checkpoints.py: metadata read, files stat'ed).
+    (notices, extra flags): --load-fallback loads an older complete one (--ckpt-step N)."""
+    from .checkpoints import CheckpointError, check_load, checkpoint_problem, iteration_dir, tracked_iteration
+
+    try:
+        notice, older = check_load(s.load, s.ckpt_step, s.load_fallback)
+        base = _lora_base(s)
+        if base is not None and tracked_iteration(base) is not None:
+            problem = checkpoint_problem(iteration_dir(base, tracked_iteration(base)))
+            if problem:
+                raise CheckpointError(f"{problem} (the base checkpoint of the adapters in {s.load})")
+    except CheckpointError as err:
+        raise StartupError(str(err)) from None
+    if older is None:
+        return [], []
+    return [notice], ["--ckpt-step", str(older)]
+
+
+def _lora_base(s: Settings):
+    """The base checkpoint that the LoRA checkpoint in --load names, or None."""
+    if not getattr(s.args, "lora_rank", 0):
+        return None
+    from sed_megatron.lora import read_lora_file
+    from sed_megatron.lora.checkpoint import base_checkpoint_dir
+
+    stored = read_lora_file(s.load)  # checked, with its base, before (parse.check_lora_args)
+    return base_checkpoint_dir(s.load, stored[1]) if stored else None
+
+
+def check_retention(s: Settings):
+    keep = getattr(s.args, "save_keep_last", None)
+    if keep is None:
+        return
+    if keep < 1:
+        raise StartupError(f"{s.name('save_keep_last')} must be at least 1 (the checkpoint the tracker names is "
+                           f"always kept; leave it out to keep every checkpoint)")
+    if not s.save:
+        raise StartupError(f"{s.name('save_keep_last')} deletes older checkpoints in --save: give --save too")
+
+
+def check_data_files(s: Settings):
+    """An indexed dataset whose .bin files hold what their .idx say, token and mask files agreeing."""
+    if getattr(s.args, "sft_data_kind", None) != "indexed" or not s.sft_data_path:
+        return
+    from sed_megatron.data.integrity import indexed_sft_problem
+
+    problem = indexed_sft_problem(s.sft_data_path)
+    if problem:
+        raise StartupError(f"{s.name('sft_data_path')}: {problem}")
+
+
 def check_fault_injection(s: Settings):
+    from .checkpoints import parse_save_error
     from .nonfinite import Injection
 
-    if s.inject_non_finite:
-        try:
+    try:
+        if s.inject_non_finite:
             Injection.parse(s.inject_non_finite, clock=lambda: 0)
-        except ValueError as err:
-            raise StartupError(str(err)) from None
+        if getattr(s.args, "inject_save_error", None):
+            parse_save_error(s.inject_save_error)
+    except ValueError as err:
+        raise StartupError(str(err)) from None
 
 
 def check_fused_linear(s: Settings):
@@ -218,7 +278,9 @@ def validate_run(settings: Settings, world_size, training=True):
     the model forward only (compare, calibration, the converters)."""
     check_required(settings)
     check_fault_injection(settings)
+    check_retention(settings)
     found = check_checkpoints(settings)  # first: a mistyped --load matters more than the rest
+    check_data_files(settings)
     check_layout(settings, world_size)
     check_batch(settings, world_size)
     check_schedule(settings)
