@@ -113,12 +113,25 @@ def _keep_run_files(run):
 
 
 def main(argv=None):
+    from sed_megatron.training.resume import record_exception
+
+    try:
+        return _train(argv)
+    except BaseException as err:  # the error this rank ends with, for a restart's account (<save>/.run)
+        record_exception(err)
+        raise
+    finally:
+        _release_save_lock()
+
+
+def _train(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     print_help_if_asked(argv, PROG, __doc__)
     try:
         runtime = prepare(training=True, verbose="--verbose" in argv)
     except (DeviceError, MegatronVersionError) as err:
         fail(str(err), PROG)
+    _lock_save_dir(argv, runtime)  # global rank 0: one live run writes --save (an existing one: locked now)
     argv = _load_hf_model(argv, runtime)
     argv = _tokenize_chat_data(argv, runtime)
     if "RANK" not in os.environ:  # not under torchrun: this machine's ranks, started here
@@ -144,6 +157,7 @@ def main(argv=None):
         from sed_megatron.world import single_process_env
 
         single_process_env()
+    state, argv = _resume(argv, runtime)
     args, loss_cfg = parse_run_args(argv, runtime, description=__doc__)
 
     from megatron.core.dist_checkpointing.core import CheckpointingException
@@ -153,15 +167,22 @@ def main(argv=None):
 
     from sed_megatron.training import hooks
     from sed_megatron.training.metrics import MetricsLog
+    from sed_megatron.training.resume import attempt_store
     from sed_megatron.training.step import forward_step
 
     run = run_config(args, loss_cfg)  # the Namespace read once; Megatron keeps it for its own loop
     metrics = MetricsLog(run.metrics_file, tokens_per_iteration=run.tokens_per_iteration)
+    loop = _loop_supervisor(args, state, metrics)
     try:
         hooks.install(functools.partial(_before_training, run, lambda: args.iteration), metrics, run.log_interval,
-                      current_iteration=lambda: args.curr_iteration + 1)
+                      current_iteration=lambda: args.curr_iteration + 1, loop=loop,
+                      start_iteration=lambda: args.iteration)
+        from sed_megatron.training.checkpoints import install_save_hooks
+
+        install_save_hooks(run.save, run.keep_last, run.save_error)  # retention, the write's error, its injection
     except MegatronVersionError as err:
         fail(str(err), PROG)
+    _lock_save_dir(argv, runtime, save=run.save)  # a --save this run makes: once its start-up checks passed
     _keep_run_files(run)
     exports = None
     if args.save_hf and args.save_hf_every_save:
@@ -176,10 +197,14 @@ def main(argv=None):
             functools.partial(forward_step, run.step),  # replaced by _before_training's once the model exists
             model_provider=functools.partial(model_provider, args, lora=run.lora,
                                              lora_base=run.lora_base if run.lora_loaded else None),
+            store=attempt_store(args.distributed_timeout_minutes),  # None but at a torchrun restart
         )
     except (OSError, CheckpointingException) as err:
         if not run.save:
             raise
+        from sed_megatron.training.checkpoints import first_write_error
+
+        err = first_write_error() or err  # the write's own error (a full disk: its errno), which Megatron wraps
         # A save that fails leaves the tracker on the previous complete checkpoint (written last).
         print(f"{PROG}: error: iteration {args.curr_iteration + 1}: {type(err).__name__}: {err}".splitlines()[0]
               + f" (the newest complete checkpoint in {run.save}: {_latest(run.save)})", file=sys.stderr, flush=True)
@@ -196,8 +221,8 @@ def _load_hf_model(argv, runtime):
     export at the end takes its tokenizer files from HF_DIR. Under torchrun global rank 0
     converts and the other ranks wait for the cache."""
     from sed_megatron.convert.hf_cache import cached_source, converted_checkpoint, is_hf_model_dir, source_of
-    from sed_megatron.runtime.mcore import TRACKER_FILE
     from sed_megatron.training.parse import parse_flags
+    from sed_megatron.training.resume import resume_dir
 
     flags = parse_flags(argv, runtime)
     hf_dir = flags.load
@@ -205,11 +230,8 @@ def _load_hf_model(argv, runtime):
         return argv
     extra = [] if flags.save_hf_template else ["--save-hf-template", hf_dir]
     rank = int(os.environ.get("RANK", "0"))
-    if flags.save and os.path.exists(os.path.join(flags.save, TRACKER_FILE)):
-        if rank == 0:
-            print(f"{PROG}: resuming from the newest checkpoint in {flags.save} ({hf_dir} is not loaded again)",
-                  flush=True)
-        return [*argv, "--load", flags.save, *extra]
+    if resume_dir(flags) is not None:  # the run's own checkpoint in --save instead (_resume)
+        return [*argv, *extra]
     cache = flags.hf_cache_dir or (os.path.join(flags.save, "hf_converted") if flags.save else None)
     if cache is None:
         fail(f"--load {hf_dir} is a Hugging Face model directory: its conversion needs --save (it is cached "
@@ -227,6 +249,29 @@ def _load_hf_model(argv, runtime):
         while cached_source(cache) != source:  # rank 0 converts (torchrun stops every rank if it fails)
             time.sleep(1.0)
     return [*argv, "--load", cache, "--finetune", "--no-load-optim", "--no-load-rng", *extra]
+
+
+def _resume(argv, runtime):
+    """(this attempt's RunState, argv): at a torchrun restart the account of the failed attempt
+    (or the stop of one that would not make progress, exit 5); argv loading the newest checkpoint
+    in --save when there is one (unless --no-resume). Before Megatron starts: cheap."""
+    from sed_megatron.training.parse import parse_flags
+    from sed_megatron.training.resume import RunState, resumed_argv
+
+    flags = parse_flags(argv, runtime)
+    state = RunState.at_start(flags.save, PROG)
+    return state, resumed_argv(argv, flags, PROG)
+
+
+def _loop_supervisor(args, state, metrics):
+    """The restart's account, the hang watchdog (--hang-timeout-minutes) and the test faults
+    (--inject-fault) beside the training loop."""
+    from sed_megatron.training.faults import FaultInjection
+    from sed_megatron.training.resume import LoopSupervisor
+    from sed_megatron.training.watchdog import Watchdog
+
+    faults = FaultInjection(args.inject_fault, lambda: args.curr_iteration + 1) if args.inject_fault else None
+    return LoopSupervisor(state, Watchdog(args.hang_timeout_minutes * 60, prog=PROG), faults, metrics)
 
 
 def _tokenize_chat_data(argv, runtime):
@@ -328,6 +373,49 @@ class _ExportsAfterSaves:
         """At the end: True when --save-hf holds the newest checkpoint (no export left to do)."""
         self._wait()
         return self.exported is not None and _latest(self.save) == f"iteration {self.exported}"
+
+
+_SAVE_LOCK = []  # the lock this process holds on --save, and whether it set HELD_ENV for its ranks
+
+
+def _lock_save_dir(argv, runtime, save=None):
+    """The lock of --save (training/save_lock.py), taken by global rank 0, or by the process that
+    starts this machine's ranks (they find it held): a second run into a --save that a live run
+    writes stops in one line naming it (host, pid); a dead run's lock is taken over (said in the
+    log). Without `save`, only a --save that exists is locked (a new one is locked after the
+    start-up checks, so that a bad input leaves nothing). Released when main returns or exits."""
+    from sed_megatron.training.save_lock import HELD_ENV, SaveDirBusy, SaveLock
+
+    if _SAVE_LOCK or os.environ.get(HELD_ENV) or os.environ.get("RANK", "0") != "0":
+        return
+    if save is None:
+        from sed_megatron.training.parse import parse_flags
+
+        save = parse_flags(argv, runtime).save
+        if not save or not os.path.isdir(save):
+            return
+    if not save:
+        return
+    try:
+        lock = SaveLock.acquire(save)
+    except SaveDirBusy as err:
+        fail(str(err), PROG)
+    launcher = "RANK" not in os.environ
+    if launcher:
+        os.environ[HELD_ENV] = "1"
+    _SAVE_LOCK.append((lock, launcher))
+    if lock.notice:
+        print(f"{PROG}: {lock.notice}", flush=True)
+
+
+def _release_save_lock():
+    from sed_megatron.training.save_lock import HELD_ENV
+
+    while _SAVE_LOCK:
+        lock, launcher = _SAVE_LOCK.pop()
+        lock.release()
+        if launcher:
+            os.environ.pop(HELD_ENV, None)
 
 
 def _gpu_count(runtime):

@@ -89,6 +89,10 @@ def option_actions(parser):
 
 
 def value_to_argv(option, action, value, where):
+    if isinstance(action, argparse.BooleanOptionalAction):  # --x / --no-x: true or false
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {option} is a switch; expected true or false, got {value!r}")
+        return [option if value else f"--no-{option[2:]}"]
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {option} is a switch; expected true or false, got {value!r}")

@@ -19,6 +19,7 @@ unknown key is an error naming the file and key. The YAML becomes command-line a
 come first, so any flag given on the command line wins.
 """
 
+import argparse
 import os
 
 import yaml
@@ -67,6 +68,8 @@ LORA_FLAGS = {  # LoRAConfig field (YAML lora: keys) -> flag
 RUN_FLAGS = {  # run-level keys at the top of the YAML -> flag
     "log_entropy": "--log-entropy",
     "metrics_file": "--metrics-file",
+    "resume": "--resume",
+    "hang_timeout_minutes": "--hang-timeout-minutes",
 }
 CHECKPOINT_FLAGS = {  # YAML checkpoint: keys of sed_megatron's own (the section's others are Megatron's) -> flag
     "keep_last": "--save-keep-last",
@@ -194,6 +197,12 @@ def add_sed_arguments(parser):
     group.add_argument("--save-keep-last", type=int, default=None, metavar="N",
                        help="once a save is complete, delete the checkpoints in --save beyond the N newest complete "
                             "ones (never the one the tracker names, nor one being written; YAML checkpoint.keep_last)")
+    group.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                       help="continue from the newest checkpoint in --save when there is one (default)")
+    group.add_argument("--hang-timeout-minutes", type=float, default=10.0,
+                       help="a rank without progress this long ends the job (exit 6); 0: off")
+    group.add_argument("--inject-fault", action="append", default=[], metavar="SPEC",
+                       help="testing: ITERATION:kill|stop|raise[:RANK[:ATTEMPT]] (docs/TRAINING.md)")
     group.add_argument("--save-hf", default=None, metavar="DIR",
                        help="at the end, the Hugging Face export of the newest checkpoint in --save (YAML "
                             "checkpoint.save_hf); --load may be a Hugging Face model directory itself: it is "

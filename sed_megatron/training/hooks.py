@@ -74,13 +74,19 @@ def loss_keeping_tracker():
     return LossKeepingTracker()
 
 
-def install(before_training, metrics_log, log_interval, current_iteration, prog="sed_megatron.train"):
+def install(before_training, metrics_log, log_interval, current_iteration, prog="sed_megatron.train", loop=None,
+            start_iteration=None):
     """Wrap Megatron's train and training_log.
 
     before_training(model_chunks) -> forward_step_func: runs once, with the model, before the
     first step (τ calibration goes here). metrics_log.write(iteration, report, lr, grad_norm,
     extra) appends one record every log_interval iterations, on one rank. A NaN or Inf loss or
-    gradient stops the run with one line naming current_iteration() and exit code 3."""
+    gradient stops the run with one line naming current_iteration() and exit code 3.
+
+    start_iteration() -> the iteration the loop starts after (the loaded one).
+    loop (training/resume.py's LoopSupervisor), if given: started(iteration, writes_metrics,
+    forward_step) -> forward_step before the first step, iteration_done(iteration) after each
+    (every rank), paused() around checkpoint saves and evaluations, ended() when the loop ends."""
     import megatron.training.training as training_loop
     from megatron.core.transformer.moe.moe_logging import set_moe_metrics_tracker
 
@@ -96,7 +102,11 @@ def install(before_training, metrics_log, log_interval, current_iteration, prog=
     def train_with_hooks(forward_step_func, model, *rest, **kwargs):
         writer.append(writes_metrics(model_groups(model[0])))
         forward_step = before_training(model)
-        metrics_log.start(current_iteration() - 1)
+        # The iteration the loop starts after: the loaded checkpoint's (Megatron sets curr_iteration in the loop).
+        start = start_iteration() if start_iteration is not None else current_iteration() - 1
+        metrics_log.start(start)
+        if loop is not None:
+            forward_step = loop.started(start, writer[0], forward_step)
         try:
             return train(forward_step, model, *rest, **kwargs)
         except RuntimeError as err:
@@ -105,9 +115,16 @@ def install(before_training, metrics_log, log_interval, current_iteration, prog=
                 raise
             iteration = current_iteration()
             # Raised before the optimizer step: the weights and every checkpoint are clean.
-            print(f"{prog}: error: iteration {iteration}: {what}; stopped before the optimizer step, no checkpoint "
-                  f"holds this iteration (resume from the last one in --save)", file=sys.stderr, flush=True)
+            line = f"iteration {iteration}: {what}"
+            print(f"{prog}: error: {line}; stopped before the optimizer step, no checkpoint holds this iteration "
+                  f"(resume from the last one in --save)", file=sys.stderr, flush=True)
+            from .resume import record_error
+
+            record_error(line)
             sys.exit(3)
+        finally:
+            if loop is not None:
+                loop.ended()
 
     @functools.wraps(training_log)
     def training_log_with_metrics(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
@@ -126,10 +143,24 @@ def install(before_training, metrics_log, log_interval, current_iteration, prog=
             metrics_log.add({**loss_dict, **moe_losses}, skipped_iter)
             if iteration % log_interval == 0 or first:  # when Megatron prints its line
                 metrics_log.write(iteration, learning_rate, grad_norm)
+        if loop is not None:
+            loop.iteration_done(iteration)
         return result
 
     training_loop.train = train_with_hooks
     training_loop.training_log = training_log_with_metrics
+    if loop is not None:  # a save or an evaluation is not a hang
+        for name in ("save_checkpoint_and_time", "evaluate_and_print_results"):
+            setattr(training_loop, name, _paused_by(loop, getattr(training_loop, name)))
+
+
+def _paused_by(loop, fn):
+    @functools.wraps(fn)
+    def paused(*args, **kwargs):
+        with loop.paused():
+            return fn(*args, **kwargs)
+
+    return paused
 
 
 def after_saves(after):

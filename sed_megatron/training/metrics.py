@@ -63,6 +63,7 @@ class MetricsLog:
         self._sums, self._count, self._skipped = {}, 0, 0
         self._last = None  # (iteration, time) of the previous record, or of the start
         self._drop_after = None  # the start's iteration, until the first write
+        self._annotation = {}  # fields of the next record only (a restart's account)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def start(self, iteration):
@@ -73,6 +74,10 @@ class MetricsLog:
         drops them, so that the file holds one curve."""
         self._last = (iteration, time.time())
         self._drop_after = iteration
+
+    def annotate_next(self, fields):
+        """Fields the next record carries besides the metrics (a restart's account: `restart`)."""
+        self._annotation.update(fields)
 
     def _drop_records_after(self, iteration):
         if not os.path.exists(self.path):
@@ -107,6 +112,8 @@ class MetricsLog:
         if self._last is not None and iteration > self._last[0] and now > self._last[1]:
             record["tokens_per_sec"] = (iteration - self._last[0]) * self.tokens_per_iteration / (now - self._last[1])
         record["skipped"] = self._skipped
+        record.update(self._annotation)
+        self._annotation = {}
         self._sums, self._count, self._skipped = {}, 0, 0
         self._last = (iteration, now)
         if self._drop_after is not None:
