@@ -9,6 +9,7 @@ attempt), so a restarted run goes on; several --inject-fault flags chain faults 
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 WHATS = ("kill", "stop", "raise")
@@ -62,6 +63,7 @@ class FaultInjection:
                     if fault.what == "kill":
                         os.kill(os.getpid(), signal.SIGKILL)
                     elif fault.what == "stop":
+                        time.sleep(0.5)  # the watchdog publishes the last finished iteration first
                         os.kill(os.getpid(), signal.SIGSTOP)
                     else:
                         raise InjectedFault(f"injected fault at iteration {iteration} on rank {self.rank}")

@@ -57,6 +57,7 @@ class Watchdog:
         self._beats = 0
         self._pauses = 0
         self._stopped = threading.Event()
+        self._wake = threading.Event()
         self._thread = None
 
     @property
@@ -72,6 +73,7 @@ class Watchdog:
 
     def progress(self, iteration):
         self._iteration = int(iteration)
+        self._wake.set()  # published now: a rank that freezes next is named with its last iteration
 
     @contextlib.contextmanager
     def paused(self):
@@ -84,6 +86,7 @@ class Watchdog:
 
     def stop(self):
         self._stopped.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -100,14 +103,23 @@ class Watchdog:
             store = None
         keys = [f"{self._prefix}/{r}" for r in range(self.world_size)]
         seen = {}  # rank -> (published value, when the heartbeat changed, when the rank last made progress)
-        while not self._stopped.wait(self.interval_s):
+        next_check = time.monotonic() + self.interval_s
+        while True:
+            self._wake.wait(max(0.0, next_check - time.monotonic()))
+            self._wake.clear()
+            if self._stopped.is_set():
+                break
             self._beats += 1
             now = time.monotonic()
             try:
+                if store is not None:
+                    store.set(keys[self.rank], self._value())
+                if now < next_check:  # woken by progress: published, the others are read on schedule
+                    continue
+                next_check = now + self.interval_s
                 if store is None:
                     values = {self.rank: self._value()}
                 else:
-                    store.set(keys[self.rank], self._value())
                     present = [r for r in range(self.world_size) if store.check([keys[r]])]
                     values = dict(zip(present, (v.decode() for v in store.multi_get([keys[r] for r in present]))))
             except Exception:  # noqa: BLE001 - the store went away: the job is ending anyway
