@@ -193,6 +193,31 @@ def cases():
              files={"gpt2/config.json": json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})}),
         Case(train, "SED_MEGATRON_DEVICE misspelt", ["--config", TINY], r"SED_MEGATRON_DEVICE='gpu': expected one of",
              env={"SED_MEGATRON_DEVICE": "gpu"}),
+        Case(train, "a checkpoint shard cut short (an older complete checkpoint beside it)",
+             ["--config", TINY, "--load", "{ckpt_cut}", "--save", "{tmp}/out"],
+             r"ckpt_cut/iter_0000004/__0_0\.distcp: truncated: \d+ of \d+ bytes \(the checkpoint of iteration 4, "
+             r"which .*latest_checkpointed_iteration\.txt names\); --load-fallback would load iteration 2",
+             output="{tmp}/out", env=two),
+        Case(train, "a checkpoint without its .metadata (copied before its save finished)",
+             ["--config", TINY, "--load", "{ckpt_unfinished}", "--save", "{tmp}/out"],
+             r"iter_0000004/\.metadata: missing \(the save of this checkpoint did not finish\) .*; no older complete "
+             r"checkpoint in ", output="{tmp}/out", env=two),
+        Case(train, "a checkpoint shard missing", ["--config", TINY, "--load", "{ckpt_no_shard}", "--save",
+                                                   "{tmp}/out"],
+             r"iter_0000004/__0_0\.distcp: missing \(\.metadata lists \d+ bytes of items in it\)",
+             output="{tmp}/out", env=two),
+        Case(train, "an indexed dataset whose .bin is cut short", ["--config", TINY, "--sft-data-kind", "indexed",
+                                                                  "--sft-data-path", "{ds_cut}", "--save", "{tmp}/out"],
+             r"--sft-data-path: .*ds_cut\.bin: truncated: 60 of 84 bytes \(its ds_cut\.idx says\)",
+             output="{tmp}/out", env=two),
+        Case(train, "loss-mask files of another dataset", ["--config", TINY, "--sft-data-kind", "indexed",
+                                                          "--sft-data-path", "{ds_mismatch}", "--save", "{tmp}/out"],
+             r"ds_mismatch_loss_mask\.idx: sample 1 has 8 loss-mask values but 7 tokens in", output="{tmp}/out",
+             env=two),
+        Case(train, "--save-keep-last 0", ["--config", TINY, "--save-keep-last", "0"],
+             r"--save-keep-last 0 must be at least 1", env=two),
+        Case(train, "a bad save-error injection", ["--config", TINY, "--inject-save-error", "4:FULL"],
+             r"--inject-save-error '4:FULL': expected ITERATION:ENOSPC\|EIO\|EDQUOT", env=two),
         Case("calibrate", "mask ratio outside [0, 1]", ["--config", TINY, "--mask-ratio", "1.5"],
              r"--mask-ratio must lie in \[0, 1\], got 1\.5"),
         Case("calibrate", "no calibration samples", ["--config", TINY, "--mask-ratio", "0.7",
@@ -340,6 +365,30 @@ FAULTS = [
      "tests/training/test_hf_one_command.py::test_hf_model_in_hf_model_out"),
     ("preprocess", "kill -9 while writing", "the process dies", "nothing at the prefix (only `.tmp-PID` files beside "
      "it)", "tests/data/test_interrupted.py::test_preprocess_killed_mid_write_leaves_nothing"),
+    ("train", "a full disk during a save (`--inject-save-error 4:ENOSPC`)", "`error: iteration 4: OSError: [Errno 28] "
+     "No space left on device (the newest complete checkpoint in CKPT: iteration 2)`, exit 4",
+     "the tracker on iteration 2; iteration 4's directory without its .metadata (a resume saves over it)",
+     "tests/training/test_checkpoint_faults.py::test_full_disk_retention_and_a_cut_checkpoint"),
+    ("train", "`--save-keep-last 2`", "`--save-keep-last 2: deleted the checkpoints of iteration(s) 2 in CKPT` "
+     "(the log)",
+     "the 2 newest complete checkpoints; never the tracker's, nor a newer one being written",
+     "tests/training/test_checkpoint_faults.py::test_full_disk_retention_and_a_cut_checkpoint"),
+    ("train", "a cut checkpoint with `--load-fallback`", "`... truncated: N of M bytes (...): loading iteration 4 "
+     "instead, the newest complete checkpoint in CKPT (--load-fallback)` (the log)",
+     "training goes on from iteration 5; the cut checkpoint is saved again, whole",
+     "tests/training/test_checkpoint_faults.py::test_full_disk_retention_and_a_cut_checkpoint"),
+    ("train", "a second run into a --save that a live run writes", "`error: --save CKPT is being written by another "
+     "run (host H, pid P, started T; its lock: CKPT/.sed_megatron.lock): stop it or choose another --save ...`, exit 2",
+     "nothing of the second run; the live run's lock untouched",
+     "tests/training/test_checkpoint_faults.py::test_a_live_run_keeps_its_save_and_a_dead_one_leaves_it"),
+    ("train", "a --save whose run was killed (its lock left behind)", "`took over the lock CKPT/.sed_megatron.lock of "
+     "a run that is gone (host H, pid P, started T; pid P is not running)` (the log)",
+     "the lock is the new run's while it runs, removed at its end",
+     "tests/training/test_checkpoint_faults.py::test_a_live_run_keeps_its_save_and_a_dead_one_leaves_it"),
+    ("train", "a lock of a run on another host whose heartbeat stopped (or the same torchrun job restarted)",
+     "refused while its heartbeat is fresh; taken over (`... its heartbeat stopped N s ago`) after 5 minutes; "
+     "the same run id: kept", "the lock is the new run's",
+     "tests/training/test_checkpoint_checks.py::test_the_lock_refuses_a_live_run_and_takes_over_a_dead_one"),
 ]
 
 
@@ -357,6 +406,54 @@ def _fixtures(root):
     model.save_pretrained(paths["hf_missing_shard"], max_shard_size="50KB")
     shards = sorted(f for f in os.listdir(paths["hf_missing_shard"]) if f.endswith(".safetensors"))
     os.remove(os.path.join(paths["hf_missing_shard"], shards[-1]))
+    paths.update(_corrupt_inputs(root))
+    return paths
+
+
+def _corrupt_inputs(root):
+    """{ckpt_cut} (iteration 4's shard cut short, 2 complete), {ckpt_unfinished} (4 without its
+    .metadata), {ckpt_no_shard} (4's shard gone), {ds_cut} (a .bin shorter than its .idx says),
+    {ds_mismatch} (loss masks of another dataset): torch_dist checkpoints written by torch's own
+    writer, indexed datasets by Megatron's builder."""
+    import numpy
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    def checkpoint(save, iteration):
+        path = os.path.join(save, f"iter_{iteration:07d}")
+        state = {"w": torch.arange(256, dtype=torch.float32)}
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(path, single_file_per_rank=True), no_dist=True)
+        with open(os.path.join(path, "metadata.json"), "w") as f:
+            json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1}, f)
+        with open(os.path.join(save, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write(str(iteration))
+        return path
+
+    def indexed(prefix, lengths, mask_lengths):
+        for path, dtype, sizes in ((prefix, torch.int32, lengths), (prefix + "_loss_mask", torch.uint8, mask_lengths)):
+            builder = IndexedDatasetBuilder(path + ".bin", dtype=numpy.int32 if dtype == torch.int32 else numpy.uint8)
+            for n in sizes:
+                builder.add_item(torch.ones(n, dtype=dtype))
+                builder.end_document()
+            builder.finalize(path + ".idx")
+
+    paths = {name: os.path.join(root, name) for name in ("ckpt_cut", "ckpt_unfinished", "ckpt_no_shard", "ds_cut",
+                                                         "ds_mismatch")}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "assuming the intent is to save in a single process"
+        checkpoint(paths["ckpt_cut"], 2)
+        shard = os.path.join(checkpoint(paths["ckpt_cut"], 4), "__0_0.distcp")
+        with open(shard, "r+b") as f:
+            f.truncate(os.path.getsize(shard) // 2)
+        os.remove(os.path.join(checkpoint(paths["ckpt_unfinished"], 4), ".metadata"))
+        os.remove(os.path.join(checkpoint(paths["ckpt_no_shard"], 4), "__0_0.distcp"))
+    indexed(paths["ds_cut"], [5, 7, 9], [5, 7, 9])
+    with open(paths["ds_cut"] + ".bin", "r+b") as f:
+        f.truncate(60)
+    indexed(paths["ds_mismatch"], [5, 7, 9], [5, 8, 9])
     return paths
 
 

@@ -17,6 +17,7 @@ complete; `--inject-save-error ITERATION:ENOSPC` makes one save's write fail (te
 """
 
 import errno
+import functools
 import json
 import os
 import pickle
@@ -197,11 +198,19 @@ def first_write_error():
     return _write_errors[0] if _write_errors else None
 
 
+_hooks = {}  # what the wrappers read: installed once per process, settings replaced per run
+
+
 def install_save_hooks(save_dir, keep_last=None, save_error=None, log=print):
     """Wrap Megatron's checkpoint writer and saves: the first write error is kept (for the one line
     of a failing save), keep_last prunes save_dir after each save on global rank 0, and save_error =
     (iteration, errno) makes the write of that iteration's save raise OSError(errno) after its
-    first item (testing: a full disk)."""
+    first item (testing: a full disk). A second call (another run in this process) replaces the
+    settings; the wrappers are installed once."""
+    _write_errors.clear()
+    _hooks.update(save_dir=save_dir, keep_last=keep_last, save_error=save_error, log=log, armed=False, items=0)
+    if _hooks.get("installed"):
+        return
     import megatron.core.dist_checkpointing.strategies.filesystem_async as fs_async
     import megatron.training.training as training_loop
 
@@ -211,44 +220,57 @@ def install_save_hooks(save_dir, keep_last=None, save_error=None, log=print):
     write = writer.write_preloaded_data
     check_signature(write, ("transform_list", "local_proc_idx", "write_bucket"),
                     "sed_megatron's report of a failing checkpoint write (sed_megatron/training/checkpoints.py)")
+    save = training_loop.save_checkpoint_and_time
+    check_signature(save, ("iteration", "model"), "sed_megatron's hooks on saves (training/checkpoints.py)",
+                    keywords=("non_persistent_ckpt",))
+    write_item = fs_async._write_item
 
+    @functools.wraps(write)
     def write_preloaded_data(*args, **kwargs):
         result = write(*args, **kwargs)
         if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], BaseException):
             _write_errors.append(result[1])
         return result
 
-    writer.write_preloaded_data = staticmethod(write_preloaded_data)
-    save = training_loop.save_checkpoint_and_time
-    check_signature(save, ("iteration", "model"), "sed_megatron's hooks on saves (training/checkpoints.py)",
-                    keywords=("non_persistent_ckpt",))
-    armed = [False, 0]  # this save fails; items written so far
+    @functools.wraps(write_item)  # Megatron reads its signature
+    def failing_write_item(*args, **kwargs):
+        if _hooks["armed"]:
+            _hooks["items"] += 1
+            if _hooks["items"] > 1:  # the file exists and holds its first item: a disk that filled up
+                code = _hooks["save_error"][1]
+                raise OSError(code, os.strerror(code))
+        return write_item(*args, **kwargs)
 
-    if save_error is not None:
-        write_item = fs_async._write_item
-
-        def failing_write_item(*args, **kwargs):
-            if armed[0]:
-                armed[1] += 1
-                if armed[1] > 1:  # the file exists and holds its first item: a disk that filled up
-                    raise OSError(save_error[1], os.strerror(save_error[1]))
-            return write_item(*args, **kwargs)
-
-        fs_async._write_item = failing_write_item
-
+    @functools.wraps(save)
     def save_checkpoint_and_time(iteration, *args, **kwargs):
         import torch.distributed as dist
 
-        armed[:] = [save_error is not None and iteration == save_error[0], 0]
+        injected = _hooks["save_error"]
+        _hooks.update(armed=injected is not None and iteration == injected[0], items=0)
         try:
             result = save(iteration, *args, **kwargs)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # torch's CheckpointException is a BaseException
+            cause = first_write_error()
+            if isinstance(cause, OSError) and cause is not err:  # Megatron's "worker failure" hides the errno
+                raise cause from err
+            if isinstance(err, Exception):
+                raise
+            from megatron.core.dist_checkpointing.core import CheckpointingException
+
+            raise CheckpointingException(_first_line(err)) from err  # what main reports as a failing save
         finally:
-            armed[0] = False
-        if keep_last and save_dir and not kwargs.get("non_persistent_ckpt", False) and dist.get_rank() == 0:
-            deleted = prune(save_dir, keep_last)  # after the save's barrier: the tracker names it
+            _hooks["armed"] = False
+        keep, directory = _hooks["keep_last"], _hooks["save_dir"]
+        if keep and directory and not kwargs.get("non_persistent_ckpt", False) and dist.get_rank() == 0:
+            deleted = prune(directory, keep)  # after the save's barrier: the tracker names it
             if deleted:
-                log(f"sed_megatron: --save-keep-last {keep_last}: deleted the checkpoints of iteration(s) "
-                    f"{', '.join(map(str, deleted))} in {save_dir}", flush=True)
+                _hooks["log"](f"sed_megatron: --save-keep-last {keep}: deleted the checkpoints of iteration(s) "
+                              f"{', '.join(map(str, deleted))} in {directory}", flush=True)
         return result
 
+    writer.write_preloaded_data = staticmethod(write_preloaded_data)
+    fs_async._write_item = failing_write_item
     training_loop.save_checkpoint_and_time = save_checkpoint_and_time
+    _hooks["installed"] = True
