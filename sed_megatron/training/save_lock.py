@@ -87,11 +87,11 @@ def _describe(record):
 
 def judge(record, mtime, now=None, host=None):
     """What a lock found in place is: "ours" (this job, e.g. a worker restarted by torchrun), "live"
-    (another run) or "dead: <why>"."""
+    (another run), "unreadable" (just created: look again) or "dead: <why>"."""
     now = time.time() if now is None else now
     host = socket.gethostname() if host is None else host
-    if not isinstance(record, dict):
-        return "dead: the lock file is not readable JSON"
+    if not isinstance(record, dict):  # being written (O_EXCL without links), or garbage once it is old
+        return "dead: the lock file is not readable JSON" if now - mtime > 2 * HEARTBEAT_S else "unreadable"
     if record.get("run_id") and record.get("run_id") == run_id():
         return "ours"
     if record.get("host") == host:
@@ -140,6 +140,9 @@ class SaveLock:
             except FileNotFoundError:
                 continue  # released meanwhile
             verdict = judge(other, mtime)
+            if verdict == "unreadable":
+                time.sleep(0.5)
+                continue
             if verdict == "live":
                 raise SaveDirBusy(f"--save {save} is being written by another run ({_describe(other)}; its lock: "
                                   f"{path}): stop it or choose another --save (a lock left by a run that is gone is "
@@ -166,7 +169,8 @@ class SaveLock:
             os.remove(stale)
             who = _describe(other) if isinstance(other, dict) else "unknown"
             notice = f"took over the lock {path} of a run that is gone ({who}; {verdict[len('dead: '):]})"
-        raise SaveDirBusy(f"--save {save}: could not take its lock {path} (other runs keep taking it)")
+        raise SaveDirBusy(f"--save {save}: could not take its lock {path} (other runs keep taking it, or it is "
+                          f"unreadable and younger than {2 * HEARTBEAT_S:.0f} s)")
 
     def _beat(self):
         while not self._stop.wait(HEARTBEAT_S):
@@ -215,6 +219,14 @@ def _create(path, record):
         return True
     except FileExistsError:
         return False
+    except OSError:  # a filesystem without hard links: O_EXCL (a reader may see it empty for a moment)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        return True
     finally:
         os.remove(tmp)
 

@@ -229,3 +229,38 @@ def test_the_heartbeat_touches_the_lock(tmp_path, monkeypatch):
     assert os.path.getmtime(lock.path) > old + 500
     lock.release()
     assert not lock._thread.is_alive() or lock._thread.join(5) is None and not lock._thread.is_alive()
+
+
+def test_yaml_checkpoint_keys_reach_their_flags(tmp_path):
+    import argparse
+
+    from megatron.training.arguments import add_megatron_arguments
+
+    from sed_megatron.training.arguments import add_sed_arguments, expand_config
+
+    parser = add_sed_arguments(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)))
+    path = tmp_path / "run.yaml"
+    path.write_text("checkpoint: {save: runs/x, save_interval: 10, keep_last: 3, load_fallback: true}\n")
+    sources = {}
+    args = parser.parse_args(expand_config(["--config", str(path)], parser, sources))
+    assert (args.save, args.save_interval, args.save_keep_last, args.load_fallback) == ("runs/x", 10, 3, True)
+    assert sources["save_keep_last"] == f"{path}: checkpoint.keep_last"
+    args = parser.parse_args(expand_config(["--config", str(path), "--save-keep-last", "1"], parser))
+    assert args.save_keep_last == 1  # the command line wins
+    assert checkpoints.parse_save_error("4:ENOSPC") == (4, 28)
+    with pytest.raises(ValueError, match=r"--inject-save-error '0:ENOSPC': expected ITERATION:ENOSPC\|EIO\|EDQUOT"):
+        checkpoints.parse_save_error("0:ENOSPC")
+
+
+def test_an_unreadable_lock_is_left_while_young_and_taken_over_once_old(tmp_path, monkeypatch):
+    monkeypatch.setattr(save_lock.time, "sleep", lambda s: None)
+    path = os.path.join(tmp_path, save_lock.LOCK_FILE)
+    open(path, "w").close()  # another run between creating it and writing it (no hard links there)
+    with pytest.raises(save_lock.SaveDirBusy, match=r"could not take its lock .* unreadable and younger than 60 s"):
+        save_lock.SaveLock.acquire(str(tmp_path))
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    lock = save_lock.SaveLock.acquire(str(tmp_path))
+    assert lock.notice.endswith("(unknown; the lock file is not readable JSON)")
+    lock.release()
+    assert os.listdir(tmp_path) == []
