@@ -12,7 +12,7 @@
 # checkpoint in --save by itself (--no-resume: a fresh run into a used --save). The nodes meet in
 # torchrun's c10d rendezvous at MASTER_ADDR:MASTER_PORT, under RDZV_ID: the same on every node of
 # one job and different between jobs (default: SLURM_JOB_ID, else sed-MASTER_ADDR-MASTER_PORT); the
-# workers see it as TORCHELASTIC_RUN_ID, and TORCHELASTIC_RESTART_COUNT counts the restarts.
+# workers see it as TORCHELASTIC_RUN_ID, and number the attempts by the rendezvous's round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,5 +35,6 @@ distributed_args=(
   --max-restarts "${MAX_RESTARTS:-3}"
 )
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+export SED_MEGATRON_RDZV_ENDPOINT="$MASTER_ADDR:$MASTER_PORT"  # the workers number the attempts by its round
 
 exec "$PYTHON_BIN" -m torch.distributed.run "${distributed_args[@]}" -m sed_megatron.train "$@"

@@ -230,8 +230,8 @@ def _load_hf_model(argv, runtime):
         return argv
     extra = [] if flags.save_hf_template else ["--save-hf-template", hf_dir]
     rank = int(os.environ.get("RANK", "0"))
-    if resume_dir(flags) is not None:  # the run's own checkpoint in --save instead (_resume)
-        return [*argv, *extra]
+    if resume_dir(flags) is not None:  # the run's own newest checkpoint instead (_resume says so)
+        return [*argv, "--load", flags.save, *extra]
     cache = flags.hf_cache_dir or (os.path.join(flags.save, "hf_converted") if flags.save else None)
     if cache is None:
         fail(f"--load {hf_dir} is a Hugging Face model directory: its conversion needs --save (it is cached "

@@ -3,7 +3,7 @@
     --inject-fault ITERATION:WHAT[:RANK[:ATTEMPT]]     WHAT: kill (SIGKILL), stop (SIGSTOP), raise
 
 The fault strikes global rank RANK (default 0) as it starts iteration ITERATION (its first
-forward step), in torchrun attempt ATTEMPT (TORCHELASTIC_RESTART_COUNT; default 0, `all`: every
+forward step), in torchrun attempt ATTEMPT (resume.job_attempt: the rendezvous round; default 0, `all`: every
 attempt), so a restarted run goes on; several --inject-fault flags chain faults in one job.
 """
 
@@ -47,7 +47,9 @@ class FaultInjection:
         self.clock = clock
         """The iteration being computed now (1-based)."""
         self.rank = int(os.environ.get("RANK", "0"))
-        self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        from .resume import job_attempt
+
+        self.attempt = job_attempt()
 
     def wrap(self, forward_step):
         mine = [f for f in self.faults if f.rank == self.rank and f.attempt in (None, self.attempt)]

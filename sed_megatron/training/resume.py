@@ -14,7 +14,7 @@ The state of the job lives in <save>/.run/ (cheap, each file replaced atomically
 - errors/<run>-<attempt>-<rank>.json: the first line of the error a rank ended with;
 - restarts.json: one record per failed attempt of this torchrun job (TORCHELASTIC_RUN_ID):
   where it failed (the iteration after the last finished one), its first error.
-At a restart (TORCHELASTIC_RESTART_COUNT > 0) the log says what was lost; the first
+At a restart (job_attempt() > 0: the rendezvous's round) the log says what was lost; the first
 metrics.jsonl record after it carries `restart`. When the previous two attempts failed at the
 same iteration, the attempt stops at once with one line and exit code 5, before Megatron is
 imported: torchrun's remaining restarts stop the same way.
@@ -87,8 +87,42 @@ def _run_id():
     return re.sub(r"[^A-Za-z0-9_.-]", "_", os.environ.get("TORCHELASTIC_RUN_ID", "none"))
 
 
+RDZV_ENDPOINT_ENV = "SED_MEGATRON_RDZV_ENDPOINT"
+"""host:port of the job's c10d rendezvous (launch/train.sh sets it), where job_attempt reads the round."""
+_ATTEMPT = []
+
+
+def job_attempt():
+    """The attempt of this torchrun job, the same on every rank of every node: the round of its
+    c10d rendezvous (0 for the job's first). TORCHELASTIC_RESTART_COUNT is not: it counts the
+    restarts of one agent after its own workers failed, and an agent that restarts its workers
+    because another node's failed keeps its count. Without the endpoint (one agent, or the tests'
+    self-started ranks) the restart count."""
+    if not _ATTEMPT:
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        endpoint, run_id = os.environ.get(RDZV_ENDPOINT_ENV), os.environ.get("TORCHELASTIC_RUN_ID")
+        if endpoint and run_id and not endpoint.endswith(":0"):  # port 0: one agent's own rendezvous
+            import pickle
+            from datetime import timedelta
+
+            from torch.distributed import TCPStore
+            from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+
+            host, _, port = endpoint.rpartition(":")
+            try:
+                store = TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=60))
+                state = C10dRendezvousBackend(store, run_id).get_state()
+                attempt = int(pickle.loads(state[0]).round)  # the rendezvous's own state: torch wrote it
+            except Exception as err:  # noqa: BLE001 - said, and the agent's count instead
+                print(f"sed_megatron.train: warning: the round of the rendezvous at {endpoint} is unknown "
+                      f"({type(err).__name__}: {err}); counting attempts by this node's restarts", file=sys.stderr,
+                      flush=True)
+        _ATTEMPT.append(attempt)
+    return _ATTEMPT[0]
+
+
 def _attempt():
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    return job_attempt()
 
 
 def _read_json(path, default=None):
@@ -156,8 +190,7 @@ class RunState:
             "iterations_lost"], "failed_at": failed_at, "error": error,
             "last_progress_time": progress.get("time") if mine else None}
         if rank == 0:
-            limit = os.environ.get("TORCHELASTIC_MAX_RESTARTS")
-            print(f"{prog}: restart {state.attempt}{f' of {limit}' if limit else ''}: iteration {failed_at} failed "
+            print(f"{prog}: restart {state.attempt}: iteration {failed_at} failed "
                   f"({error}); resuming from iteration {resumed_from} in {save}, {record['iterations_lost']} "
                   f"finished iteration(s) lost", flush=True)
         return state

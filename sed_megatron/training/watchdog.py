@@ -13,12 +13,15 @@ reads every rank's. A rank whose heartbeat has not changed for the timeout (a SI
 frozen process), or one that finished no iteration for the timeout while not paused (stuck in a
 collective or a kernel), ends the job: the lowest rank whose heartbeat is alive prints one line,
 "rank R stopped making progress after iteration N (no heartbeat for T s)", and exits with
-HANG_EXIT; torchrun then restarts the workers (launch/train.sh). Times are measured on each
+HANG_EXIT, after a SIGKILL to a silent rank's process on its own host (a frozen process does not
+take torchrun's SIGTERM: torchrun would wait 30 s); torchrun then restarts the workers
+(launch/train.sh). Times are measured on each
 checker's own clock (when it saw a value change), so clocks of different nodes need not agree.
 """
 
 import contextlib
 import os
+import socket
 import sys
 import threading
 import time
@@ -51,7 +54,9 @@ class Watchdog:
         self._store_factory = store_factory
         # A beat every few seconds; a large world reads every rank's keys less often.
         self.interval_s = interval_s or min(max(2.0, self.world_size / 50), max(0.5, self.timeout_s / 4))
-        self._prefix = f"{PREFIX}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        from .resume import job_attempt
+
+        self._prefix = f"{PREFIX}/{job_attempt()}"
         self._iteration = 0
         self._paused = 0
         self._beats = 0
@@ -59,6 +64,7 @@ class Watchdog:
         self._stopped = threading.Event()
         self._wake = threading.Event()
         self._thread = None
+        self._store = None
 
     @property
     def enabled(self):
@@ -102,6 +108,12 @@ class Watchdog:
                   f"rank only", file=sys.stderr, flush=True)
             store = None
         keys = [f"{self._prefix}/{r}" for r in range(self.world_size)]
+        self._store = store
+        if store is not None:
+            try:  # where this rank runs: the rank that ends the job kills a frozen one on its own host
+                store.set(f"{keys[self.rank]}/where", f"{socket.gethostname()} {os.getpid()}")
+            except Exception:  # noqa: BLE001 - the store went away: the job is ending anyway
+                return
         seen = {}  # rank -> (published value, when the heartbeat changed, when the rank last made progress)
         next_check = time.monotonic() + self.interval_s
         while True:
@@ -163,13 +175,38 @@ class Watchdog:
             line = (f"rank {rank} stopped making progress after iteration {seen[rank][0][1]} (no iteration finished "
                     f"for {stuck[rank]:.0f} s; its heartbeat is alive)")
         self._stopped.set()
-        (self.on_hang or self._end_job)(line)
+        if self.on_hang is not None:
+            self.on_hang(line)
+        else:
+            self._end_job(line, sorted(silent))
 
-    def _end_job(self, line):
+    def _kill_if_local(self, rank):
+        """SIGKILL a silent rank's process when it runs on this host (torchrun would wait 30 s for a
+        frozen process to take its SIGTERM); its pid, or None."""
+        import signal
+
+        try:
+            key = f"{self._prefix}/{rank}/where"
+            if self._store is None or not self._store.check([key]):
+                return None
+            host, pid = self._store.get(key).decode().split()
+            if host != socket.gethostname():
+                return None
+            with open(f"/proc/{pid}/environ", "rb") as f:  # still that rank's process (not a reused pid)
+                if f"RANK={rank}".encode() not in f.read().split(b"\0"):
+                    return None
+            os.kill(int(pid), signal.SIGKILL)
+            return int(pid)
+        except (OSError, ValueError):
+            return None
+
+    def _end_job(self, line, silent=()):
         from .resume import record_error
 
+        killed = [pid for pid in map(self._kill_if_local, silent) if pid is not None]
+        note = f"; killed its frozen process (pid {', '.join(map(str, killed))}) on this host" if killed else ""
         print(f"{self.prog}: error: {line}; --hang-timeout-minutes {self.timeout_s / 60:g}; ending the job "
-              f"(torchrun restarts it while restarts remain)", file=sys.stderr, flush=True)
+              f"(torchrun restarts it while restarts remain){note}", file=sys.stderr, flush=True)
         record_error(line)
         sys.stdout.flush()
         os._exit(HANG_EXIT)

@@ -44,7 +44,8 @@ def test_resume_only_from_a_save_with_a_checkpoint(tmp_path, capsys, monkeypatch
 
 def _attempt(monkeypatch, save, attempt, prog="p"):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(attempt))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(attempt))  # one agent: its count is the job's attempt
+    monkeypatch.setattr(resume, "_ATTEMPT", [])
     monkeypatch.setenv("RANK", "0")
     return resume.RunState.at_start(save, prog)
 
@@ -147,6 +148,7 @@ def _wait(hangs, seconds=20):
 
 def test_watchdog_names_a_silent_rank_from_the_lowest_live_one(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.setattr(resume, "_ATTEMPT", [])
     store, hangs = DictStore(), []
     frozen, alive = _dogs(store, hangs)
     frozen.start(3)
@@ -164,6 +166,7 @@ def test_watchdog_names_a_silent_rank_from_the_lowest_live_one(monkeypatch):
 
 def test_watchdog_names_a_rank_without_progress_and_pauses_for_saves(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.setattr(resume, "_ATTEMPT", [])
     store, hangs = DictStore(), []
     dogs = _dogs(store, hangs)
     for dog in dogs:
@@ -194,6 +197,7 @@ def test_faults_strike_one_rank_in_one_attempt(monkeypatch):
     clock = [1]
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setattr(resume, "_ATTEMPT", [])
     step = FaultInjection(["2:raise:1:1", "3:raise:1:0", "2:kill:0"], lambda: clock[0]).wrap(lambda: "step")
     assert step() == "step"
     clock[0] = 3  # attempt 0's fault: not in this attempt
