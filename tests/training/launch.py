@@ -26,6 +26,14 @@ def _command(nproc, flags, config, torchrun=False):
             "-m", "sed_megatron.train", "--config", config, *TEST_FLAGS, *flags]
 
 
+def _own_save(flags, config, run_dir):
+    """The tiny example saves into the checkout's runs/tiny_cpu, and a run resumes from the newest
+    checkpoint in its --save: a test's run of it saves into its own directory instead."""
+    if config == TINY and "--save" not in flags:
+        return [*flags, "--save", os.path.join(run_dir, "save")]
+    return list(flags)
+
+
 def _env():
     # Eager mode: torch.compile's warm-up costs more than these tiny runs.
     return {**os.environ, "TORCHDYNAMO_DISABLE": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1", "OMP_NUM_THREADS": "1"}
@@ -42,6 +50,7 @@ def train(run_dir, nproc=1, flags=(), config=TINY, timeout=300, torchrun=False):
     The ranks are forked from a process that has imported the training code (tests/warm.py),
     with torchrun's variables; torchrun=True: under torchrun itself (the GPU checks)."""
     os.makedirs(run_dir, exist_ok=True)
+    flags = _own_save(flags, config, run_dir)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     log_path = os.path.join(run_dir, "train.log")
     open(log_path, "w").close()
@@ -64,6 +73,7 @@ def train(run_dir, nproc=1, flags=(), config=TINY, timeout=300, torchrun=False):
 def train_until_sigterm(run_dir, nproc, flags, after_records, timeout=300):
     """Start training, send SIGTERM once metrics.jsonl has after_records lines; returns (rc, log)."""
     os.makedirs(run_dir, exist_ok=True)
+    flags = _own_save(flags, TINY, run_dir)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     log_path = os.path.join(run_dir, "train.log")
     with open(log_path, "w") as log:

@@ -43,7 +43,7 @@ def test_a_kind_from_one_module_trains(tmp_path):
            "TORCHDYNAMO_DISABLE": "1"}
     run = subprocess.run([sys.executable, "-m", "sed_megatron.train", "--config", str(config), *TEST_FLAGS,
                           "--tensor-model-parallel-size", "1", "--train-iters", "2", "--metrics-file", str(metrics),
-                          "--ce-weight", "0.5"],  # the flag wins over the YAML key
+                          "--save", str(tmp_path / "save"), "--ce-weight", "0.5"],  # the flag wins over the YAML key
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     records = read_metrics(metrics)
