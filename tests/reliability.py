@@ -218,6 +218,10 @@ def cases():
              r"--save-keep-last 0 must be at least 1", env=two),
         Case(train, "a bad save-error injection", ["--config", TINY, "--inject-save-error", "4:FULL"],
              r"--inject-save-error '4:FULL': expected ITERATION:ENOSPC\|EIO\|EDQUOT", env=two),
+        Case(train, "a negative hang timeout", ["--config", TINY, "--hang-timeout-minutes", "-1"],
+             r"--hang-timeout-minutes -1: must be >= 0 \(0: no hang detection\)", env=two),
+        Case(train, "a bad worker-fault injection", ["--config", TINY, "--inject-fault", "3:explode"],
+             r"--inject-fault '3:explode': expected ITERATION:kill\|stop\|raise", env=two),
         Case("calibrate", "mask ratio outside [0, 1]", ["--config", TINY, "--mask-ratio", "1.5"],
              r"--mask-ratio must lie in \[0, 1\], got 1\.5"),
         Case("calibrate", "no calibration samples", ["--config", TINY, "--mask-ratio", "0.7",
@@ -389,6 +393,20 @@ FAULTS = [
      "refused while its heartbeat is fresh; taken over (`... its heartbeat stopped N s ago`) after 5 minutes; "
      "the same run id: kept", "the lock is the new run's",
      "tests/training/test_checkpoint_checks.py::test_the_lock_refuses_a_live_run_and_takes_over_a_dead_one"),
+    ("train", "kill -9 of a worker between two saves (`launch/train.sh`, TP=2)", "torchrun restarts the workers: "
+     "`restart 1: iteration 5 failed (killed by a signal (no error recorded)); resuming from iteration 3 in CKPT, 1 "
+     "finished iteration(s) lost` (the log)", "the final checkpoint equals an uninterrupted run's, bit for bit "
+     "(optimizer state too); metrics.jsonl: one curve, `restart` in the first record after it",
+     "tests/training/test_restart.py::test_kill_9_of_a_worker_restarts_and_resumes_bit_identical"),
+    ("train", "a rank frozen (SIGSTOP), two torchrun agents (`NNODES=2`)", "`error: rank 0 stopped making progress "
+     "after iteration 4 (no heartbeat for 12 s); --hang-timeout-minutes 0.2; ending the job ...`, exit 6; then the "
+     "restart above", "as above",
+     "tests/training/test_restart.py::test_sigstop_of_a_rank_on_two_agents_ends_the_attempt_and_restarts"),
+    ("train", "a fault at the same iteration in every attempt", "`error: no progress: iteration 4 failed in the last "
+     "two attempts (first error: InjectedFault: ...); not restarting again (the newest checkpoint in CKPT: iteration "
+     "2)`, exit 5, at once in each later attempt", "the checkpoints as they were; `CKPT/.run/restarts.json` lists "
+     "the attempts",
+     "tests/training/test_restart.py::test_a_fault_at_the_same_iteration_every_attempt_stops_in_one_line"),
 ]
 
 
