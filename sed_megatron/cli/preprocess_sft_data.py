@@ -12,7 +12,10 @@ loss), sharegpt (`conversations` with from/value: human, gpt, system, ...), prom
 (--prompt-key / --response-key), alpaca (instruction / input / output); tokenized with the
 tokenizer's chat template. Writes PREFIX.bin/.idx (tokens) and
 PREFIX_loss_mask.bin/.idx. Bad input stops with one line naming file and line (or, with
---skip-bad, is counted and reported); a failure leaves no file at PREFIX. By default samples of
+--skip-bad, is counted and reported); a failure leaves no file at PREFIX. The rows are tokenized
+in units of 4096 (never across files) by --workers processes, each unit into PREFIX.parts/, merged
+at the end; a killed run leaves PREFIX.parts/ and the same command again resumes it (finished
+units whose input and settings are unchanged are kept). By default samples of
 up to 32,000 tokens are kept, as the paper's data were. At the end one line on stderr gives the
 samples kept, their length distribution (p50 / p90 / max) and how many were dropped (per
 reason below it); the last line on stdout is the same summary as JSON.
@@ -44,9 +47,10 @@ def parse_args(argv):
     parser.add_argument("--input", required=True,
                         help="a .jsonl / .parquet file, a shard directory, a saved dataset (DIR[:SPLIT]) or "
                              "hf:NAME[:SPLIT]")
-    parser.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory")
-    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx and PREFIX_loss_mask.bin/.idx")
-    parser.add_argument("--seq-length", type=int, default=PAPER_MAX_SAMPLE_TOKENS - 1,
+    parser.add_argument("--tokenizer", required=True, metavar="DIR", help="Hugging Face tokenizer directory")
+    parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
+                        help="writes PREFIX.bin/.idx and PREFIX_loss_mask.bin/.idx")
+    parser.add_argument("--seq-length", type=int, default=PAPER_MAX_SAMPLE_TOKENS - 1, metavar="N",
                         help="longest sample kept: seq_length + 1 tokens (default %(default)s: samples of up to "
                              f"{PAPER_MAX_SAMPLE_TOKENS} tokens, the paper's; 0: no limit)")
     parser.add_argument("--truncation", choices=TRUNCATION, default="error",
@@ -61,9 +65,11 @@ def parse_args(argv):
     parser.add_argument("--no-chat-template", action="store_true",
                         help="prompt/response: plain prompt + response + EOS instead of the chat template")
     parser.add_argument("--skip-bad", action="store_true", help="count and report bad samples instead of failing")
-    parser.add_argument("--vocab-size", type=int, default=None,
+    parser.add_argument("--vocab-size", type=int, default=None, metavar="N",
                         help="the model's vocabulary size (default: the tokenizer's)")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (output is the same for any number)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="tokenizer processes; the output is the same for any N")
+    parser.add_argument("--no-resume", action="store_true", help="start over: drop PREFIX.parts/ of a killed run")
     parser.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -79,7 +85,8 @@ def main(argv=None):
             response_key=args.response_key, system_key=args.system_key, use_chat_template=not args.no_chat_template,
             truncation=args.truncation, skip_bad=args.skip_bad, vocab_size=args.vocab_size, workers=args.workers,
         )
-        summary = preprocess(cfg, progress=not args.quiet and sys.stderr.isatty())
+        summary = preprocess(cfg, progress=not args.quiet and sys.stderr.isatty(), resume=not args.no_resume,
+                             log=lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True))
     except ValueError as err:
         fail(err, PROG)
     print(f"{PROG}: {schema_line(summary, args.schema)}", file=sys.stderr)

@@ -17,8 +17,8 @@ import math
 import os
 from dataclasses import dataclass
 
+from .preprocess_run import output_paths, preprocess  # noqa: F401  the driver (units, workers, resume)
 from .schemas import SCHEMAS, Fields, SampleError, to_messages
-from .sources import open_source, where
 
 TRUNCATION = ("error", "skip", "truncate")
 PAPER_MAX_SAMPLE_TOKENS = 32000
@@ -167,129 +167,6 @@ def process_record(tokenizer, cfg: PreprocessConfig, payload):
     if not any(mask):
         raise SampleError("no token carries loss")
     return ids, mask, schema
-
-
-_worker_state = {}
-
-
-def _init_worker(cfg):
-    _worker_state["cfg"] = cfg
-    _worker_state["tokenizer"] = load_tokenizer(cfg.tokenizer)
-
-
-def _process(item):
-    try:
-        return item, process_record(_worker_state["tokenizer"], _worker_state["cfg"], item.payload), None
-    except SampleError as err:
-        return item, None, (str(err), err.reason, err.length)
-
-
-def output_paths(prefix):
-    """The four files of a dataset at prefix."""
-    return [prefix + ".bin", prefix + ".idx", prefix + "_loss_mask.bin", prefix + "_loss_mask.idx"]
-
-
-def preprocess(cfg: PreprocessConfig, progress=True):
-    """Write the dataset; returns a summary dict. Raises ValueError naming file and line on bad input.
-
-    Output goes to temporary names beside the prefix and is renamed into place at the end, so
-    a failure leaves nothing at the prefix.
-    """
-    import multiprocessing
-
-    import numpy
-    import torch
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    source = open_source(cfg.input)
-    tokenizer = load_tokenizer(cfg.tokenizer)  # fail early, in this process
-    vocab_size = cfg.vocab_size or len(tokenizer)
-    if cfg.vocab_size is not None and cfg.vocab_size < len(tokenizer):
-        raise ValueError(f"--vocab-size {cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.output_prefix)), exist_ok=True)
-    tmp_prefix = f"{cfg.output_prefix}.tmp-{os.getpid()}"
-    tmp_paths, final_paths = output_paths(tmp_prefix), output_paths(cfg.output_prefix)
-    summary = {"samples": 0, "tokens": 0, "loss_tokens": 0, "skipped": 0, "skipped_lines": [], "reasons": {},
-               "schemas": {}, "input": source.kind}
-    one_file = len(source.parts) == 1
-    lengths = []
-    try:
-        tokens_out = IndexedDatasetBuilder(tmp_paths[0], dtype=DType.optimal_dtype(vocab_size))
-        mask_out = IndexedDatasetBuilder(tmp_paths[2], dtype=numpy.uint8)
-        if cfg.workers > 1:
-            pool = multiprocessing.get_context("spawn").Pool(cfg.workers, _init_worker, (cfg,))
-            results = pool.imap(_process, source.items(), chunksize=64)  # ordered: deterministic output
-        else:
-            pool = None
-            _worker_state.update(cfg=cfg, tokenizer=tokenizer)
-            results = map(_process, source.items())
-        if progress:
-            from tqdm import tqdm
-
-            results = tqdm(results, total=source.total, unit=" samples", desc=os.path.basename(cfg.input.rstrip("/")))
-        try:
-            for item, sample, error in results:
-                if error is not None:
-                    message, reason, length = error
-                    skippable = cfg.skip_bad or (cfg.truncation == "skip" and length is not None)
-                    if not skippable:
-                        raise ValueError(f"{where(item)}: {message}")
-                    at = item.number if one_file else where(item)
-                    summary["skipped"] += 1
-                    summary["skipped_lines"].append(at)
-                    _count_skip(summary["reasons"], reason, at, length)
-                    continue
-                if sample is None:
-                    continue
-                ids, mask, schema = sample
-                summary["schemas"][schema] = summary["schemas"].get(schema, 0) + 1
-                tokens_out.add_item(torch.tensor(ids, dtype=torch.int64))
-                tokens_out.end_document()
-                mask_out.add_item(torch.tensor(mask, dtype=torch.uint8))
-                mask_out.end_document()
-                summary["samples"] += 1
-                summary["tokens"] += len(ids)
-                summary["loss_tokens"] += sum(mask)
-                lengths.append(len(ids))
-        finally:
-            if pool is not None:
-                pool.terminate()
-        if summary["samples"] == 0:
-            raise ValueError(f"{cfg.input}: no usable samples")
-        tokens_out.finalize(tmp_paths[1])
-        mask_out.finalize(tmp_paths[3])
-        for tmp, final in zip(tmp_paths, final_paths):
-            os.replace(tmp, final)
-    finally:
-        for path in tmp_paths:
-            if os.path.exists(path):
-                os.remove(path)
-    summary["skipped_lines"] = summary["skipped_lines"][:20]
-    summary["lengths"] = length_distribution(lengths)
-    return summary
-
-
-FIRST_LINES = 5
-"""Line numbers kept per skip reason."""
-
-
-def _count_skip(reasons, reason, line_no, length):
-    entry = reasons.setdefault(reason, {"count": 0, "first_lines": [], "min_length": None, "max_length": None})
-    entry["count"] += 1
-    if len(entry["first_lines"]) < FIRST_LINES:
-        entry["first_lines"].append(line_no)
-    if length is not None:
-        entry["min_length"] = length if entry["min_length"] is None else min(entry["min_length"], length)
-        entry["max_length"] = length if entry["max_length"] is None else max(entry["max_length"], length)
-
-
-def length_distribution(lengths):
-    """p50, p90 and max of the kept samples' token counts (nearest rank)."""
-    if not lengths:
-        return {"p50": None, "p90": None, "max": None}
-    ordered = sorted(lengths)
-    rank = lambda q: ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]  # noqa: E731
-    return {"p50": rank(0.5), "p90": rank(0.9), "max": ordered[-1]}
 
 
 def summary_line(summary):

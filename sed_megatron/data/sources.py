@@ -4,10 +4,15 @@ with `datasets` (`save_to_disk`), or one in the local Hugging Face cache (`hf:NA
     source = open_source("data/train-*.parquet dir, file or hf:NAME")
     source.total                              # rows (for the progress bar)
     for item in source.items(): ...           # Item(path, number, payload), in a fixed order
+    units = source.units(4096)                # the same rows in spans of about 4096 (Unit, picklable)
+    for item in source.items(units[3]): ...   # one span, read on its own (in a worker process)
 
 A payload is a JSON line's bytes (parsed where it is tokenized: in the worker) or a row's dict.
 `where(item)` names it in messages: `file.jsonl:12` (a line) or `file.parquet: row 12`. Rows are
-read a batch at a time: memory stays flat in the dataset's size. Reading a saved or cached
+read a batch at a time: memory stays flat in the dataset's size. A unit is a span of rows that
+can be read without the rows before it (a byte offset into a JSON-lines file, row groups of a
+parquet file, an index range of a saved dataset): the unit of work and of resumption of
+data/preprocess_run.py. Reading a saved or cached
 dataset needs the `datasets` package; parquet files need pyarrow only; hf:NAME reads the
 dataset repository's files from the Hugging Face hub cache (huggingface_hub, no network).
 """
@@ -20,6 +25,21 @@ from typing import Any
 SHARD_SUFFIXES = (".jsonl", ".parquet")
 HF_PREFIX = "hf:"
 BATCH_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A span of rows of one part of a source, readable on its own."""
+
+    part: int
+    """Index into Source.parts."""
+    number: int
+    """1-based row (line) number of its first row in the part."""
+    rows: int
+    start: int
+    """Where reading starts: a byte offset (JSON lines), a row group (parquet), a row index (dataset)."""
+    stop: int
+    """Where it ends (exclusive): a row group (parquet), else start + rows or the end offset."""
 
 
 @dataclass(frozen=True)
@@ -41,13 +61,35 @@ class _JsonLines:
     def __init__(self, path):
         self.path = path
 
+    def identity(self):
+        return _file_identity(self.path)
+
     def count(self):
         with open(self.path, "rb") as f:
             return sum(1 for _ in f)
 
-    def items(self):
+    def spans(self, rows):
+        """(number, rows, start offset, end offset) of every `rows` lines: one pass over the file."""
+        spans, number, offset, first, count = [], 1, 0, 0, 0
         with open(self.path, "rb") as f:
-            for number, raw in enumerate(f, 1):
+            for raw in f:
+                offset += len(raw)
+                count += 1
+                if count == rows:
+                    spans.append((number, count, first, offset))
+                    number, first, count = number + count, offset, 0
+        if count:
+            spans.append((number, count, first, offset))
+        return spans
+
+    def items(self, unit=None):
+        with open(self.path, "rb") as f:
+            if unit is None:
+                lines, number = f, 1
+            else:
+                f.seek(unit.start)
+                lines, number = (f.readline() for _ in range(unit.rows)), unit.number
+            for number, raw in enumerate(lines, number):
                 yield Item(self.path, number, raw.rstrip(b"\r\n"))
 
 
@@ -63,12 +105,29 @@ class _Parquet:
         except Exception as err:  # pyarrow's ArrowInvalid and OSError: one line naming the file
             raise ValueError(f"{self.path}: not a readable parquet file ({err})") from None
 
+    def identity(self):
+        return _file_identity(self.path)
+
     def count(self):
         return self._file().metadata.num_rows
 
-    def items(self):
-        number = 0
-        for batch in self._file().iter_batches(batch_size=BATCH_ROWS):
+    def spans(self, rows):
+        """Whole row groups, as many as make at least `rows` rows (one group may hold more)."""
+        metadata = self._file().metadata
+        spans, number, first, count = [], 1, 0, 0
+        for group in range(metadata.num_row_groups):
+            count += metadata.row_group(group).num_rows
+            if count >= rows or group == metadata.num_row_groups - 1:
+                if count:
+                    spans.append((number, count, first, group + 1))
+                number, first, count = number + count, group + 1, 0
+        return spans
+
+    def items(self, unit=None):
+        parquet = self._file()
+        groups = None if unit is None else list(range(unit.start, unit.stop))
+        number = 0 if unit is None else unit.number - 1
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=groups):
             for row in batch.to_pylist():
                 number += 1
                 yield Item(self.path, number, row)
@@ -80,26 +139,60 @@ class _Dataset:
     def __init__(self, name, dataset):
         self.path, self.dataset = name, dataset
 
+    def identity(self):
+        return f"{self.path}:{getattr(self.dataset, '_fingerprint', '')}"
+
     def count(self):
         return len(self.dataset)
 
-    def items(self):
-        number = 0
-        for batch in self.dataset.iter(batch_size=BATCH_ROWS):
+    def spans(self, rows):
+        return [(start + 1, min(rows, len(self.dataset) - start), start, min(start + rows, len(self.dataset)))
+                for start in range(0, len(self.dataset), rows)]
+
+    def items(self, unit=None):
+        start, stop = (0, len(self.dataset)) if unit is None else (unit.start, unit.stop)
+        for first in range(start, stop, BATCH_ROWS):
+            batch = self.dataset[first:min(first + BATCH_ROWS, stop)]
             columns = list(batch)
-            for values in zip(*(batch[c] for c in columns)):
-                number += 1
+            for number, values in enumerate(zip(*(batch[c] for c in columns)), first + 1):
                 yield Item(self.path, number, dict(zip(columns, values)))
 
 
 class Source:
     def __init__(self, spec, parts, kind):
         self.spec, self.parts, self.kind = spec, parts, kind
-        self.total = sum(part.count() for part in parts)
+        self._total = None
 
-    def items(self):
+    @property
+    def total(self):
+        """Rows in all parts (a JSON-lines file is read through once to count its lines)."""
+        if self._total is None:
+            self._total = sum(part.count() for part in self.parts)
+        return self._total
+
+    def units(self, rows):
+        """The rows in spans of about `rows` (never across parts), in reading order."""
+        units = [Unit(index, *span) for index, part in enumerate(self.parts) for span in part.spans(rows)]
+        self._total = sum(unit.rows for unit in units)
+        return units
+
+    def identity(self, unit):
+        """What a unit's rows depend on: the part's file (path, size, modification time) or the
+        saved dataset's fingerprint, and the span."""
+        return f"{self.parts[unit.part].identity()}|{unit.number}+{unit.rows}@{unit.start}:{unit.stop}"
+
+    def items(self, unit=None):
+        """Every row in order, or one unit's."""
+        if unit is not None:
+            yield from self.parts[unit.part].items(unit)
+            return
         for part in self.parts:
             yield from part.items()
+
+
+def _file_identity(path):
+    stat = os.stat(path)
+    return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _datasets(spec, what):
