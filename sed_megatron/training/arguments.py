@@ -169,13 +169,14 @@ def add_sed_arguments(parser):
                        help="chat: the tokenizer (default: a Hugging Face --load, or --save-hf-template)")
     group.add_argument("--sft-data-schema", default="auto", choices=SCHEMAS, help="chat: the rows' schema")
     group.add_argument("--sft-data-reasoning", default=DEFAULT_REASONING, choices=REASONING_MODES,
-                       help="chat: assistant thinking given to the chat template inline (<think> text), as the "
-                            "reasoning_content field, or dropped (preprocess_sft_data.py --reasoning)")
-    group.add_argument("--sft-prompt-key", default="prompt", help="chat: the prompt field of prompt/response rows")
-    group.add_argument("--sft-response-key", default="response", help="chat: the response field of prompt/response rows")
+                       help="chat: thinking as <think> text, reasoning_content or dropped")
+    group.add_argument("--sft-prompt-key", default="prompt", metavar="KEY",
+                       help="chat: the prompt field of prompt/response rows")
+    group.add_argument("--sft-response-key", default="response", metavar="KEY",
+                       help="chat: the response field of prompt/response rows")
     group.add_argument("--sft-data-truncation", default="error", choices=TRUNCATION,
                        help="chat: samples longer than --seq-length + 1 tokens stop the run, are skipped or cut")
-    group.add_argument("--sft-data-cache-dir", default=None,
+    group.add_argument("--sft-data-cache-dir", default=None, metavar="DIR",
                        help="chat: where the tokenized data is kept (default: <save>/data_cache)")
     group.add_argument("--sft-pack", action="store_true",
                        help="indexed: pack several samples per row, none attending to another: packed-sequence "
