@@ -253,3 +253,25 @@ def test_plain_prompt_response_and_field_mode(tmp_path, tokenizer_dir):
                                          r"template, and --no-chat-template"):
         preprocess(PreprocessConfig(input=str(source), tokenizer=tokenizer_dir, output_prefix=str(tmp_path / "o"),
                                     use_chat_template=False, reasoning="field"), progress=False)
+
+
+def test_training_passes_the_reasoning_mode(tmp_path, tokenizer_dir, monkeypatch):
+    """--sft-data-kind chat: YAML data.reasoning (or --sft-data-reasoning) reaches the tokenization,
+    and the cache key holds it (another mode: another cache entry)."""
+    from sed_megatron import train
+    from sed_megatron.data import cache
+    from sed_megatron.runtime import prepare
+
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"prompt": "two", "response": "<think>add</think>four"}) + "\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  kind: chat\n  path: {source}\n  tokenizer: {tokenizer_dir}\n  reasoning: drop\n"
+                      f"  cache_dir: {tmp_path / 'cache'}\n")
+    seen = []
+    monkeypatch.setattr(cache, "tokenized_dataset", lambda cfg, directory: seen.append(cfg) or ("PREFIX", "noted"))
+    monkeypatch.delenv("RANK", raising=False)
+    runtime = prepare(training=True)
+    train._tokenize_chat_data(["--config", str(config)], runtime)
+    train._tokenize_chat_data(["--config", str(config), "--sft-data-reasoning", "field"], runtime)
+    assert [cfg.reasoning for cfg in seen] == ["drop", "field"]
+    assert cache.cache_key(seen[0]) != cache.cache_key(seen[1])
