@@ -300,7 +300,7 @@ def _tokenize_chat_data(argv, runtime):
         cfg = PreprocessConfig(input=flags.sft_data_path, tokenizer=tokenizer, output_prefix="",
                                schema=flags.sft_data_schema, seq_length=flags.seq_length,
                                prompt_key=flags.sft_prompt_key, response_key=flags.sft_response_key,
-                               truncation=flags.sft_data_truncation)
+                               truncation=flags.sft_data_truncation, reasoning=flags.sft_data_reasoning)
         if int(os.environ.get("RANK", "0")) == 0:
             prefix, note = tokenized_dataset(cfg, cache)
             print(f"{PROG}: {note}", flush=True)

@@ -270,12 +270,19 @@ def cases():
              r"in\.parquet: row 1: message 1: unknown role 'robot'", output="{tmp}/ds.bin",
              files={"in.parquet": _parquet([{"conversations": [{"from": "human", "value": "hi"},
                                                                {"from": "robot", "value": "hello"}]}])}),
-        Case("preprocess", "reasoning field beside an assistant turn", ["--input", "{tmp}/in.jsonl", "--tokenizer",
-                                                                        "{tok}", "--output-prefix", "{tmp}/ds"],
-             r"in\.jsonl:1: message 1: a 'reasoning_content' field, which would not be trained on",
-             output="{tmp}/ds.bin", files={"in.jsonl": json.dumps({"messages": [
+        Case("preprocess", "reasoning field with a chat template that cannot render it (--reasoning field)",
+             ["--input", "{tmp}/in.jsonl", "--tokenizer", "{tok}", "--output-prefix", "{tmp}/ds", "--reasoning",
+              "field"],
+             r"in\.jsonl:1: message 1: reasoning, which the chat template of .* does not render as "
+             r"'reasoning_content' \(--reasoning field\)", output="{tmp}/ds.bin",
+             files={"in.jsonl": json.dumps({"messages": [
                  {"role": "user", "content": "hello"},
                  {"role": "assistant", "content": "hi", "reasoning_content": "there"}]}) + "\n"}),
+        Case("preprocess", "<think> without </think> in an assistant turn", ["--input", "{tmp}/in.jsonl", "--tokenizer",
+                                                                            "{tok}", "--output-prefix", "{tmp}/ds"],
+             r"in\.jsonl:1: message 1: '<think>' without '</think>'", output="{tmp}/ds.bin",
+             files={"in.jsonl": json.dumps({"messages": [
+                 {"role": "user", "content": "hello"}, {"role": "assistant", "content": "<think> there hi"}]}) + "\n"}),
         Case("preprocess", "directory without shards", ["--input", "{tmp}/shards", "--tokenizer", "{tok}",
                                                         "--output-prefix", "{tmp}/ds"],
              r"shards: a directory without \.jsonl or \.parquet files", output="{tmp}/ds.bin",

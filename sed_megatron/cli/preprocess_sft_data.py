@@ -10,7 +10,8 @@ dataset saved with `datasets` (DIR or DIR:SPLIT), or one in the local Hugging Fa
 messages ({"role": system|user|assistant|tool, "content": ...}; every assistant turn carries
 loss), sharegpt (`conversations` with from/value: human, gpt, system, ...), prompt_response
 (--prompt-key / --response-key), alpaca (instruction / input / output); tokenized with the
-tokenizer's chat template. Writes PREFIX.bin/.idx (tokens) and
+tokenizer's chat template. Reasoning (--reasoning, docs/DATA.md): `<think>...</think>` in the
+content or a `reasoning_content` / `reasoning` / `thinking` field. Writes PREFIX.bin/.idx (tokens) and
 PREFIX_loss_mask.bin/.idx. Bad input stops with one line naming file and line (or, with
 --skip-bad, is counted and reported); a failure leaves no file at PREFIX. The rows are tokenized
 in units of 4096 (never across files) by --workers processes, each unit into PREFIX.parts/, merged
@@ -25,6 +26,8 @@ import argparse
 import json
 import sys
 
+from sed_megatron.data.reasoning import DEFAULT_MODE as DEFAULT_REASONING
+from sed_megatron.data.reasoning import MODES as REASONING_MODES
 from sed_megatron.data.schemas import SCHEMAS
 from sed_megatron.data.sft_preprocess import (
     PAPER_MAX_SAMPLE_TOKENS,
@@ -62,6 +65,9 @@ def parse_args(argv):
     parser.add_argument("--prompt-key", default="prompt")
     parser.add_argument("--response-key", default="response")
     parser.add_argument("--system-key", default=None)
+    parser.add_argument("--reasoning", choices=REASONING_MODES, default=DEFAULT_REASONING,
+                        help="assistant thinking (<think>...</think> or a reasoning_content field): inline (default: "
+                             "as <think> text), field (as reasoning_content, Qwen3) or drop")
     parser.add_argument("--no-chat-template", action="store_true",
                         help="prompt/response: plain prompt + response + EOS instead of the chat template")
     parser.add_argument("--skip-bad", action="store_true", help="count and report bad samples instead of failing")
@@ -83,6 +89,7 @@ def main(argv=None):
             schema=args.schema, messages_key=args.messages_key, conversations_key=args.conversations_key,
             prompt_key=args.prompt_key,
             response_key=args.response_key, system_key=args.system_key, use_chat_template=not args.no_chat_template,
+            reasoning=args.reasoning,
             truncation=args.truncation, skip_bad=args.skip_bad, vocab_size=args.vocab_size, workers=args.workers,
         )
         summary = preprocess(cfg, progress=not args.quiet and sys.stderr.isatty(), resume=not args.no_resume,

@@ -7,8 +7,8 @@
 
 auto: each row read by the first schema whose field it has, in that order. A bad row raises
 SampleError (the caller names the file and row). A reasoning field beside an assistant's content
-(`reasoning_content`, ...) is refused: chat templates differ in whether and where they render
-it, and dropping it silently would train on answers without their reasoning.
+(`reasoning_content`, `reasoning`, `thinking`) is kept as the message's "reasoning";
+data/reasoning.py decides how the chat template gets it (--reasoning).
 """
 
 from dataclasses import dataclass
@@ -123,12 +123,27 @@ def _messages(record, key, role_key, content_key, role_names):
         if role == "assistant":
             if not content.strip():
                 raise SampleError(f"message {i}: empty assistant response", "empty assistant response")
-            reasoning = next((name for name in REASONING_FIELDS if turn.get(name)), None)
+            reasoning = _reasoning(turn, i)
             if reasoning is not None:
-                raise SampleError(f"message {i}: a {reasoning!r} field, which would not be trained on: put the "
-                                  f"reasoning in the content (<think>...</think>) or remove the field",
-                                  f"a {reasoning!r} field")
+                messages.append({"role": role, "content": content, "reasoning": reasoning})
+                continue
         messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise SampleError("no assistant message: nothing to learn")
     return messages
+
+
+def _reasoning(turn, index):
+    """The reasoning field of an assistant turn (None: none, or an empty one)."""
+    present = [name for name in REASONING_FIELDS if turn.get(name) is not None and turn.get(name) != ""]
+    if not present:
+        return None
+    values = [turn[name] for name in present]
+    for name, value in zip(present, values):
+        if not isinstance(value, str):
+            raise SampleError(f"message {index}: field {name!r} must be a string, got {type(value).__name__}",
+                              "a reasoning field that is not a string")
+    if len(set(values)) > 1:
+        raise SampleError(f"message {index}: different reasoning in fields {', '.join(map(repr, present))}",
+                          "different reasoning in two fields")
+    return values[0] if values[0].strip() else None

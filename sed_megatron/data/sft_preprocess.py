@@ -18,6 +18,9 @@ import os
 from dataclasses import dataclass
 
 from .preprocess_run import output_paths, preprocess  # noqa: F401  the driver (units, workers, resume)
+from .reasoning import DEFAULT_MODE as DEFAULT_REASONING
+from .reasoning import MODES as REASONING_MODES
+from .reasoning import for_template, has_reasoning
 from .schemas import SCHEMAS, Fields, SampleError, to_messages
 
 TRUNCATION = ("error", "skip", "truncate")
@@ -43,6 +46,8 @@ class PreprocessConfig:
     system_key: str | None = None
     use_chat_template: bool = True
     """prompt_response only: wrap as a user/assistant chat (False: prompt + response + EOS)."""
+    reasoning: str = DEFAULT_REASONING
+    """How assistant turns' thinking reaches the chat template: inline, field or drop (data/reasoning.py)."""
     truncation: str = "error"
     """error: fail; skip: count and report; truncate: cut the end (the prompt must fit)."""
     skip_bad: bool = False
@@ -59,6 +64,9 @@ class PreprocessConfig:
     def __post_init__(self):
         if self.schema not in SCHEMAS:
             raise ValueError(f"--schema: unknown schema {self.schema!r}; expected one of {', '.join(SCHEMAS)}")
+        if self.reasoning not in REASONING_MODES:
+            raise ValueError(f"--reasoning: unknown mode {self.reasoning!r}; expected one of "
+                             f"{', '.join(REASONING_MODES)}")
         if self.truncation not in TRUNCATION:
             raise ValueError(f"--truncation: unknown policy {self.truncation!r}; expected one of {TRUNCATION}")
         if self.seq_length is not None and self.seq_length < 1:
@@ -88,27 +96,46 @@ def _encode(tokenizer, text):
 
 
 def tokenize_chat(tokenizer, messages):
-    """(ids, loss_mask) of a chat through the tokenizer's chat template."""
+    """(ids, loss_mask) of a chat through the tokenizer's chat template.
+
+    Assistant turn i, as the model writes it at inference, is what rendering messages[: i + 1]
+    adds to messages[:i] rendered with the generation prompt. The sample is the chat as the
+    template renders it whole, and a turn carries loss where that rendering begins with the turn
+    as written: the context the model had, then its tokens. A template that rewrites history
+    (Qwen3 drops the thinking of the turns before the last user query) renders the earlier turns
+    otherwise than the model wrote them: those are context without loss, as the model sees them
+    when it writes the later turns; the last assistant turn always carries loss. Turns after the
+    last assistant turn are context, left out where they would rewrite it. The text is tokenized
+    piece by piece at the trained turns' boundaries.
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template, which chat samples need "
                          "(prompt/response samples can go without: --no-chat-template)")
-    ids, mask, rendered = [], [], ""
+    turns = []  # (len(context), rendered turn) per assistant turn
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         context = _render(tokenizer, messages[:i], add_generation_prompt=True)
         turn = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        if not (context.startswith(rendered) and turn.startswith(context)):
-            raise SampleError("the chat template does not render each turn as an extension of the "
-                              "previous ones; assistant tokens cannot be located")
-        context_ids = _encode(tokenizer, context[len(rendered):])
-        target_ids = _encode(tokenizer, turn[len(context):])
-        ids += context_ids + target_ids
-        mask += [0] * len(context_ids) + [1] * len(target_ids)
-        rendered = turn
-    rest = _render(tokenizer, messages, add_generation_prompt=False)[len(rendered):]
-    if rest:  # turns after the last assistant message: context without loss
-        tail = _encode(tokenizer, rest)
+        if not turn.startswith(context):
+            raise SampleError(f"message {i}: the chat template does not render the turn after its generation "
+                              "prompt; assistant tokens cannot be located",
+                              "the chat template does not render a turn after its generation prompt")
+        turns.append((len(context), turn))
+    whole = _render(tokenizer, messages, add_generation_prompt=False)
+    if not whole.startswith(turns[-1][1]):  # the turns after it rewrite the last assistant turn
+        whole = turns[-1][1]
+    ids, mask, at = [], [], 0
+    for start, turn in turns:
+        if not whole.startswith(turn):
+            continue  # rendered otherwise in the later turns' context: context without loss
+        for piece, loss in ((whole[at:start], 0), (turn[start:], 1)):
+            piece_ids = _encode(tokenizer, piece) if piece else []
+            ids += piece_ids
+            mask += [loss] * len(piece_ids)
+        at = len(turn)
+    if at < len(whole):  # turns after the last assistant message: context without loss
+        tail = _encode(tokenizer, whole[at:])
         ids += tail
         mask += [0] * len(tail)
     return ids, mask
@@ -150,9 +177,13 @@ def process_record(tokenizer, cfg: PreprocessConfig, payload):
         return None
     messages, schema = to_messages(record, cfg.schema, cfg.fields)
     if schema != "prompt_response" or cfg.use_chat_template:
-        ids, mask = tokenize_chat(tokenizer, messages)
+        ids, mask = tokenize_chat(tokenizer, for_template(tokenizer, messages, cfg.reasoning))
     else:
-        ids, mask = tokenize_plain(tokenizer, messages)
+        if cfg.reasoning == "field" and has_reasoning(messages):
+            raise SampleError("reasoning, which --reasoning field gives to the chat template, and "
+                              "--no-chat-template: use --reasoning inline or drop",
+                              "--reasoning field without a chat template")
+        ids, mask = tokenize_plain(tokenizer, for_template(tokenizer, messages, cfg.reasoning))
     vocab_size = cfg.vocab_size or len(tokenizer)
     if ids and max(ids) >= vocab_size:
         raise SampleError(f"token id {max(ids)} >= vocabulary size {vocab_size}", "token id >= vocabulary size")

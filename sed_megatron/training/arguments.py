@@ -24,6 +24,8 @@ import os
 
 import yaml
 
+from sed_megatron.data.reasoning import DEFAULT_MODE as DEFAULT_REASONING
+from sed_megatron.data.reasoning import MODES as REASONING_MODES
 from sed_megatron.data.schemas import SCHEMAS
 from sed_megatron.data.sft_preprocess import TRUNCATION
 from sed_megatron.loss.fused_linear import SCHEMES as FUSED_MODES
@@ -48,6 +50,7 @@ DATA_FLAGS = {  # YAML data: key -> flag
     "path": "--sft-data-path",
     "tokenizer": "--sft-tokenizer",
     "schema": "--sft-data-schema",
+    "reasoning": "--sft-data-reasoning",
     "truncation": "--sft-data-truncation",
     "cache_dir": "--sft-data-cache-dir",
     "prompt_key": "--sft-prompt-key",
@@ -165,11 +168,15 @@ def add_sed_arguments(parser):
     group.add_argument("--sft-tokenizer", default=None, metavar="HF_DIR",
                        help="chat: the tokenizer (default: a Hugging Face --load, or --save-hf-template)")
     group.add_argument("--sft-data-schema", default="auto", choices=SCHEMAS, help="chat: the rows' schema")
-    group.add_argument("--sft-prompt-key", default="prompt", help="chat: the prompt field of prompt/response rows")
-    group.add_argument("--sft-response-key", default="response", help="chat: the response field of prompt/response rows")
+    group.add_argument("--sft-data-reasoning", default=DEFAULT_REASONING, choices=REASONING_MODES,
+                       help="chat: thinking as <think> text, reasoning_content or dropped")
+    group.add_argument("--sft-prompt-key", default="prompt", metavar="KEY",
+                       help="chat: the prompt field of prompt/response rows")
+    group.add_argument("--sft-response-key", default="response", metavar="KEY",
+                       help="chat: the response field of prompt/response rows")
     group.add_argument("--sft-data-truncation", default="error", choices=TRUNCATION,
                        help="chat: samples longer than --seq-length + 1 tokens stop the run, are skipped or cut")
-    group.add_argument("--sft-data-cache-dir", default=None,
+    group.add_argument("--sft-data-cache-dir", default=None, metavar="DIR",
                        help="chat: where the tokenized data is kept (default: <save>/data_cache)")
     group.add_argument("--sft-pack", action="store_true",
                        help="indexed: pack several samples per row, none attending to another: packed-sequence "

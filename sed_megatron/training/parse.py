@@ -127,43 +127,52 @@ def parse_run_args(argv, runtime, need_loss_config=True, extra_args_provider=Non
         check_lora_args(namespace, prog)
         if namespace.save_hf and not namespace.save:
             fail("--save-hf exports the newest checkpoint in --save: give --save too", prog)
-        check_unattended_args(namespace, expanded, prog)
+        unattended = check_unattended_args(namespace, expanded, prog)
         if precheck is not None:
             precheck(namespace)
         try:
             # need_loss_config: a training run; the tools that take none run the model forward only
-            return validate_run(Settings(namespace, options, all_sources), int(os.environ.get("WORLD_SIZE", "1")),
-                                training=need_loss_config)
+            notices, extra = validate_run(Settings(namespace, options, all_sources),
+                                          int(os.environ.get("WORLD_SIZE", "1")), training=need_loss_config)
         except StartupError as err:
             fail(str(err), prog)
+        return notices, [*extra, *unattended]
 
     args = megatron_args(expanded, runtime, prog, add_arguments, sources, checks, verbose="--verbose" in argv,
                          parser=parser)
+    if hasattr(args, "resume"):  # Megatron parsed the flags again: what a resume turns off, off in its args too
+        from .resume import adjust_for_resume
+
+        adjust_for_resume(args)
     return args, loss[0]
 
 
 def check_unattended_args(args, expanded, prog="sed_megatron.train"):
     """Resume (training/resume.py), the hang timeout and --distributed-timeout-minutes (one minute
-    past it unless given: the watchdog names the rank before a collective times out), --inject-fault."""
+    past it unless given: the watchdog names the rank before a collective times out), --inject-fault.
+    Returns the flags to add for Megatron's own parse (the collectives' timeout)."""
     import math
 
     from .faults import Fault
     from .resume import adjust_for_resume
 
     if not hasattr(args, "hang_timeout_minutes"):  # a tool without the training flags
-        return
+        return []
     adjust_for_resume(args)
     if not args.hang_timeout_minutes >= 0:
         fail(f"--hang-timeout-minutes {args.hang_timeout_minutes:g}: must be >= 0 (0: no hang detection)", prog)
     given = any(a == "--distributed-timeout-minutes" or a.startswith("--distributed-timeout-minutes=")
                 for a in expanded)
+    extra = []
     if args.hang_timeout_minutes > 0 and not given:
         args.distributed_timeout_minutes = math.ceil(args.hang_timeout_minutes) + 1
+        extra = ["--distributed-timeout-minutes", str(args.distributed_timeout_minutes)]
     for text in args.inject_fault:
         try:
             Fault.parse(text)
         except ValueError as err:
             fail(str(err), prog)
+    return extra
 
 
 def check_data_args(args, prog="sed_megatron.train"):

@@ -104,6 +104,8 @@ def test_kill_9_of_a_worker_restarts_and_resumes_bit_identical(uninterrupted, tm
     text = log.read_text()
     assert "exitcode: -9" in text and "sed_megatron.train: restart 1: iteration 5 failed (killed by a signal " \
         f"(no error recorded)); resuming from iteration 3 in {save}, 1 finished iteration(s) lost" in text, text[-5000:]
+    # Its own checkpoint, iteration and all (not a fine-tuning start at 0).
+    assert re.search(rf"successfully loaded checkpoint from {re.escape(save)} \[.*\] at iteration 3\n", text), text
     _check_one_curve_and_weights(save, uninterrupted, tmp_path,
                                  {4: {"count": 1, "resumed_from": 3, "iterations_lost": 1}}, text[-5000:])
 

@@ -229,14 +229,14 @@ def test_hang_timeout_sets_the_collectives_timeout(capsys):
         return SimpleNamespace(**{"hang_timeout_minutes": 2.5, "distributed_timeout_minutes": 10, "inject_fault": [],
                                   "save": None, "load": None, "resume": True, **kw})
 
-    args = flags()
-    check_unattended_args(args, [])
-    assert args.distributed_timeout_minutes == 4  # one minute past it: the watchdog names the rank first
+    args = flags()  # one minute past it: the watchdog names the rank first (Megatron parses the flag again)
+    assert check_unattended_args(args, []) == ["--distributed-timeout-minutes", "4"]
+    assert args.distributed_timeout_minutes == 4
     args = flags(distributed_timeout_minutes=30)
-    check_unattended_args(args, ["--distributed-timeout-minutes", "30"])
+    assert check_unattended_args(args, ["--distributed-timeout-minutes", "30"]) == []
     assert args.distributed_timeout_minutes == 30  # given: it wins
     args = flags(hang_timeout_minutes=0)
-    check_unattended_args(args, [])
+    assert check_unattended_args(args, []) == []
     assert args.distributed_timeout_minutes == 10  # off: Megatron's default
     for bad, message in ((flags(hang_timeout_minutes=-1), "--hang-timeout-minutes -1: must be >= 0"),
                          (flags(inject_fault=["3:boom"]), "--inject-fault '3:boom': expected")):
