@@ -14,7 +14,7 @@ tokenizer's chat template. Reasoning (--reasoning, docs/DATA.md): `<think>...</t
 content or a `reasoning_content` / `reasoning` / `thinking` field. Writes PREFIX.bin/.idx (tokens) and
 PREFIX_loss_mask.bin/.idx. Bad input stops with one line naming file and line (or, with
 --skip-bad, is counted and reported); a failure leaves no file at PREFIX. The rows are tokenized
-in units of 4096 (never across files) by --workers processes, each unit into PREFIX.parts/, merged
+in units of 1024 (never across files) by --workers processes, each unit into PREFIX.parts/, merged
 at the end; a killed run leaves PREFIX.parts/ and the same command again resumes it (finished
 units whose input and settings are unchanged are kept). By default samples of
 up to 32,000 tokens are kept, as the paper's data were. At the end one line on stderr gives the

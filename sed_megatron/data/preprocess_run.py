@@ -37,7 +37,7 @@ import numpy
 from .schemas import SampleError
 from .sources import open_source, where
 
-UNIT_ROWS = 4096
+UNIT_ROWS = 1024
 """Rows per unit: the work a kill loses at most (per worker), and the grain of load balance."""
 WORK_SUFFIX = ".parts"
 FIRST_SKIPPED = 20

@@ -20,8 +20,8 @@ from tests import warm
 pytestmark = pytest.mark.e2e
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "preprocess_sft_data.py")
-SHARDS, ROWS = 6, 2000
-"""Shards of fewer rows than a unit (4096): one unit each, ~1-2 s of a worker on the dev machine."""
+SHARDS, ROWS = 6, 1000
+"""Shards of fewer rows than a unit (1024): one unit each, about a second of a worker on the dev machine."""
 
 
 def test_preprocess_killed_mid_run_resumes_to_the_uninterrupted_output(tmp_path):
