@@ -374,8 +374,14 @@ FAULTS = [
     ("train", "a Hugging Face --load that changed since its cached conversion", "`... changed since its conversion "
      "in CACHE: converted it again` (the log)", "the cache replaced by the new source's conversion",
      "tests/training/test_hf_one_command.py::test_hf_model_in_hf_model_out"),
-    ("preprocess", "kill -9 while writing", "the process dies", "nothing at the prefix (only `.tmp-PID` files beside "
-     "it)", "tests/data/test_interrupted.py::test_preprocess_killed_mid_write_leaves_nothing"),
+    ("preprocess", "kill -9 in the middle of a multi-shard run (2 workers)", "the process dies, its workers with it",
+     "nothing at the prefix; PREFIX.parts/ holds the finished units; the same command resumes (`resuming from "
+     "PREFIX.parts: 2 of 6 unit(s) done ...`) to the bytes of an uninterrupted run",
+     "tests/data/test_interrupted.py::test_preprocess_killed_mid_run_resumes_to_the_uninterrupted_output"),
+    ("preprocess", "a rerun after an interruption with a changed input file or setting", "`PREFIX.parts: 4 finished "
+     "unit(s) were made from another input or with other settings: redoing them` (or `... starting over`)",
+     "the changed units redone, the others reused; the output as an uninterrupted run's",
+     "tests/data/test_preprocess_units.py::test_an_interrupted_run_resumes_its_finished_units"),
     ("train", "a full disk during a save (`--inject-save-error 4:ENOSPC`)", "`error: iteration 4: OSError: [Errno 28] "
      "No space left on device (the newest complete checkpoint in CKPT: iteration 2)`, exit 4",
      "the tracker on iteration 2; iteration 4's directory without its .metadata (a resume saves over it)",
