@@ -134,6 +134,8 @@ def _train(argv=None):
     _lock_save_dir(argv, runtime)  # global rank 0: one live run writes --save (an existing one: locked now)
     argv = _load_hf_model(argv, runtime)
     argv = _tokenize_chat_data(argv, runtime)
+    if _already_trained(argv, runtime):
+        return 0
     if "RANK" not in os.environ:  # not under torchrun: this machine's ranks, started here
         from sed_megatron.launch import local_world_size
         from sed_megatron.training.parse import parse_flags
@@ -249,6 +251,26 @@ def _load_hf_model(argv, runtime):
         while cached_source(cache) != source:  # rank 0 converts (torchrun stops every rank if it fails)
             time.sleep(1.0)
     return [*argv, "--load", cache, "--finetune", "--no-load-optim", "--no-load-rng", *extra]
+
+
+def _already_trained(argv, runtime):
+    """True when --save's newest checkpoint is at --train-iters or beyond (the run is done: run again,
+    it would resume with nothing to train, which Megatron's data sampler refuses): said in one line,
+    and the --save-hf export made if it is missing."""
+    from sed_megatron.training.parse import parse_flags
+    from sed_megatron.training.resume import checkpoint_iteration, resume_dir
+
+    flags = parse_flags(argv, runtime)
+    save = resume_dir(flags)
+    if save is None or not flags.train_iters or checkpoint_iteration(save) < flags.train_iters:
+        return False
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{PROG}: the newest checkpoint in {save} is at iteration {checkpoint_iteration(save)}, --train-iters "
+              f"{flags.train_iters}: nothing left to train (a larger --train-iters continues; --no-resume starts "
+              f"afresh)", flush=True)
+        if flags.save_hf and not os.path.exists(os.path.join(flags.save_hf, "config.json")):
+            _save_hf(save, flags.save_hf, flags.save_hf_template)
+    return True
 
 
 def _resume(argv, runtime):

@@ -243,7 +243,7 @@ class RunState:
 
     def record_error(self, line, collateral=False):
         """This rank's error (its first line) for the next attempt's account; the first one counts."""
-        if self.directory is None:
+        if self.directory is None or not os.path.isdir(self.save):  # a start-up error makes no --save
             return
         rank = os.environ.get("RANK", "0")
         path = os.path.join(self.directory, "errors", f"{self.run_id}-{self.attempt}-{rank}.json")

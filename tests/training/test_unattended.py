@@ -243,3 +243,24 @@ def test_hang_timeout_sets_the_collectives_timeout(capsys):
         with pytest.raises(SystemExit) as stop:
             check_unattended_args(bad, [])
         assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_finished_run_started_again_has_nothing_to_train(tmp_path, capsys, monkeypatch):
+    from sed_megatron import train
+    from sed_megatron.runtime import prepare
+
+    monkeypatch.setenv("RANK", "0")
+    save = _save(tmp_path, 6)
+    argv = ["--config", "examples/tiny_cpu.yaml", "--save", save]
+    assert train._already_trained([*argv, "--train-iters", "6"], prepare(training=True))
+    assert (f"the newest checkpoint in {save} is at iteration 6, --train-iters 6: nothing left to train"
+            in capsys.readouterr().out)
+    assert not train._already_trained([*argv, "--train-iters", "7"], prepare(training=True))  # continues
+    assert not train._already_trained([*argv, "--train-iters", "6", "--no-resume"], prepare(training=True))
+
+
+def test_a_start_up_error_writes_nothing_into_a_new_save(tmp_path, monkeypatch):
+    save = str(tmp_path / "new")
+    _attempt(monkeypatch, save, 0)
+    resume.record_exception(SystemExit(2))
+    assert not os.path.exists(save)
