@@ -1,7 +1,9 @@
 """Whole runs against one checkpoint directory (issue #26, items 3-4): a full disk during a save,
 --save-keep-last, a cut checkpoint found before the first step and --load-fallback resuming from
 the older one; and the lock of --save (a second run into a live run's directory stops, a killed
-run's lock is taken over). What the user sees and what is left on disk, case after case."""
+run's lock is taken over). What the user sees and what is left on disk, case after case.
+One-process runs (about 30 s together): in the first phase of launch/run_tests.sh, which ends
+earlier than the end-to-end one."""
 
 import json
 import os
@@ -10,13 +12,9 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from sed_megatron.training.checkpoints import checkpoint_problem, iteration_dir, iterations
 
 from .launch import REPO, TEST_FLAGS, TINY, _env, read_metrics
-
-pytestmark = pytest.mark.e2e  # whole processes: the second phase of launch/run_tests.sh
 
 FLAGS = ["--config", TINY, *TEST_FLAGS, "--tensor-model-parallel-size", "1", "--train-iters", "8",
          "--save-interval", "2", "--loss-type", "ce"]
