@@ -51,8 +51,9 @@ def _records(tmp_path, name, flags, env=None):
         return train(str(run_dir), 1, flags, torchrun=True)
     os.makedirs(run_dir, exist_ok=True)
     metrics = run_dir / "metrics.jsonl"
+    own_save = [] if "--save" in flags else ["--save", str(run_dir / "save")]  # not the checkout's runs/tiny_cpu
     out = subprocess.run([sys.executable, "-m", "sed_megatron.train", "--config", TINY, "--metrics-file", str(metrics),
-                          *flags], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          *own_save, *flags], cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "TORCHDYNAMO_DISABLE": "1", **env})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return read_metrics(metrics)
