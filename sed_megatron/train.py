@@ -181,7 +181,8 @@ def _train(argv=None):
                       start_iteration=lambda: args.iteration)
         from sed_megatron.training.checkpoints import install_save_hooks
 
-        install_save_hooks(run.save, run.keep_last, run.save_error)  # retention, the write's error, its injection
+        # retention, the write's error, its injection
+        install_save_hooks(run.save, run.keep_last, run.save_error, synchronous=not args.async_save)
     except MegatronVersionError as err:
         fail(str(err), PROG)
     _lock_save_dir(argv, runtime, save=run.save)  # a --save this run makes: once its start-up checks passed

@@ -142,6 +142,20 @@ def write_tracker_atomically():
         checkpointing.maybe_msc = _AtomicTrackerStorage(checkpointing.maybe_msc)
 
 
+def save_results_in_process():
+    """A synchronous torch_dist save writes in the saving process, yet Megatron collects the write
+    results through a queue of a multiprocessing Manager: a server process spawned on the first
+    save (seconds: it imports the entry point again) that outlives a rank killed with kill -9. An
+    in-process queue does the same for synchronous saves. Not with --async-save: its writes run in
+    another process. Idempotent; nothing once Megatron has made its queue."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def prepare_megatron():
     """Every machine: check the version, use the built dataset helpers, write the checkpoint
     tracker atomically. Idempotent."""

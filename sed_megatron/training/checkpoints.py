@@ -25,7 +25,7 @@ import re
 import shutil
 import zipfile
 
-from sed_megatron.runtime.mcore import TRACKER_FILE
+from sed_megatron.runtime.mcore import TRACKER_FILE, save_results_in_process
 
 DCP_METADATA = ".metadata"
 """torch.distributed.checkpoint's metadata: {item: (file, offset, length)}, written last by a save."""
@@ -201,13 +201,16 @@ def first_write_error():
 _hooks = {}  # what the wrappers read: installed once per process, settings replaced per run
 
 
-def install_save_hooks(save_dir, keep_last=None, save_error=None, log=print):
+def install_save_hooks(save_dir, keep_last=None, save_error=None, log=print, synchronous=True):
     """Wrap Megatron's checkpoint writer and saves: the first write error is kept (for the one line
     of a failing save), keep_last prunes save_dir after each save on global rank 0, and save_error =
     (iteration, errno) makes the write of that iteration's save raise OSError(errno) after its
-    first item (testing: a full disk). A second call (another run in this process) replaces the
-    settings; the wrappers are installed once."""
+    first item (testing: a full disk). synchronous (no --async-save): the write results are
+    collected in-process (runtime.mcore.save_results_in_process). A second call (another run in
+    this process) replaces the settings; the wrappers are installed once."""
     _write_errors.clear()
+    if synchronous:
+        save_results_in_process()
     _hooks.update(save_dir=save_dir, keep_last=keep_last, save_error=save_error, log=log, armed=False, items=0)
     if _hooks.get("installed"):
         return

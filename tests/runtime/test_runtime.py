@@ -275,3 +275,44 @@ def test_self_launch_fills_the_gpus():
 
     assert "TORCHDYNAMO_DISABLE" not in Runtime("cuda").launch_env()  # Megatron's compiled fusions stay on
     assert Runtime("cpu").launch_env()["TORCHDYNAMO_DISABLE"] == "1"
+
+
+def _synchronous_save(directory, in_process):
+    """A torch_dist save and load on this rank: (whether it loads back, the processes the save
+    started). The ranks of run_distributed are daemonic: a child process there is an error, caught."""
+    import multiprocessing
+
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from sed_megatron.runtime.mcore import save_results_in_process
+
+    os.makedirs(directory)
+    kept = filesystem_async._results_queue
+    filesystem_async._results_queue = None  # as a fresh process has it
+    try:
+        if in_process:
+            save_results_in_process()
+        try:
+            dist_checkpointing.save({"w": ShardedTensor.from_rank_offsets("w", torch.arange(8.0), replica_id=0)},
+                                    directory)
+        except AssertionError as err:  # "daemonic processes are not allowed to have children"
+            return False, [str(err)]
+        loaded = dist_checkpointing.load({"w": ShardedTensor.from_rank_offsets("w", torch.zeros(8), replica_id=0)},
+                                         directory)
+        return torch.equal(loaded["w"], torch.arange(8.0)), [p.name for p in multiprocessing.active_children()]
+    finally:
+        filesystem_async._results_queue = kept
+
+
+def test_a_synchronous_save_starts_no_helper_process(tmp_path):
+    """Megatron collects a save's write results through a spawned Manager process (seconds on
+    the first save, left behind by a rank killed with kill -9); in-process, none is started."""
+    from tests.distributed import run_distributed
+
+    assert run_distributed(_synchronous_save, world_size=1, args=(str(tmp_path / "a"), True)) == (True, [])
+    # Megatron's own way starts the Manager (refused on these daemonic ranks): what the first call checks is gone
+    assert run_distributed(_synchronous_save, world_size=1, args=(str(tmp_path / "b"), False)) == \
+        (False, ["daemonic processes are not allowed to have children"])

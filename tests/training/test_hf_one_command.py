@@ -25,25 +25,19 @@ def _log(run_dir):
         return f.read()
 
 
-def test_hf_model_in_hf_model_out(tmp_path):
+def _one_command_equals_by_hand(tmp_path, variant, extra=()):
+    """`--load HF_DIR --save-hf OUT` (extra: more flags), then convert -> train -> export by hand with
+    the same settings: the two exports are equal bit for bit, and differ from the source (it trained)."""
     from transformers import AutoModelForCausalLM
 
-    hf_dir = save_hf(tmp_path / "hf", "qwen3_tied")
+    hf_dir = save_hf(tmp_path / "hf", variant)
     config = training_config(tmp_path)
-    cache = str(tmp_path / "cache")
-    out = tmp_path / "out"
+    cache, out = str(tmp_path / "cache"), tmp_path / "out"
     train(str(tmp_path / "one"), 1, ["--load", hf_dir, "--save", str(tmp_path / "save"), "--save-hf", str(out),
-                                     "--hf-cache-dir", cache, "--save-hf-every-save", "--save-interval", "1", *FLAGS],
-          config=config)
-    log = _log(tmp_path / "one")
-    assert f"converted {hf_dir} into {cache}" in log
-    # --save-hf-every-save: each checkpoint exported once saved; the last export is the end's (not made twice)
-    for iteration in (1, 2):
-        assert f"saved the Hugging Face export of {tmp_path / 'save'} (iteration {iteration}) to {out}" in log
-    assert log.count("saved the Hugging Face export") == 2
+                                     "--hf-cache-dir", cache, *extra, *FLAGS], config=config)
+    assert f"converted {hf_dir} into {cache}" in _log(tmp_path / "one")
     AutoModelForCausalLM.from_pretrained(out)  # loads as it is
 
-    # The same by hand: convert, train from it, export.
     by_hand = str(tmp_path / "ckpt")
     to_mcore(hf_dir, by_hand)
     train(str(tmp_path / "hand"), 1, ["--load", by_hand, "--finetune", "--no-load-optim", "--no-load-rng", "--save",
@@ -52,6 +46,22 @@ def test_hf_model_in_hf_model_out(tmp_path):
     ours, theirs = tensors(out), tensors(tmp_path / "out_hand")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
     assert any(not torch.equal(ours[n], t) for n, t in tensors(hf_dir).items())  # it trained
+    return hf_dir, config, cache, out
+
+
+def test_llama_in_llama_out(tmp_path):
+    _one_command_equals_by_hand(tmp_path, "llama_gqa_untied")
+
+
+def test_hf_model_in_hf_model_out(tmp_path):
+    """A tiny Qwen3 (tied embeddings), exported at each save; then the resume and the cache."""
+    hf_dir, config, cache, out = _one_command_equals_by_hand(
+        tmp_path, "qwen3_tied", ["--save-hf-every-save", "--save-interval", "1"])
+    log = _log(tmp_path / "one")
+    # --save-hf-every-save: each checkpoint exported once saved; the last export is the end's (not made twice)
+    for iteration in (1, 2):
+        assert f"saved the Hugging Face export of {tmp_path / 'save'} (iteration {iteration}) to {out}" in log
+    assert log.count("saved the Hugging Face export") == 2
 
     # Into the same --save: it resumes from its own checkpoint instead (iteration 2 -> 3).
     again = train(str(tmp_path / "again"), 1, ["--load", hf_dir, "--save", str(tmp_path / "save"), "--hf-cache-dir",
