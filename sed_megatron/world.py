@@ -110,12 +110,13 @@ def value_to_argv(option, action, value, where):
     return [option, str(value)]
 
 
-def flags_to_argv(flags, parser, where, sources=None, reserved=()):
+def flags_to_argv(flags, parser, where, sources=None, reserved=(), actions=None):
     """Command-line arguments for a mapping of Megatron-LM flags (YAML keys: a flag's name with "_"
     for "-"); ConfigError naming `where` and the key for a flag the parser lacks or a `reserved` one.
 
-    sources, if given, records where each setting came from: {dest: "where.key"}."""
-    actions = option_actions(parser)
+    sources, if given, records where each setting came from: {dest: "where.key"}.
+    actions: option_actions(parser), when the caller has it (it takes a millisecond a call)."""
+    actions = option_actions(parser) if actions is None else actions
     argv = []
     for key, value in flags.items():
         if key not in actions or key in reserved:

@@ -286,10 +286,10 @@ def add_loss_arguments(group):
                            help=param.help)
 
 
-def yaml_flags_to_argv(flags, parser, where, sources=None):
+def yaml_flags_to_argv(flags, parser, where, sources=None, actions=None):
     """Command-line arguments for a mapping of Megatron-LM flags (YAML keys); SED-SFT's own keys
-    belong to their sections and are refused here (sources: as in world.flags_to_argv)."""
-    return flags_to_argv(flags, parser, where, sources, reserved=_own_keys())
+    belong to their sections and are refused here (sources, actions: as in world.flags_to_argv)."""
+    return flags_to_argv(flags, parser, where, sources, reserved=_own_keys(), actions=actions)
 
 
 INCLUDE_KEY = "include"
@@ -389,7 +389,7 @@ def yaml_to_argv(path, parser, sources=None):
                 if sources is not None:
                     sources[action.dest] = where
                 continue
-            argv += yaml_flags_to_argv({key: value}, parser, f"{file}: {section}", sources)
+            argv += yaml_flags_to_argv({key: value}, parser, f"{file}: {section}", sources, actions)
     return argv
 
 

@@ -4,7 +4,6 @@ and batches of conversions and comparisons in one set of processes."""
 import os
 
 from sed_megatron.convert.hf_to_mcore import convert_hf_to_mcore
-from sed_megatron.launch import run_isolated
 from sed_megatron.testing.tiny_hf import tiny_hf_model
 
 from ..training.launch import REPO, _env
@@ -19,8 +18,11 @@ def save_hf(directory, variant, shard="50KB"):
 
 
 def to_mcore(hf_dir, save, **kwargs):
-    """convert_hf_to_mcore in a fresh process (it initializes Megatron's global state); returns Converted."""
-    return run_isolated(convert_hf_to_mcore, str(hf_dir), str(save), progress=False, **kwargs)
+    """convert_hf_to_mcore in a fresh process (it initializes Megatron's global state), forked from one
+    that has imported it (tests/warm.py: the seconds of a spawned process's imports saved); returns Converted."""
+    from tests import warm
+
+    return warm.call(convert_hf_to_mcore, str(hf_dir), str(save), progress=False, env=_env(), cwd=REPO, **kwargs)
 
 
 def to_hf(ckpt, save, **kwargs):
