@@ -15,8 +15,10 @@ import importlib
 import multiprocessing
 import os
 import queue as queue_module
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -183,15 +185,25 @@ def spawn_workers(module, argv, nproc, env=None):
     MASTER_ADDR, ... set as torchrun would), their output passed through; the first non-zero exit
     code (the rest are stopped), else 0. A tool started without torchrun launches itself this way.
     env: the ranks' extra environment (an entry point passes its Runtime's `launch_env()`);
-    default: the CPU one (eager mode, one thread per rank)."""
+    default: the CPU one (eager mode, one thread per rank). SIGTERM to this process is passed on
+    to the ranks, as torchrun does (training saves and exits with --exit-signal-handler), and
+    this process waits for them."""
     extra = _ENV if env is None else env
     store, world = world_store(nproc)
     procs = []
-    for rank in range(nproc):
-        rank_env = {**os.environ, **extra, **world, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *map(str, argv)], env=rank_env))
+
+    def pass_on(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where a handler can be set
+    previous = signal.signal(signal.SIGTERM, pass_on) if in_main_thread else None
     code = 0
     try:
+        for rank in range(nproc):
+            rank_env = {**os.environ, **extra, **world, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            procs.append(subprocess.Popen([sys.executable, "-m", module, *map(str, argv)], env=rank_env))
         while any(p.poll() is None for p in procs):
             failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
             if failed:
@@ -201,6 +213,8 @@ def spawn_workers(module, argv, nproc, env=None):
         else:
             code = next((p.returncode for p in procs if p.returncode != 0), 0)
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         for p in procs:
             if p.poll() is None:
                 p.kill()

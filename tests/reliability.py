@@ -365,6 +365,9 @@ FAULTS = [
     ("train", "SIGTERM (a scheduler's time limit)", "the workers finish the step, save and exit",
      "a checkpoint at the last step; resumes at another layout",
      "tests/training/test_train.py::test_sigterm_leaves_a_checkpoint_that_resumes_at_another_layout"),
+    ("train", "SIGTERM to the launcher of self-started ranks (`python -m sed_megatron.train` at TP > 1, no torchrun)",
+     "passed on to every rank, as torchrun does; the launcher waits for them and exits with their code",
+     "as above", "tests/test_launch.py::test_sigterm_to_the_launcher_reaches_every_rank"),
     ("train", "nvidia-smi lists GPUs that torch cannot see", "`error: nvidia-smi lists 2 GPU(s) but torch sees "
      "none ...`, exit 2", "nothing", "tests/runtime/test_runtime.py::test_training_entry_point_stops_on_invisible_gpus"),
     ("train", "a broken GPU driver (nvidia-smi fails)", "one line naming nvidia-smi's message, exit 2", "nothing",

@@ -5,7 +5,7 @@
 The cache holds one indexed dataset per (data, tokenizer, settings): `<cache_dir>/<key>/data`
 (tools/preprocess_sft_data.py's output, byte for byte) and `done.json`, written last. The key
 hashes the settings, each input file's name, size and modification time and the tokenizer's
-files: a changed input or tokenizer gives another key, so the data is tokenized again.
+files (its chat template too): a changed input or tokenizer gives another key, so the data is tokenized again.
 """
 
 import dataclasses
@@ -36,7 +36,7 @@ def cache_key(cfg):
             digest.update(f"{cfg.input}:{getattr(part.dataset, '_fingerprint', '')}\n".encode())
     for name in sorted(os.listdir(cfg.tokenizer)):
         path = os.path.join(cfg.tokenizer, name)
-        if os.path.isfile(path) and (name.startswith("tokenizer") or name.endswith((".model", ".json", ".txt"))):
+        if os.path.isfile(path) and (name.startswith("tokenizer") or name.endswith((".model", ".json", ".txt", ".jinja"))):
             with open(path, "rb") as f:
                 digest.update(name.encode() + b"\0" + f.read())
     return digest.hexdigest()[:16]

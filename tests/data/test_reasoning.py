@@ -12,8 +12,10 @@ The templates (tests/data/templates/), as the families ship them in tokenizer_co
 each on a word-level tokenizer with that family's special tokens (ids below: SPECIALS, then WORDS).
 """
 
+import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 
@@ -275,3 +277,10 @@ def test_training_passes_the_reasoning_mode(tmp_path, tokenizer_dir, monkeypatch
     train._tokenize_chat_data(["--config", str(config), "--sft-data-reasoning", "field"], runtime)
     assert [cfg.reasoning for cfg in seen] == ["drop", "field"]
     assert cache.cache_key(seen[0]) != cache.cache_key(seen[1])
+    # The chat template renders the tokens: a change of chat_template.jinja alone is another entry.
+    copy = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, copy)
+    moved = dataclasses.replace(seen[0], tokenizer=str(copy))
+    assert cache.cache_key(moved) == cache.cache_key(seen[0])  # the same files elsewhere: the same entry
+    (copy / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert cache.cache_key(moved) != cache.cache_key(seen[0])
