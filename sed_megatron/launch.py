@@ -180,10 +180,17 @@ def world_store(nproc):
                    "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0"}
 
 
+STOP_GRACE_S = 5.0
+"""After a rank fails, how long spawn_workers lets the others end by themselves (and print their
+error) before it kills them."""
+
+
 def spawn_workers(module, argv, nproc, env=None):
     """Run `python -m module argv` as nproc ranks of one torch.distributed world (RANK, WORLD_SIZE,
     MASTER_ADDR, ... set as torchrun would), their output passed through; the first non-zero exit
-    code (the rest are stopped), else 0. A tool started without torchrun launches itself this way.
+    code (the rest are given STOP_GRACE_S to end on their own, then killed; a rank killed by signal N
+    gives 128 + N, as a shell reports it), else 0.
+    A tool started without torchrun launches itself this way.
     env: the ranks' extra environment (an entry point passes its Runtime's `launch_env()`);
     default: the CPU one (eager mode, one thread per rank). SIGTERM to this process is passed on
     to the ranks, as torchrun does (training saves and exits with --exit-signal-handler), and
@@ -204,19 +211,22 @@ def spawn_workers(module, argv, nproc, env=None):
         for rank in range(nproc):
             rank_env = {**os.environ, **extra, **world, "RANK": str(rank), "LOCAL_RANK": str(rank)}
             procs.append(subprocess.Popen([sys.executable, "-m", module, *map(str, argv)], env=rank_env))
-        while any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-            if failed:
-                code = failed[0]
+        while True:
+            codes = [p.poll() for p in procs]  # every rank's: a rank that died while rank 0 runs is seen now
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed or None not in codes:
+                code = failed[0] if failed else 0
                 break
             time.sleep(0.1)
-        else:
-            code = next((p.returncode for p in procs if p.returncode != 0), 0)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+        grace_ends = time.monotonic() + (STOP_GRACE_S if code else 0)
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                try:  # a failure is usually seen by every rank: let them report it before they are stopped
+                    p.wait(timeout=max(0.0, grace_ends - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
             p.wait()
-    return code
+    return 128 - code if code < 0 else code

@@ -368,6 +368,9 @@ FAULTS = [
     ("train", "SIGTERM to the launcher of self-started ranks (`python -m sed_megatron.train` at TP > 1, no torchrun)",
      "passed on to every rank, as torchrun does; the launcher waits for them and exits with their code",
      "as above", "tests/test_launch.py::test_sigterm_to_the_launcher_reaches_every_rank"),
+    ("train", "a self-started rank killed (kill -9; no torchrun, so no restart)", "the other ranks get 5 s to "
+     "report their error, then are stopped; exit 137 (128 + the signal)", "the newest complete checkpoint",
+     "tests/test_launch.py::test_a_rank_killed_stops_the_others_and_names_the_signal"),
     ("train", "nvidia-smi lists GPUs that torch cannot see", "`error: nvidia-smi lists 2 GPU(s) but torch sees "
      "none ...`, exit 2", "nothing", "tests/runtime/test_runtime.py::test_training_entry_point_stops_on_invisible_gpus"),
     ("train", "a broken GPU driver (nvidia-smi fails)", "one line naming nvidia-smi's message, exit 2", "nothing",
